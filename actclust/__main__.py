@@ -1,0 +1,5 @@
+import sys
+
+from actclust.cli import main
+
+sys.exit(main())

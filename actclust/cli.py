@@ -1,0 +1,199 @@
+"""The ``actclust`` command line. Bad input is reported here, once, as one line.
+
+Every command takes ``--config FILE`` (YAML); flags given on the command line
+override the file. Exit status: 0 success, 2 bad input or usage, 1 internal
+failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from actclust import config as C
+from actclust.errors import UserError
+
+log = logging.getLogger("actclust")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in the project's one-line form."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _corpus_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"model id (default {C.DEFAULT_MODEL})")
+    p.add_argument("--corpus", help=f"corpus id or path (default {C.DEFAULT_CORPUS})")
+    p.add_argument("--text-column", dest="text_column")
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--max-tokens", dest="max_tokens", type=int)
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                   default=None, help="allow a hub model's own code to run (off by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="actclust", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="record packed FFN activation masks to Parquet")
+    p.add_argument("--config")
+    _corpus_flags(p)
+    p.add_argument("--out")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--sparsity", type=float, help="calibrate tau_l so this fraction is inactive")
+    group.add_argument("--threshold", type=float, help="fixed tau for every layer (0 = 'fired')")
+    p.add_argument("--sites", help="intermediate (default), gate, up or down_out")
+    p.add_argument("--split", help="train (default), heldout or all")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--shard-windows", dest="shard_windows", type=int)
+
+    p = sub.add_parser("cluster", help="distributed Hamming k-means of the masks, per layer")
+    p.add_argument("--config")
+    p.add_argument("--masks")
+    p.add_argument("--k", type=int)
+    p.add_argument("--out")
+    p.add_argument("--theta", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--backend")
+    p.add_argument("--algorithm")
+    p.add_argument("--init")
+    p.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="mini-batch rows per worker per iteration (default: full batch)")
+    p.add_argument("--max-iter", dest="max_iter", type=int)
+    p.add_argument("--layers", type=int, nargs="+")
+    p.add_argument("--pool-layers", dest="pool_layers", action="store_true", default=None)
+
+    p = sub.add_parser("evaluate", help="precision/recall and masked perplexity on held-out windows")
+    p.add_argument("--config")
+    _corpus_flags(p)
+    p.add_argument("--centroids")
+    p.add_argument("--out")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--backend")
+
+    p = sub.add_parser("sweep", help="Ray Tune over K (and theta, algorithm)")
+    p.add_argument("--config", required=False)
+
+    p = sub.add_parser("run", help="extract -> cluster -> evaluate -> report")
+    p.add_argument("--config")
+    p.add_argument("--out")
+    p.add_argument("--model")
+    p.add_argument("--corpus")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int)
+    p.add_argument("--workers", type=int)
+
+    p = sub.add_parser("verify", help="re-check a mask directory against its manifest")
+    p.add_argument("dir")
+
+    p = sub.add_parser("report", help="plots and report.html for a run or sweep directory")
+    p.add_argument("dir")
+    return parser
+
+
+def _config(cls, args: argparse.Namespace, skip=("command", "config", "verbose")):
+    file_values = C.load_yaml(args.config) if getattr(args, "config", None) else {}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    source = f"config file {args.config}" if getattr(args, "config", None) else "arguments"
+    return C.build(cls, file_values, overrides, source)
+
+
+def _cmd_extract(args) -> int:
+    from actclust.extract import run_extract
+
+    cfg = _config(C.ExtractConfig, args)
+    manifest = run_extract(cfg)
+    log.info("wrote masks of %d layers x %d tokens to %s", len(manifest["layers"]),
+             manifest["tokens"], cfg.out)
+    return 0
+
+
+def _cmd_cluster(args) -> int:
+    from actclust.cluster import run_cluster
+
+    cfg = _config(C.ClusterConfig, args)
+    result = run_cluster(cfg)
+    log.info("wrote %s/centroids.parquet (mean Hamming cost %.2f)", cfg.out, result["mean_cost"])
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from actclust.evaluate import run_evaluate
+
+    cfg = _config(C.EvaluateConfig, args)
+    result = run_evaluate(cfg)
+    keys = ("dense_ppl", "oracle_ppl", "cluster_ppl", "precision", "recall")
+    print(json.dumps({k: result[k] for k in keys}))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from actclust.sweep import run_sweep
+
+    if not args.config:
+        raise UserError("sweep needs --config FILE (see jobs/presets/sweep_default.yaml)")
+    run_sweep(C.load_yaml(args.config), source=args.config)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from actclust.pipeline import run_pipeline
+
+    cfg = _config(C.RunConfig, args)
+    run_pipeline(cfg)
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from actclust.verify import verify
+
+    problems = verify(args.dir)
+    if problems:
+        for p in problems:
+            print(f"actclust: verify: {p}", file=sys.stderr)
+        raise UserError(f"{args.dir} failed verification with {len(problems)} problem(s)")
+    print(f"{args.dir}: OK")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from actclust.report import write_report
+
+    path = write_report(args.dir)
+    print(path)
+    return 0
+
+
+COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
+            "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="actclust: %(message)s", stream=sys.stderr)
+        if not args.command:
+            raise UserError("give a command: " + ", ".join(COMMANDS) + " (see `actclust --help`)")
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"actclust: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        cause = getattr(exc, "cause", None)  # a UserError raised inside a Ray task or actor
+        if isinstance(cause, UserError):
+            print(f"actclust: error: {cause}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("actclust: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Typed, validated configuration for every command.
+
+A config is a dataclass. Values come from an optional YAML file and are then
+overridden by command-line flags; unknown keys and wrong types are errors that
+name the key and the file, raised as :class:`UserError` at load time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+from actclust.errors import UserError
+
+DEFAULT_MODEL = "embedded:smollm2-135m"
+DEFAULT_CORPUS = "embedded:pydoc"
+SITES = ("intermediate", "gate", "up", "down_out")
+SPLITS = ("train", "heldout", "all")
+BACKENDS = ("auto", "numpy", "torch", "cupy")
+ALGORITHMS = ("hamming-kmeans", "brb-kmeans", "activation-aware")
+
+
+@dataclasses.dataclass
+class CorpusConfig:
+    """What text to read and how to cut it into windows."""
+
+    model: str = DEFAULT_MODEL
+    corpus: str = DEFAULT_CORPUS
+    text_column: str = "text"
+    seq_len: int = 256
+    max_tokens: Optional[int] = None
+    heldout_every: int = 10
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.seq_len < 2:
+            raise UserError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise UserError(
+                f"max_tokens ({self.max_tokens}) is smaller than one window "
+                f"(seq_len {self.seq_len}); raise --max-tokens or lower --seq-len"
+            )
+        if self.heldout_every < 2:
+            raise UserError(f"heldout_every must be at least 2, got {self.heldout_every}")
+
+
+@dataclasses.dataclass
+class ExtractConfig(CorpusConfig):
+    out: Optional[str] = None
+    sparsity: Optional[float] = None
+    threshold: Optional[float] = None
+    sites: str = "intermediate"
+    split: str = "train"
+    workers: int = 1
+    shard_windows: int = 16
+    batch_windows: int = 4
+    calibration_windows: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.out, "out", "--out DIR")
+        if self.sparsity is not None and self.threshold is not None:
+            raise UserError("give either --sparsity or --threshold, not both")
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise UserError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.threshold is not None and self.threshold < 0:
+            raise UserError(f"threshold must be >= 0, got {self.threshold}")
+        _choice(self.sites, SITES, "sites")
+        _choice(self.split, SPLITS, "split")
+        _positive(self.workers, "workers")
+        _positive(self.shard_windows, "shard_windows")
+        _positive(self.batch_windows, "batch_windows")
+        _positive(self.calibration_windows, "calibration_windows")
+
+
+@dataclasses.dataclass
+class ClusterConfig:
+    masks: Optional[str] = None
+    out: Optional[str] = None
+    k: Optional[int] = None
+    theta: float = 0.5
+    seed: int = 0
+    workers: int = 1
+    backend: str = "auto"
+    algorithm: str = "hamming-kmeans"
+    init: str = "k-means++"
+    batch_size: Optional[int] = None
+    max_iter: int = 30
+    tol: float = 1e-3
+    layers: Optional[list] = None
+    pool_layers: bool = False
+    verify: bool = True
+
+    def validate(self) -> None:
+        _require(self.masks, "masks", "--masks DIR (the output of actclust extract)")
+        _require(self.out, "out", "--out DIR")
+        _require(self.k, "k", "--k K (number of clusters)")
+        if self.k < 1:
+            raise UserError(f"k must be at least 1, got {self.k}")
+        if not 0.0 < self.theta <= 1.0:
+            raise UserError(f"theta must be in (0, 1], got {self.theta}")
+        _positive(self.workers, "workers")
+        _choice(self.backend, BACKENDS, "backend")
+        _choice(self.algorithm, ALGORITHMS, "algorithm")
+        _choice(self.init, ("k-means++", "random"), "init")
+        if self.batch_size is not None:
+            _positive(self.batch_size, "batch_size")
+        _positive(self.max_iter, "max_iter")
+        if not 0.0 <= self.tol < 1.0:
+            raise UserError(f"tol must be in [0, 1), got {self.tol}")
+        if self.layers is not None and not all(isinstance(v, int) for v in self.layers):
+            raise UserError("layers must be a list of integers")
+
+
+@dataclasses.dataclass
+class EvaluateConfig(CorpusConfig):
+    centroids: Optional[str] = None
+    out: Optional[str] = None
+    split: str = "heldout"
+    workers: int = 1
+    batch_windows: int = 4
+    backend: str = "auto"
+    random_baseline: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
+        _require(self.out, "out", "--out DIR")
+        _choice(self.split, SPLITS, "split")
+        _positive(self.workers, "workers")
+        _positive(self.batch_windows, "batch_windows")
+        _choice(self.backend, BACKENDS, "backend")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The whole pipeline; sections reuse the stage configs' field names."""
+
+    out: str = "runs/default"
+    model: str = DEFAULT_MODEL
+    corpus: str = DEFAULT_CORPUS
+    seq_len: int = 256
+    max_tokens: int = 16384
+    eval_max_tokens: int = 2048
+    sparsity: Optional[float] = None
+    threshold: Optional[float] = None
+    k: list = dataclasses.field(default_factory=lambda: [16, 64])
+    theta: float = 0.3
+    seed: int = 0
+    workers: int = 2
+    algorithm: str = "hamming-kmeans"
+
+    def validate(self) -> None:
+        if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
+            raise UserError(f"k must be a list of positive integers, got {self.k}")
+        _positive(self.workers, "workers")
+        _choice(self.algorithm, ALGORITHMS, "algorithm")
+
+
+def _require(value: Any, key: str, hint: str) -> None:
+    if value is None:
+        raise UserError(f"missing {key}: give {hint} or set '{key}' in the config file")
+
+
+def _positive(value: int, key: str) -> None:
+    if value < 1:
+        raise UserError(f"{key} must be at least 1, got {value}")
+
+
+def _choice(value: str, choices: tuple, key: str) -> None:
+    if value not in choices:
+        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing or malformed file is a UserError."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def build(cls: type, file_values: dict | None = None, overrides: dict | None = None,
+          source: str = "config"):
+    """Make a validated ``cls`` from file values, then non-None overrides."""
+    values = dict(file_values or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {source}; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(name, value, hints[name], source) for name, value in values.items()}
+    config = cls(**kwargs)
+    config.validate()
+    return config
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+    elif hint is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return [value]
+    else:
+        return value
+    raise UserError(
+        f"{name} in {source} must be {getattr(hint, '__name__', hint)}, got {value!r}"
+    )
+
+
+def as_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,218 @@
+"""Distributed mask extraction: a pool of Ray actors streams shards to Parquet.
+
+The driver tokenizes the corpus once, plans fixed shards of ``shard_windows``
+windows, and hands them to extraction actors (one per GPU, or CPU workers).
+Each actor loads the model once and writes every layer file of a shard itself
+(atomically); the driver records a shard as complete in the manifest only when
+the actor reports all its files in place. A rerun skips complete shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from actclust import store
+from actclust.config import ExtractConfig
+from actclust.corpus import Windows, load_windows
+from actclust.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IDENTITY_KEYS = ("model", "corpus", "text_column", "seq_len", "sites", "split", "heldout_every",
+                 "max_tokens", "sparsity", "threshold", "shard_windows", "calibration_windows")
+
+
+class MaskExtractor:
+    """Loads the model once; computes and writes one shard per call.
+
+    A plain class: ``ray.remote`` is applied where the pool is started.
+    """
+
+    def __init__(self, model: str, site: str, num_cpus: float = 1, use_gpu: bool = False,
+                 trust_remote_code: bool = False):
+        from actclust.models import ffn_sites, load_model, site_width
+        from actclust.raycluster import set_threads
+
+        set_threads(num_cpus)
+        self.loaded = load_model(model, trust_remote_code=trust_remote_code)
+        self.site = site
+        self.device = "cuda" if use_gpu else "cpu"
+        if use_gpu:
+            self.loaded.model.to("cuda")
+        modules = ffn_sites(self.loaded.model, site)
+        self.layers = list(range(len(modules)))
+        self.width = site_width(modules[0], site)
+
+    def info(self) -> dict:
+        return {"layers": self.layers, "d_ff": self.width, "is_relu": self.loaded.is_relu,
+                "family": self.loaded.family}
+
+    def calibrate(self, ids: np.ndarray, sparsity: float, batch_windows: int) -> list[float]:
+        from actclust.masks import calibrate_thresholds
+
+        return calibrate_thresholds(self.loaded.model, ids, sparsity, self.site, batch_windows)
+
+    def extract(self, root: str, shard: str, seq: np.ndarray, ids: np.ndarray,
+                thresholds: list[float], batch_windows: int) -> dict:
+        from actclust.masks import layer_masks
+
+        start = time.perf_counter()
+        masks = layer_masks(self.loaded.model, ids, thresholds, self.site, batch_windows)
+        packed = [store.pack(m) for m in masks]
+        entry = store.write_shard(root, shard, seq, ids, packed, self.layers, self.width)
+        entry["seconds"] = round(time.perf_counter() - start, 3)
+        return entry
+
+
+def identity(cfg: ExtractConfig) -> dict:
+    return {k: getattr(cfg, k) for k in IDENTITY_KEYS}
+
+
+def plan_shards(windows: Windows, shard_windows: int) -> list[tuple[str, slice]]:
+    n = len(windows)
+    return [(f"shard-{i // shard_windows:05d}", slice(i, min(i + shard_windows, n)))
+            for i in range(0, n, shard_windows)]
+
+
+def _open_manifest(out: Path, cfg: ExtractConfig) -> dict | None:
+    """The existing manifest of ``out`` if it belongs to the same run; refuse a foreign one."""
+    if not (out / store.MANIFEST).exists():
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"output directory {out} exists, is not empty and has no "
+                            f"{store.MANIFEST}; choose an empty or new --out")
+        return None
+    manifest = store.read_manifest(out)
+    previous = manifest.get("identity", {})
+    changed = [k for k in IDENTITY_KEYS if previous.get(k) != identity(cfg).get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {identity(cfg).get(k)!r}" for k in changed)
+        raise UserError(f"{out} holds masks of a different configuration ({diffs}); "
+                        "use a new --out or repeat the original command to resume")
+    return manifest
+
+
+def _clean_temporaries(out: Path) -> None:
+    for tmp in (out / "masks").glob("layer=*/.*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Extract masks per ``cfg``; returns the final manifest. Resumable."""
+    import ray
+
+    from actclust.models import load_tokenizer
+    from actclust.raycluster import actor_options, init_ray
+
+    out = Path(cfg.out)
+    manifest = _open_manifest(out, cfg)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    windows = load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
+                           max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
+                           text_column=cfg.text_column)
+    shards = plan_shards(windows, cfg.shard_windows)
+
+    init_ray()
+    options = actor_options(cfg.workers)
+    use_gpu = "num_gpus" in options
+    Actor = ray.remote(MaskExtractor).options(max_restarts=2, max_task_retries=2, **options)
+    actors = [Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
+                           cfg.trust_remote_code) for _ in range(cfg.workers)]
+    info = ray.get(actors[0].info.remote())
+
+    if manifest is None:
+        manifest = _new_manifest(cfg, info, windows, shards)
+        manifest["thresholds"] = _thresholds(cfg, info, windows, actors[0])
+        out.mkdir(parents=True, exist_ok=True)
+        store.write_manifest(out, manifest)
+    else:
+        log.info("resuming %s: %d of %d shards complete", out,
+                 len(store.complete_shards(manifest)), len(manifest["shards"]))
+    _clean_temporaries(out)
+
+    todo = [(name, sl) for (name, sl), entry in zip(shards, manifest["shards"])
+            if entry.get("status") != store.COMPLETE]
+    _run_pool(actors, todo, windows, manifest, out, cfg)
+    for a in actors:
+        ray.kill(a)
+    return manifest
+
+
+def _new_manifest(cfg: ExtractConfig, info: dict, windows: Windows, shards) -> dict:
+    return {
+        "format_version": store.FORMAT_VERSION,
+        "model": cfg.model,
+        "corpus": cfg.corpus,
+        "seq_len": cfg.seq_len,
+        "sites": cfg.sites,
+        "split": cfg.split,
+        "heldout_every": cfg.heldout_every,
+        "layers": info["layers"],
+        "d_ff": info["d_ff"],
+        "thresholds": None,
+        "sparsity_target": None,
+        "tokens": windows.tokens,
+        "windows": len(windows),
+        "identity": identity(cfg),
+        "shards": [{"name": name, "windows": sl.stop - sl.start,
+                    "rows": (sl.stop - sl.start) * cfg.seq_len, "sha256": None,
+                    "status": store.PENDING} for name, sl in shards],
+    }
+
+
+def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows, actor) -> list[float]:
+    import ray
+
+    if cfg.threshold is not None:
+        return [float(cfg.threshold)] * len(info["layers"])
+    sparsity = cfg.sparsity
+    if sparsity is None:
+        if info["is_relu"] and cfg.sites == "intermediate":
+            return [0.0] * len(info["layers"])
+        sparsity = 0.5
+    calib = windows.ids[: cfg.calibration_windows]
+    log.info("calibrating per-layer thresholds for sparsity %.2f on %d windows", sparsity, len(calib))
+    return ray.get(actor.calibrate.remote(calib, sparsity, cfg.batch_windows))
+
+
+def _run_pool(actors: list, todo: list, windows: Windows, manifest: dict, out: Path,
+              cfg: ExtractConfig) -> None:
+    """Dispatch shards to idle actors; requeue the shard of an actor that died."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from actclust.progress import Progress
+
+    manifest_thresholds = manifest["thresholds"]
+    index = {s["name"]: i for i, s in enumerate(manifest["shards"])}
+    queue = list(todo)
+    idle = list(actors)
+    running: dict = {}
+    progress = Progress(len(todo) and sum(sl.stop - sl.start for _, sl in todo) * cfg.seq_len,
+                        "extract")
+    while queue or running:
+        while queue and idle:
+            actor = idle.pop()
+            name, sl = queue.pop(0)
+            part = windows.take(sl)
+            ref = actor.extract.remote(str(out), name, part.seq, part.ids, manifest_thresholds,
+                                       cfg.batch_windows)
+            running[ref] = (actor, name, sl)
+        if not running:
+            raise RuntimeError("no extraction actor is left alive; see the Ray logs")
+        done, _ = ray.wait(list(running), num_returns=1)
+        actor, name, sl = running.pop(done[0])
+        try:
+            entry = ray.get(done[0])
+        except RayActorError:
+            log.warning("extraction actor died on %s; requeueing the shard", name)
+            queue.insert(0, (name, sl))
+            continue  # the actor is dead for good (restarts exhausted): drop it
+        manifest["shards"][index[name]] = {k: v for k, v in entry.items() if k != "seconds"}
+        store.write_manifest(out, manifest)
+        idle.append(actor)
+        progress.update(entry["rows"], total_steps=len(todo))
+    progress.close()

@@ -1,0 +1,115 @@
+"""Activation masks: the pure threshold function and the hooks that read or mask `a`.
+
+Hooks are registered inside context managers that always remove them.
+Site ``intermediate`` reads the *input* of the FFN output projection (the `a`
+of DESIGN.md); ``gate``, ``up`` and ``down_out`` read the *output* of the
+named projection (the paper artifact's sites).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import numpy as np
+
+from actclust.models import ffn_sites
+
+
+def mask_of(a, tau):
+    """``|a| > tau`` as a bool tensor; ``tau`` a float or a tensor broadcastable to ``a``."""
+    return a.abs() > tau
+
+
+def _reads_input(site: str) -> bool:
+    return site == "intermediate"
+
+
+@contextlib.contextmanager
+def captured(model, site: str = "intermediate") -> Iterator[list]:
+    """Yield a list that collects, per forward pass, one (..., width) tensor per layer.
+
+    ``out[l]`` holds the latest activation of layer ``l`` (overwritten each pass).
+    """
+    modules = ffn_sites(model, site)
+    out: list = [None] * len(modules)
+    handles = []
+    for index, module in enumerate(modules):
+        if _reads_input(site):
+            def hook(mod, args, index=index):
+                out[index] = args[0].detach()
+            handles.append(module.register_forward_pre_hook(hook))
+        else:
+            def hook(mod, args, output, index=index):
+                out[index] = output.detach()
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+MaskFn = Callable[[int, "object"], "object"]
+
+
+@contextlib.contextmanager
+def masking(model, mask_fn: MaskFn, site: str = "intermediate") -> Iterator[None]:
+    """Replace each layer's site activation ``a`` by ``a * mask_fn(layer, a)``.
+
+    ``mask_fn`` returns a tensor broadcastable to ``a`` (bool or 0/1), or None to
+    leave that layer unmasked.
+    """
+    modules = ffn_sites(model, site)
+    handles = []
+    for index, module in enumerate(modules):
+        if _reads_input(site):
+            def hook(mod, args, index=index):
+                mask = mask_fn(index, args[0])
+                if mask is None:
+                    return None
+                return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
+            handles.append(module.register_forward_pre_hook(hook))
+        else:
+            def hook(mod, args, output, index=index):
+                mask = mask_fn(index, output)
+                return None if mask is None else output * mask.to(output.dtype)
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate_thresholds(model, ids: np.ndarray, sparsity: float, site: str = "intermediate",
+                         batch_windows: int = 4) -> list[float]:
+    """Per-layer ``tau_l``: the ``sparsity``-quantile of ``|a|`` over the tokens of ``ids``."""
+    import torch
+
+    per_layer: list[list[np.ndarray]] = []
+    with torch.inference_mode(), captured(model, site) as acts:
+        for start in range(0, len(ids), batch_windows):
+            model(torch.tensor(ids[start:start + batch_windows]))
+            if not per_layer:
+                per_layer = [[] for _ in acts]
+            for layer, a in enumerate(acts):
+                per_layer[layer].append(a.abs().reshape(-1).float().numpy())
+    return [float(np.quantile(np.concatenate(chunks), sparsity)) for chunks in per_layer]
+
+
+def layer_masks(model, ids: np.ndarray, thresholds: list[float], site: str = "intermediate",
+                batch_windows: int = 4) -> list[np.ndarray]:
+    """Bool masks of every layer for windows ``ids`` (W, T): a list of (W*T, width) arrays."""
+    import torch
+
+    chunks: list[list[np.ndarray]] = []
+    with torch.inference_mode(), captured(model, site) as acts:
+        for start in range(0, len(ids), batch_windows):
+            model(torch.tensor(ids[start:start + batch_windows]))
+            if not chunks:
+                chunks = [[] for _ in acts]
+            for layer, a in enumerate(acts):
+                m = mask_of(a, thresholds[layer])
+                chunks[layer].append(m.reshape(-1, m.shape[-1]).numpy())
+    return [np.concatenate(c) for c in chunks]

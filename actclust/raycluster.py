@@ -1,0 +1,50 @@
+"""Start or join a Ray cluster, and size actors to the cores they are given."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join ``RAY_ADDRESS`` when set (a cluster from ``ray start`` or a job
+    submission), else start a private local instance on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def actor_options(workers: int, *, use_gpu: bool | None = None) -> dict:
+    """Resources for one of ``workers`` actors: a GPU each on a GPU cluster, else
+    an equal share of the cluster's CPUs (threads are set to match)."""
+    import ray
+
+    if use_gpu is None:
+        use_gpu = cluster_gpus() > 0
+    if use_gpu:
+        return {"num_gpus": 1, "num_cpus": 1}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return {"num_cpus": max(1, cpus // max(1, workers))}
+
+
+def set_threads(num_cpus: float) -> int:
+    """Size torch's thread pool to this actor's CPU share (no oversubscription)."""
+    import torch
+
+    threads = max(1, int(num_cpus))
+    torch.set_num_threads(threads)
+    return threads

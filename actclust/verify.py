@@ -1,0 +1,63 @@
+"""Re-check a mask directory against its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from actclust import store
+
+
+def verify(root: str) -> list[str]:
+    """Every problem found, as one line each; an empty list means the directory is sound."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = store.read_manifest(root)
+    problems: list[str] = []
+    pending = [s["name"] for s in manifest["shards"] if s.get("status") != store.COMPLETE]
+    if pending:
+        problems.append(f"{len(pending)} shard(s) not complete: {', '.join(pending[:5])}"
+                        f"{' ...' if len(pending) > 5 else ''}")
+    expected_schema = store.mask_schema(manifest["d_ff"])
+    seq_len = manifest["seq_len"]
+    for shard in store.complete_shards(manifest):
+        digests = shard.get("file_sha256") or []
+        for i, layer in enumerate(manifest["layers"]):
+            path = store.shard_path(root, layer, shard["name"])
+            where = f"{path.relative_to(root)}"
+            if not path.is_file():
+                problems.append(f"{where}: missing")
+                continue
+            if i < len(digests) and store.sha256_file(path) != digests[i]:
+                problems.append(f"{where}: sha256 differs from the manifest (file changed or corrupt)")
+            try:
+                table = pq.read_table(path)
+            except (pa.ArrowException, OSError) as exc:
+                problems.append(f"{where}: unreadable Parquet ({str(exc).splitlines()[0]})")
+                continue
+            if not table.schema.equals(expected_schema):
+                problems.append(f"{where}: schema {table.schema} != expected {expected_schema}")
+                continue
+            if table.num_rows != shard["rows"]:
+                problems.append(f"{where}: {table.num_rows} rows, manifest says {shard['rows']}")
+                continue
+            seq = table.column("seq").to_numpy()
+            pos = table.column("pos").to_numpy()
+            expect_pos = np.tile(np.arange(seq_len), shard["windows"])
+            if not np.array_equal(pos, expect_pos) or np.any(np.diff(seq) < 0) \
+                    or len(np.unique(seq)) != shard["windows"] \
+                    or np.any(np.bincount(np.unique(seq, return_inverse=True)[1]) != seq_len):
+                problems.append(f"{where}: (seq, pos) rows do not cover {shard['windows']} "
+                                f"windows x {seq_len} positions in order")
+    seen = {}
+    for shard in store.complete_shards(manifest):
+        key = (shard.get("seq_first"), shard.get("seq_last"))
+        if key in seen:
+            problems.append(f"shards {seen[key]} and {shard['name']} cover the same windows")
+        seen[key] = shard["name"]
+    rows = sum(s["rows"] for s in store.complete_shards(manifest))
+    if not pending and rows != manifest["tokens"]:
+        problems.append(f"complete shards hold {rows} rows per layer, manifest says {manifest['tokens']}")
+    return problems
