@@ -116,24 +116,33 @@ class ClusterConfig:
 
 
 @dataclasses.dataclass
-class EvaluateConfig(CorpusConfig):
+class EvaluateConfig:
+    """Model, corpus and window length default to those the centroids were fitted on."""
+
     centroids: Optional[str] = None
     out: Optional[str] = None
+    model: Optional[str] = None
+    corpus: Optional[str] = None
+    text_column: Optional[str] = None
+    seq_len: Optional[int] = None
+    max_tokens: Optional[int] = None
+    heldout_every: Optional[int] = None
     split: str = "heldout"
     workers: int = 1
     batch_windows: int = 4
     backend: str = "auto"
-    random_baseline: bool = True
     seed: int = 0
+    trust_remote_code: bool = False
 
     def validate(self) -> None:
-        super().validate()
         _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
         _require(self.out, "out", "--out DIR")
         _choice(self.split, SPLITS, "split")
         _positive(self.workers, "workers")
         _positive(self.batch_windows, "batch_windows")
         _choice(self.backend, BACKENDS, "backend")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise UserError(f"seq_len must be at least 2, got {self.seq_len}")
 
 
 @dataclasses.dataclass

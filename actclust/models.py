@@ -181,7 +181,7 @@ def embedded_cache(name: str, cache_dir=None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_dequantised(model, tmp)
     tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, cache)
@@ -189,6 +189,23 @@ def embedded_cache(name: str, cache_dir=None) -> Path:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return cache
+
+
+def _save_dequantised(model, directory: Path) -> None:
+    """Save float weights and a config without the GGUF quantisation marker.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model although its
+    weights are already dequantised, so write the two files ourselves.
+    """
+    import json
+
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (directory / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _load_embedded(name: str, cache_dir) -> LoadedModel:

@@ -1,0 +1,51 @@
+"""Shared fixtures: one real local Ray instance per test session, small corpora."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def text_corpus(tmp_path) -> Path:
+    """A small local .txt corpus (about 6k characters of real English)."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics)[:6]), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m actclust ARGS`` in a fresh process (own Ray instance)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "actclust", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=str(REPO))
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, exactly one ``actclust: error:`` line, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("actclust: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
