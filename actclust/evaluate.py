@@ -75,7 +75,7 @@ def assignment_stats(bits: np.ndarray, centroids: np.ndarray, backend: str) -> n
 class Evaluator:
     """Loads the model and centroids once; evaluates one chunk of windows per call."""
 
-    def __init__(self, model: str, site: str, thresholds: list[float],
+    def __init__(self, model: str, site: str, layers: list[int], thresholds: list[float],
                  centroids: list[np.ndarray], width: int, num_cpus: float = 1,
                  backend: str = "auto", seed: int = 0, trust_remote_code: bool = False):
         from actclust.models import load_model
@@ -84,9 +84,11 @@ class Evaluator:
         set_threads(num_cpus)
         self.model = load_model(model, trust_remote_code=trust_remote_code).model
         self.site = site
+        # Model layer -> its position in the clustered layers (others stay unmasked).
+        self.slot = {layer: i for i, layer in enumerate(layers)}
         self.thresholds = thresholds
         self.width = width
-        self.centroids = centroids  # per layer (K, B) uint8
+        self.centroids = centroids  # per clustered layer (K, B) uint8
         self.backend = backend
         self.seed = seed
         from actclust import hamming
@@ -109,45 +111,49 @@ class Evaluator:
         out["stats"] = stats
         return out
 
-    def _true_mask(self, layer: int, a):
+    def _true_mask(self, slot: int, a):
         from actclust.masks import mask_of
 
-        return mask_of(a, self.thresholds[layer])
+        return mask_of(a, self.thresholds[slot])
 
-    def _centroid_mask(self, layer: int, a, stats: np.ndarray | None):
+    def _centroid_mask(self, slot: int, a, stats: np.ndarray | None):
         """The centroid mask nearest to each token's true mask, shaped like ``a``."""
         import torch
 
         from actclust import hamming
 
-        m = self._true_mask(layer, a).reshape(-1, a.shape[-1]).cpu().numpy()
+        m = self._true_mask(slot, a).reshape(-1, a.shape[-1]).cpu().numpy()
         bits = store.pack(m)
-        labels, _ = hamming.assign(bits, self.centroids[layer], backend=self.backend)
+        labels, _ = hamming.assign(bits, self.centroids[slot], backend=self.backend)
         if stats is not None:
-            stats[layer] += assignment_stats(bits, self.centroids[layer], self.backend)
-        chosen = store.unpack(self.centroids[layer][labels], self.width)
+            stats[slot] += assignment_stats(bits, self.centroids[slot], self.backend)
+        chosen = store.unpack(self.centroids[slot][labels], self.width)
         return torch.from_numpy(chosen).reshape(a.shape).to(a.device)
 
     def _mask_fn(self, mode: str, chunk: int, stats: np.ndarray):
         import torch
 
         if mode == "dense":
-            def fn(layer, a):
-                self._centroid_mask(layer, a, stats)  # metrics only; leave `a` as it is
+            def fn(slot, a):
+                self._centroid_mask(slot, a, stats)  # metrics only; leave `a` as it is
                 return None
         elif mode == "oracle":
-            def fn(layer, a):
-                return self._true_mask(layer, a)
+            def fn(slot, a):
+                return self._true_mask(slot, a)
         elif mode == "cluster":
-            def fn(layer, a):
-                return self._centroid_mask(layer, a, None)
+            def fn(slot, a):
+                return self._centroid_mask(slot, a, None)
         elif mode == "random":
-            def fn(layer, a):
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk * 1009 + layer)
-                return torch.rand(a.shape, generator=gen) < self.density[layer]
+            def fn(slot, a):
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk * 1009 + slot)
+                return torch.rand(a.shape, generator=gen) < self.density[slot]
         else:
             raise ValueError(f"unknown mode {mode!r}")
-        return fn
+
+        def by_layer(layer, a):
+            slot = self.slot.get(layer)
+            return None if slot is None else fn(slot, a)
+        return by_layer
 
 
 def load_centroids(root: str | Path) -> tuple[dict, list[np.ndarray]]:
@@ -220,7 +226,8 @@ def run_evaluate(cfg) -> dict:
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=2, max_task_retries=2, **options)
-    actors = [Actor.remote(cfg.model, meta["sites"], meta["thresholds"], centroids, meta["d_ff"],
+    actors = [Actor.remote(cfg.model, meta["sites"], meta["layers"], meta["thresholds"],
+                           centroids, meta["d_ff"],
                            options["num_cpus"], cfg.backend, cfg.seed, cfg.trust_remote_code)
               for _ in range(cfg.workers)]
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
