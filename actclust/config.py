@@ -157,8 +157,8 @@ class RunConfig:
     eval_max_tokens: int = 2048
     sparsity: Optional[float] = None
     threshold: Optional[float] = None
-    k: list = dataclasses.field(default_factory=lambda: [16, 64])
-    theta: float = 0.3
+    k: list = dataclasses.field(default_factory=lambda: [16, 64, 256])
+    theta: list = dataclasses.field(default_factory=lambda: [0.5, 0.3])
     seed: int = 0
     workers: int = 2
     algorithm: str = "hamming-kmeans"
@@ -166,8 +166,15 @@ class RunConfig:
     def validate(self) -> None:
         if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
             raise UserError(f"k must be a list of positive integers, got {self.k}")
+        if not self.theta or not all(isinstance(t, (int, float)) and 0 < t <= 1
+                                     for t in self.theta):
+            raise UserError(f"theta must be a list of values in (0, 1], got {self.theta}")
+        self.theta = [float(t) for t in self.theta]
         _positive(self.workers, "workers")
         _choice(self.algorithm, ALGORITHMS, "algorithm")
+        if self.max_tokens < self.seq_len or self.eval_max_tokens < self.seq_len:
+            raise UserError("max_tokens and eval_max_tokens must each hold at least one window "
+                            f"of seq_len {self.seq_len}")
 
 
 def _require(value: Any, key: str, hint: str) -> None:

@@ -1,0 +1,165 @@
+"""Plots and a self-contained report.html for a run or sweep directory.
+
+Reads ``DIR/results.json`` (``{"identity": {...}, "rows": [...]}``, written by
+``actclust run`` and ``actclust sweep``) and writes ``DIR/plots/*.png`` and
+``DIR/report.html`` with the plots embedded, the table, the definitions and
+the run's identity.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+from pathlib import Path
+
+from actclust.errors import UserError
+
+DEFINITIONS = [
+    ("mask m", "m_i = 1 iff |a_i| > tau_l, a = the input of the FFN output projection"),
+    ("centroid c", "bit i set iff at least a fraction theta of the cluster's masks have it"),
+    ("precision", "|m AND c| / |c|, micro-averaged over (token, layer) pairs"),
+    ("recall", "|m AND c| / |m|; this is what the paper (arXiv 2507.14179) calls "
+               "'clustering precision'"),
+    ("density", "|c| / d_ff: the fraction of FFN neurons a centroid mask keeps"),
+    ("dense_ppl / oracle_ppl / cluster_ppl", "perplexity with no mask / the token's own mask / "
+                                             "the centroid nearest to the token's mask"),
+    ("random_ppl", "random masks with the centroids' per-layer density"),
+    ("held-out", "window seq is held out iff seq % 10 == 9; fitting never sees those windows"),
+]
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("actclust", "torch", "transformers", "ray", "pyarrow", "numpy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _series(rows: list[dict], algorithm: str, theta: float, key: str):
+    pts = sorted((r["k"], r[key]) for r in rows
+                 if r.get("algorithm") == algorithm and r.get("theta") == theta
+                 and r.get(key) is not None)
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def make_plots(rows: list[dict], plots: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    groups = sorted({(r["algorithm"], r["theta"]) for r in rows})
+    paths = []
+
+    def finish(fig, ax, name, ylabel, logy=False):
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("number of clusters K")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = plots / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for alg, theta in groups:
+        ax.plot(*_series(rows, alg, theta, "cluster_ppl"), "o-", label=f"cluster {alg} θ={theta:g}")
+    ax.axhline(rows[0]["dense_ppl"], color="k", ls="--", label="dense")
+    ax.axhline(rows[0]["oracle_ppl"], color="g", ls=":", label="oracle (own mask)")
+    finish(fig, ax, "perplexity_vs_k", "perplexity (held-out)", logy=True)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for alg, theta in groups:
+        ax.plot(*_series(rows, alg, theta, "precision"), "o-", label=f"precision {alg} θ={theta:g}")
+        ax.plot(*_series(rows, alg, theta, "recall"), "s--", label=f"recall {alg} θ={theta:g}")
+    finish(fig, ax, "precision_recall_vs_k", "micro-averaged precision / recall")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for alg, theta in groups:
+        ax.plot(*_series(rows, alg, theta, "density"), "o-", label=f"centroid {alg} θ={theta:g}")
+    ax.axhline(rows[0]["true_density"], color="k", ls="--", label="true masks")
+    finish(fig, ax, "density_vs_k", "density |c| / d_ff")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for alg, theta in groups:
+        ax.plot(*_series(rows, alg, theta, "cost"), "o-", label=f"{alg} θ={theta:g}")
+    finish(fig, ax, "cost_vs_k", "mean Hamming cost of the fit (elbow)")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        per_layer = r.get("per_layer_recall")
+        if per_layer:
+            ax.plot(range(len(per_layer)), per_layer, ".-",
+                    label=f"K={r['k']} θ={r['theta']:g} {r['algorithm']}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("recall |m ∧ c| / |m|")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = plots / "per_layer_recall.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def _table(rows: list[dict]) -> str:
+    cols = ["k", "theta", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl", "random_ppl",
+            "precision", "recall", "f1", "density", "true_density", "cost", "fit_seconds"]
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    body = []
+    for r in sorted(rows, key=lambda r: (r["algorithm"], r["theta"], r["k"])):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def write_report(directory: str) -> Path:
+    root = Path(directory)
+    results = root / "results.json"
+    if not results.is_file():
+        raise UserError(f"{root} has no results.json; run actclust run or actclust sweep first")
+    data = json.loads(results.read_text())
+    rows = data["rows"]
+    if not rows:
+        raise UserError(f"{results} holds no results yet")
+    paths = make_plots(rows, root / "plots")
+    images = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{p.stem}</figcaption></figure>'
+        for p in paths)
+    identity = {**data.get("identity", {}), "versions": _versions()}
+    defs = "".join(f"<dt>{html.escape(a)}</dt><dd>{html.escape(b)}</dd>" for a, b in DEFINITIONS)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>actclust report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
+figure{{display:inline-block;margin:8px}}img{{max-width:600px}}pre{{background:#f6f6f6;padding:8px}}</style>
+</head><body>
+<h1>actclust report</h1>
+<h2>Results</h2>{_table(rows)}
+<h2>Plots</h2>{images}
+<h2>Definitions</h2><dl>{defs}</dl>
+<h2>Run identity</h2><pre>{html.escape(json.dumps(identity, indent=1))}</pre>
+</body></html>
+"""
+    out = root / "report.html"
+    tmp = root / ".report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
