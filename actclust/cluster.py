@@ -68,6 +68,26 @@ def read_shards(root: str, layer: int, names: list[str], width: int) -> np.ndarr
     return np.concatenate(parts) if parts else np.zeros((0, store.row_bytes(width)), np.uint8)
 
 
+def _fault_injector(rank: int, layer: int):
+    """Fault injection for the reliability tests, off unless ACTCLUST_FAULT_KMEANS is set.
+
+    ``ACTCLUST_FAULT_KMEANS=RANK:LAYER:ITERATION:MARKER`` makes that rank's process
+    exit abruptly after that iteration, once (the marker file records it).
+    """
+    spec = os.environ.get("ACTCLUST_FAULT_KMEANS")
+    if not spec:
+        return None
+    f_rank, f_layer, f_iter, marker = spec.split(":", 3)
+    if int(f_rank) != rank or int(f_layer) != layer:
+        return None
+
+    def progress(iteration, cost, changed):
+        if iteration == int(f_iter) and not Path(marker).exists():
+            Path(marker).touch()
+            os._exit(1)
+    return progress
+
+
 class KMeansWorker:
     """One rank of the clustering group. ``ray.remote`` is applied where it starts."""
 
@@ -106,12 +126,13 @@ class KMeansWorker:
         save = None
         if checkpoint_path and self.rank == 0:
             save = lambda state: save_state(state, Path(checkpoint_path))  # noqa: E731
+        progress = _fault_injector(self.rank, layer)
         start = time.perf_counter()
         result = kmeans.fit(x, params["k"], theta=params["theta"], seed=params["seed"],
                             init=params["init"], batch_size=params["batch_size"],
                             max_iter=params["max_iter"], tol=params["tol"],
                             backend=params["backend"], allreduce=self._allreduce,
-                            checkpoint=save, resume=resume, rank=self.rank,
+                            checkpoint=save, resume=resume, progress=progress, rank=self.rank,
                             world_size=self.world_size, layer=layer)
         return {"rank": self.rank, "centroids": result.centroids, "sizes": result.sizes,
                 "cost": result.cost, "iterations": result.iterations,
@@ -266,7 +287,7 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path
             refs = [w.fit_layer.remote(cfg.masks, layer, blocks[r], manifest["d_ff"],
                                        _params(cfg), ckpt) for r, w in enumerate(workers)]
             try:
-                outs = ray.get(refs)
+                outs = _gather(refs)
                 break
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
                 attempts += 1
@@ -289,6 +310,18 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path
     for w in workers or []:
         ray.kill(w)
     return results
+
+
+def _gather(refs: list) -> list:
+    """Results of all ranks; raises as soon as any rank fails (the others may be
+    blocked in an all-reduce waiting for it)."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done[0])
+    return ray.get(refs)
 
 
 def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int]) -> dict:

@@ -75,15 +75,16 @@ def assignment_stats(bits: np.ndarray, centroids: np.ndarray, backend: str) -> n
 class Evaluator:
     """Loads the model and centroids once; evaluates one chunk of windows per call."""
 
-    def __init__(self, model: str, site: str, layers: list[int], thresholds: list[float],
-                 centroids: list[np.ndarray], width: int, num_cpus: float = 1,
+    def __init__(self, model: str, centroids_dir: str, num_cpus: float = 1,
                  backend: str = "auto", seed: int = 0, trust_remote_code: bool = False):
         from actclust.models import load_model
         from actclust.raycluster import set_threads
 
         set_threads(num_cpus)
+        meta, centroids = load_centroids(centroids_dir)
+        layers, thresholds, width = meta["layers"], meta["thresholds"], meta["d_ff"]
         self.model = load_model(model, trust_remote_code=trust_remote_code).model
-        self.site = site
+        self.site = meta["sites"]
         # Model layer -> its position in the clustered layers (others stay unmasked).
         self.slot = {layer: i for i, layer in enumerate(layers)}
         self.thresholds = thresholds
@@ -226,9 +227,8 @@ def run_evaluate(cfg) -> dict:
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=2, max_task_retries=2, **options)
-    actors = [Actor.remote(cfg.model, meta["sites"], meta["layers"], meta["thresholds"],
-                           centroids, meta["d_ff"],
-                           options["num_cpus"], cfg.backend, cfg.seed, cfg.trust_remote_code)
+    actors = [Actor.remote(cfg.model, str(Path(cfg.centroids).resolve()), options["num_cpus"],
+                           cfg.backend, cfg.seed, cfg.trust_remote_code)
               for _ in range(cfg.workers)]
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]

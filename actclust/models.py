@@ -85,7 +85,9 @@ def load_model(name: str, *, cache_dir: str | os.PathLike | None = None,
                trust_remote_code: bool = False) -> LoadedModel:
     """Load ``name`` in float32, eval mode, on CPU."""
     import torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     if name.startswith("tiny:"):
         loaded = _load_tiny(name)
     elif name.startswith("embedded:"):

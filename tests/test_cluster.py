@@ -1,0 +1,132 @@
+"""Distributed clustering over real Ray actors and a real gloo collective group."""
+
+import json
+
+import io
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from actclust import kmeans, store
+from actclust.cluster import run_cluster, split_shards
+from actclust.config import ClusterConfig, ExtractConfig, build
+from actclust.extract import run_extract
+from conftest import assert_user_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def masks(tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("masks") / "m"
+    run_extract(build(ExtractConfig, dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64,
+                                           max_tokens=64 * 40, out=str(out), shard_windows=5)))
+    return str(out)
+
+
+def cluster(masks, out, **kw):
+    values = dict(masks=masks, out=str(out), k=8, workers=1, max_iter=15)
+    values.update(kw)
+    return run_cluster(build(ClusterConfig, values))
+
+
+def centroids(out):
+    return pq.read_table(out / "centroids.parquet").sort_by([("layer", "ascending"),
+                                                             ("cluster", "ascending")])
+
+
+def test_full_batch_is_bit_identical_for_one_and_two_workers(masks, tmp_path):
+    one = cluster(masks, tmp_path / "one", workers=1)
+    two = cluster(masks, tmp_path / "two", workers=2)
+    assert centroids(tmp_path / "one").equals(centroids(tmp_path / "two"))
+    assert one["cost"] == two["cost"] and one["iterations"] == two["iterations"]
+
+
+def test_distributed_equals_local_fit_and_outputs_follow_the_contract(masks, tmp_path):
+    meta = cluster(masks, tmp_path / "c", workers=2, theta=0.4, seed=3)
+    manifest = store.read_manifest(masks)
+    table = centroids(tmp_path / "c")
+    assert table.schema.field("bits").type.byte_width == store.row_bytes(manifest["d_ff"])
+    assert table.column("layer").to_pylist() == [0] * 8 + [1] * 8
+    for layer in manifest["layers"]:
+        x = store.read_layer(masks, manifest, layer)["bits"]
+        local = kmeans.fit(x, 8, theta=0.4, seed=3, max_iter=15, layer=layer)
+        rows = table.filter(pc.equal(table["layer"], layer))
+        np.testing.assert_array_equal(store.bits_to_numpy(rows.column("bits")), local.centroids)
+        assert rows.column("size").to_pylist() == local.sizes.tolist()
+        assert meta["cost"][str(layer)] == pytest.approx(local.cost)
+    on_disk = json.loads((tmp_path / "c" / "cluster.json").read_text())
+    for key in ("k", "theta", "seed", "iterations", "cost", "model", "sites", "thresholds", "d_ff"):
+        assert key in on_disk
+    assert on_disk["model"] == "tiny:llama" and on_disk["d_ff"] == 192
+
+
+def test_worker_killed_mid_fit_resumes_from_checkpoint(masks, tmp_path, monkeypatch):
+    reference = cluster(masks, tmp_path / "ref", workers=2, layers=[1])
+    marker = tmp_path / "fault-fired"
+    # Ray actors inherit the driver's environment at creation.
+    monkeypatch.setenv("ACTCLUST_FAULT_KMEANS", f"1:1:3:{marker}")
+    import ray
+    ray.shutdown()  # restart so new worker processes see the variable
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"ACTCLUST_FAULT_KMEANS": f"1:1:3:{marker}"}})
+    try:
+        faulted = cluster(masks, tmp_path / "faulted", workers=2, layers=[1])
+    finally:
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    assert marker.exists(), "the fault was not injected"
+    assert centroids(tmp_path / "ref").equals(centroids(tmp_path / "faulted"))
+    assert faulted["iterations"] == reference["iterations"]
+
+
+def test_rerun_on_same_out_reuses_finished_layers_and_foreign_config_is_refused(masks, tmp_path):
+    cluster(masks, tmp_path / "c")
+    first = (tmp_path / "c" / "centroids.parquet").read_bytes()
+    cluster(masks, tmp_path / "c")
+    assert centroids(tmp_path / "c").equals(pq.read_table(io.BytesIO(first)).sort_by(
+        [("layer", "ascending"), ("cluster", "ascending")]))
+    proc = run_cli("cluster", "--masks", masks, "--k", "9", "--out", str(tmp_path / "c"))
+    assert_user_error(proc, "another configuration", "k")
+
+
+def test_split_shards_is_contiguous_and_balanced():
+    shards = [{"name": f"s{i}", "rows": 10} for i in range(7)]
+    blocks = split_shards(shards, 3)
+    assert sum(blocks, []) == [s["name"] for s in shards]
+    assert [len(b) for b in blocks] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--k", "0"], "k must be at least 1"),
+    (["--k", "100000"], "larger than the number of masks"),
+    (["--k", "4", "--theta", "1.5"], "theta must be in (0, 1]"),
+    (["--k", "4", "--workers", "0"], "workers must be at least 1"),
+    (["--k", "4", "--backend", "gpu9"], "backend must be one of"),
+    (["--k", "4", "--layers", "7"], "layers [7] are not in"),
+])
+def test_bad_cluster_input(masks, tmp_path, args, fragment):
+    proc = run_cli("cluster", "--masks", masks, "--out", str(tmp_path / "o"), *args)
+    assert_user_error(proc, fragment)
+    assert not (tmp_path / "o" / "centroids.parquet").exists()
+
+
+def test_corrupt_shard_is_refused_before_use(masks, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(masks, copy)
+    manifest = store.read_manifest(copy)
+    path = store.layer_files(copy, manifest, 0)[1]
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    proc = run_cli("cluster", "--masks", str(copy), "--k", "4", "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "does not match its sha256")
+
+
+def test_mask_dir_without_manifest_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("cluster", "--masks", str(tmp_path / "empty"), "--k", "4",
+                   "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "manifest.json is missing")

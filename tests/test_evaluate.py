@@ -1,0 +1,144 @@
+"""Masked perplexity and clustering metrics, checked against independent computations."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from actclust import store
+from actclust.cluster import run_cluster
+from actclust.config import ClusterConfig, EvaluateConfig, ExtractConfig, build
+from actclust.corpus import load_windows
+from actclust.evaluate import assignment_stats, metric_values, run_evaluate
+from actclust.extract import run_extract
+from actclust.models import ByteTokenizer, load_model
+from conftest import assert_user_error, run_cli
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module", params=["tiny:opt", "tiny:llama"])
+def fitted(request, tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp(request.param.replace(":", "-"))
+    run_extract(build(ExtractConfig, dict(model=request.param, corpus="embedded:pydoc",
+                                           seq_len=SEQ, max_tokens=SEQ * 30,
+                                           out=str(root / "masks"))))
+    run_cluster(build(ClusterConfig, dict(masks=str(root / "masks"), k=8, out=str(root / "c"))))
+    return request.param, root
+
+
+def evaluate(root, name="e", **kw):
+    values = dict(centroids=str(root / "c"), out=str(root / name), max_tokens=SEQ * 6)
+    values.update(kw)
+    return run_evaluate(build(EvaluateConfig, values))
+
+
+def transformers_ppl(model_name, max_tokens):
+    model = load_model(model_name).model
+    w = load_windows("embedded:pydoc", ByteTokenizer(), SEQ, split="heldout", max_tokens=max_tokens)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for chunk in range(0, len(w), 4):  # same batching as the evaluator
+            ids = torch.tensor(w.ids[chunk:chunk + 4])
+            loss = model(ids, labels=ids).loss.item()
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            total, count = total + loss * n, count + n
+    return math.exp(total / count)
+
+
+def test_dense_ppl_equals_transformers_loss(fitted):
+    name, root = fitted
+    report = evaluate(root)
+    assert report["dense_ppl"] == pytest.approx(transformers_ppl(name, SEQ * 6), rel=1e-5)
+    assert report["tokens"] == SEQ * 6
+    on_disk = json.loads((root / "e" / "eval.json").read_text())
+    for key in ("dense_ppl", "oracle_ppl", "cluster_ppl", "precision", "recall", "f1", "accuracy",
+                "density", "true_density", "tokens", "per_layer"):
+        assert key in on_disk
+    assert [p["layer"] for p in on_disk["per_layer"]] == [0, 1]
+
+
+def test_relu_oracle_equals_dense_exactly(fitted):
+    name, root = fitted
+    report = evaluate(root, "e_oracle")
+    if name == "tiny:opt":
+        assert report["oracle_ppl"] == report["dense_ppl"]
+    else:
+        assert report["oracle_ppl"] != report["dense_ppl"]  # 50% sparsity changes a gated model
+
+
+def _replace_centroids(root, name, fill):
+    """A copy of the clustering directory whose centroids are all ones or all zeros."""
+    dst = root / name
+    shutil.copytree(root / "c", dst)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(dst / "centroids.parquet")
+    bits = store.bits_to_numpy(table.column("bits"))
+    meta = json.loads((dst / "cluster.json").read_text())
+    full = store.pack(np.full((len(bits), meta["d_ff"]), fill, dtype=bool))
+    table = table.set_column(table.schema.get_field_index("bits"), "bits", store.bits_array(full))
+    pq.write_table(table, dst / "centroids.parquet")
+    return dst
+
+
+def test_all_ones_centroids_give_dense_and_all_zeros_hurt(fitted):
+    name, root = fitted
+    ones = evaluate(root, "e1", centroids=str(_replace_centroids(root, "ones", True)))
+    zeros = evaluate(root, "e0", centroids=str(_replace_centroids(root, "zeros", False)))
+    assert ones["cluster_ppl"] == pytest.approx(ones["dense_ppl"], rel=1e-12)
+    assert ones["recall"] == 1.0 and ones["density"] == 1.0
+    assert zeros["recall"] == 0.0
+    assert zeros["cluster_ppl"] > zeros["dense_ppl"] * 1.01
+
+
+def test_two_workers_give_the_same_numbers(fitted):
+    name, root = fitted
+    one = evaluate(root, "w1", workers=1)
+    two = evaluate(root, "w2", workers=2)
+    for key in ("dense_ppl", "oracle_ppl", "cluster_ppl", "random_ppl", "precision", "recall"):
+        assert one[key] == two[key]
+
+
+def test_metrics_equal_brute_force_on_random_masks():
+    rng = np.random.default_rng(0)
+    d = 300
+    m = rng.random((500, d)) < 0.3
+    c = rng.random((12, d)) < 0.4
+    stats = assignment_stats(store.pack(m), store.pack(c), "numpy")
+    dist = (m[:, None, :] != c[None, :, :]).sum(-1)
+    nearest = dist.argmin(1)
+    cm = c[nearest]
+    inter = (m & cm).sum()
+    got = metric_values(stats, d)
+    assert got["precision"] == pytest.approx(inter / cm.sum())
+    assert got["recall"] == pytest.approx(inter / m.sum())
+    assert got["accuracy"] == pytest.approx((m == cm).mean())
+    assert got["density"] == pytest.approx(cm.mean())
+    assert got["true_density"] == pytest.approx(m.mean())
+    p, r = inter / cm.sum(), inter / m.sum()
+    assert got["f1"] == pytest.approx(2 * p * r / (p + r))
+
+
+def test_centroids_of_another_model_are_refused(fitted, tmp_path):
+    name, root = fitted
+    other = "tiny:gpt2"
+    proc = run_cli("evaluate", "--model", other, "--centroids", str(root / "c"),
+                   "--out", str(tmp_path / "e"))
+    assert_user_error(proc, "were fitted on masks of model")
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
+def test_centroids_of_another_width_are_refused(fitted, tmp_path):
+    name, root = fitted
+    dst = tmp_path / "c"
+    shutil.copytree(root / "c", dst)
+    meta = json.loads((dst / "cluster.json").read_text())
+    meta["d_ff"] = meta["d_ff"] * 2
+    (dst / "cluster.json").write_text(json.dumps(meta))
+    proc = run_cli("evaluate", "--centroids", str(dst), "--out", str(tmp_path / "e"))
+    assert_user_error(proc, "bits wide")
