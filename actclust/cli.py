@@ -174,13 +174,20 @@ COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_e
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def command() -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="actclust: %(message)s", stream=sys.stderr)
         if not args.command:
             raise UserError("give a command: " + ", ".join(COMMANDS) + " (see `actclust --help`)")
         return COMMANDS[args.command](args)
+    return guarded(command)
+
+
+def guarded(fn) -> int:
+    """Run ``fn``; bad input becomes one ``actclust: error:`` line and exit status 2."""
+    try:
+        return fn()
     except UserError as exc:
         print(f"actclust: error: {exc}", file=sys.stderr)
         return 2

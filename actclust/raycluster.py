@@ -32,7 +32,16 @@ def actor_options(workers: int, *, use_gpu: bool | None = None) -> dict:
     """Resources for one of ``workers`` actors: a GPU each on a GPU cluster, else
     an equal share of the cluster's CPUs (threads are set to match)."""
     import ray
+    from ray.util import get_current_placement_group
 
+    group = get_current_placement_group()
+    if group is not None:  # inside a Tune trial: take the trial's worker bundles
+        bundles = group.bundle_specs[1:] or group.bundle_specs
+        bundle = bundles[0]
+        options = {"num_cpus": bundle.get("CPU", 0)}
+        if bundle.get("GPU"):
+            options["num_gpus"] = bundle["GPU"]
+        return options
     if use_gpu is None:
         use_gpu = cluster_gpus() > 0
     if use_gpu:

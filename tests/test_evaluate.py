@@ -93,7 +93,33 @@ def test_all_ones_centroids_give_dense_and_all_zeros_hurt(fitted):
     assert ones["cluster_ppl"] == pytest.approx(ones["dense_ppl"], rel=1e-12)
     assert ones["recall"] == 1.0 and ones["density"] == 1.0
     assert zeros["recall"] == 0.0
-    assert zeros["cluster_ppl"] > zeros["dense_ppl"] * 1.01
+    # Random tiny weights predict near-uniformly, so only "it changed" is meaningful here;
+    # the direction is checked on the real model below.
+    assert abs(zeros["cluster_ppl"] - zeros["dense_ppl"]) > 1e-6 * zeros["dense_ppl"]
+
+
+@pytest.mark.slow
+def test_zero_recall_raises_perplexity_on_the_embedded_model(tmp_path, ray_session):
+    import pyarrow.parquet as pq
+
+    layers = list(range(30))
+    c = tmp_path / "zeros"
+    c.mkdir()
+    zero = np.zeros((2, store.row_bytes(1536)), np.uint8)
+    table = pa.table({"layer": pa.array(np.repeat(np.int32(layers), 2)),
+                      "cluster": pa.array(np.tile(np.int32([0, 1]), 30)),
+                      "bits": store.bits_array(np.concatenate([zero] * 30)),
+                      "size": pa.array(np.ones(60, np.int64))})
+    pq.write_table(table, c / "centroids.parquet")
+    meta = dict(k=2, theta=0.5, algorithm="hamming-kmeans", model="embedded:smollm2-135m",
+                corpus="embedded:pydoc", seq_len=128, sites="intermediate", text_column="text",
+                heldout_every=10, layers=layers, d_ff=1536, thresholds=[0.0] * 30)
+    (c / "cluster.json").write_text(json.dumps(meta))
+    report = run_evaluate(build(EvaluateConfig, dict(centroids=str(c), out=str(tmp_path / "e"),
+                                                     max_tokens=256)))
+    assert report["recall"] == 0.0 and report["density"] == 0.0
+    assert report["cluster_ppl"] > 2 * report["dense_ppl"]
+    assert 3 < report["dense_ppl"] < 100
 
 
 def test_two_workers_give_the_same_numbers(fitted):

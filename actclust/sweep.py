@@ -1,0 +1,146 @@
+"""Ray Tune sweep over K (and theta, and the algorithm) on one extraction.
+
+Each trial fits centroids with the distributed clusterer and evaluates them with
+evaluation actors, then reports ``cluster_ppl``, ``precision``, ``recall``,
+``density`` and the fit time through ``tune.report``. A trial declares a
+placement group (a small bundle for itself and one bundle per worker actor);
+Tune captures the trial's actors into it, so concurrent trials never
+oversubscribe the cluster. Trial outputs live at fixed paths under ``out``, so a
+retried trial resumes its own checkpoints, and an interrupted sweep resumes with
+``Tuner.restore`` when rerun with the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from actclust import config as C
+from actclust import store
+from actclust.errors import UserError
+from actclust.pipeline import (RESULT_COLUMNS, cluster_stage, evaluate_stage, extract_stage,
+                               result_row, trial_name, write_results)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SweepConfig(C.RunConfig):
+    out: str = "runs/sweep"
+    algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
+    theta: list = dataclasses.field(default_factory=lambda: [0.5])
+    workers: int = 1
+    worker_cpus: float = 1.0
+    max_concurrent_trials: Optional[int] = None
+    max_failures: int = 2
+
+    def validate(self) -> None:
+        algorithms = self.algorithm
+        self.algorithm = algorithms[0] if algorithms else "hamming-kmeans"
+        super().validate()
+        for a in algorithms:
+            C._choice(a, C.ALGORITHMS, "algorithm")
+        self.algorithm = list(algorithms)
+        if self.worker_cpus <= 0:
+            raise UserError(f"worker_cpus must be > 0, got {self.worker_cpus}")
+        if self.max_concurrent_trials is not None:
+            C._positive(self.max_concurrent_trials, "max_concurrent_trials")
+
+
+def trial(config: dict) -> None:
+    """One Tune trial: cluster, evaluate, report. Pure stage calls, no Tune logic."""
+    from ray import tune
+
+    cfg = SweepConfig(**config["sweep"])
+    name = trial_name(config["k"], config["theta"], config["algorithm"])
+    centroids = cluster_stage(cfg, config["masks"], config["k"], config["theta"],
+                              config["algorithm"])
+    report = evaluate_stage(cfg, centroids, name)
+    meta = json.loads((Path(centroids) / "cluster.json").read_text())
+    row = result_row(report, meta)
+    tune.report({key: row[key] for key in RESULT_COLUMNS if row.get(key) is not None}
+                | {"per_layer_recall": row["per_layer_recall"], "trial": name})
+
+
+def run_sweep(values: dict, source: str = "config", overrides: dict | None = None) -> Path:
+    """Run (or resume) the sweep described by ``values``; returns report.html."""
+    from ray import tune
+
+    from actclust.raycluster import init_ray
+    from actclust.report import write_report
+
+    cfg = C.build(SweepConfig, values, overrides, source)
+    out = Path(cfg.out).resolve()
+    cfg.out = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_identity(out, cfg)
+    masks = extract_stage(cfg)
+    init_ray()
+    param_space = {
+        "k": tune.grid_search(list(cfg.k)),
+        "theta": tune.grid_search(list(cfg.theta)),
+        "algorithm": tune.grid_search(list(cfg.algorithm)),
+        "masks": masks,
+        "sweep": dataclasses.asdict(cfg),
+    }
+    resources = tune.PlacementGroupFactory(
+        [{"CPU": 0.1}] + [{"CPU": cfg.worker_cpus}] * cfg.workers, strategy="PACK")
+    trainable = tune.with_resources(trial, resources)
+    storage = str(out / "tune")
+    if tune.Tuner.can_restore(f"{storage}/sweep"):
+        log.info("resuming the sweep in %s", storage)
+        tuner = tune.Tuner.restore(f"{storage}/sweep", trainable, resume_errored=True,
+                                   restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
+            run_config=tune.RunConfig(
+                name="sweep", storage_path=storage, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} sweep trial(s) failed; first: {errors[0]}")
+    rows = [dict(r.metrics) for r in grid]
+    rows = [{key: row.get(key) for key in (*RESULT_COLUMNS, "per_layer_recall")} for row in rows]
+    rows.sort(key=lambda r: (r["algorithm"], r["theta"], r["k"]))
+    _write_table(rows, out, masks, cfg)
+    path = write_report(str(out))
+    log.info("sweep of %d trials done; report: %s", len(rows), path)
+    return path
+
+
+def _check_identity(out: Path, cfg: SweepConfig) -> None:
+    """Refuse a directory that holds another sweep (same contract as extract)."""
+    keys = ("model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "sparsity",
+            "threshold", "k", "theta", "algorithm", "seed", "workers")
+    ident = {k: getattr(cfg, k) for k in keys}
+    marker = out / "sweep_config.json"
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        changed = [k for k in keys if previous.get(k) != ident[k]]
+        if changed:
+            raise UserError(f"{out} holds a sweep with other settings ({', '.join(changed)}); "
+                            "use a new out directory")
+    else:
+        store.write_json_atomic(ident, marker)
+
+
+def _write_table(rows: list[dict], out: Path, masks: str, cfg: SweepConfig) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = store.read_manifest(masks)
+    identity = {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
+                "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
+                "thresholds": manifest["thresholds"], "sites": manifest.get("sites"),
+                "sparsity": cfg.sparsity, "threshold": cfg.threshold, "seed": cfg.seed}
+    write_results(rows, out, identity)
+    (out / "results.csv").replace(out / "sweep.csv")
+    table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_COLUMNS} for r in rows])
+    table = table.replace_schema_metadata({"actclust.identity": json.dumps(identity)})
+    store.write_table_atomic(table, out / "sweep.parquet")
