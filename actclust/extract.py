@@ -211,7 +211,7 @@ def _run_pool(actors: list, todo: list, windows: Windows, manifest: dict, out: P
             log.warning("extraction actor died on %s; requeueing the shard", name)
             queue.insert(0, (name, sl))
             continue  # the actor is dead for good (restarts exhausted): drop it
-        manifest["shards"][index[name]] = {k: v for k, v in entry.items() if k != "seconds"}
+        manifest["shards"][index[name]] = entry
         store.write_manifest(out, manifest)
         idle.append(actor)
         progress.update(entry["rows"], total_steps=len(todo))

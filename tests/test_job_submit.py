@@ -1,0 +1,71 @@
+"""A real `ray job submit` to a cluster started with `ray start --head` on this machine."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """A one-node cluster with token authentication and the dashboard on localhost only."""
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", dash), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                time.sleep(0.5)
+        yield address, env
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: ray stops what it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_the_pipeline_smoke_test(head_node, tmp_path):
+    address, env = head_node
+    out = tmp_path / "job-out"
+    runtime_env = tmp_path / "runtime_env.json"
+    runtime_env.write_text(json.dumps({"working_dir": str(REPO),
+                                       "excludes": [".venv", ".git", "runs", "*.egg-info"]}))
+    res = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", address,
+         "--runtime-env", str(runtime_env), "--",
+         sys.executable, "jobs/pipeline.py", "--smoke-test", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=480)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    assert "succeeded" in (res.stdout + res.stderr).lower()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted(r["k"] for r in rows) == [4, 8]
+    assert (out / "report.html").is_file()

@@ -1,0 +1,121 @@
+"""End to end: actclust run, the HTML report in a real browser, and a Tune sweep that resumes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, assert_user_error, run_cli
+
+TINY_RUN = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64, max_tokens=64 * 48,
+                eval_max_tokens=64 * 8, k=[4, 16], theta=[0.5, 0.3], workers=2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    config = out.parent / "run.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN))
+    proc = run_cli("run", "--config", str(config), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_run_writes_every_stage_and_a_table(run_dir):
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    assert sorted((r["k"], r["theta"]) for r in rows) == [(4, 0.3), (4, 0.5), (16, 0.3), (16, 0.5)]
+    for row in rows:
+        assert row["oracle_ppl"] > 0 and 0 < row["precision"] <= 1 and 0 < row["recall"] <= 1
+        assert len(row["per_layer_recall"]) == 2
+    # Lower theta keeps more bits: denser centroids, higher recall.
+    by = {(r["k"], r["theta"]): r for r in rows}
+    assert by[(16, 0.3)]["density"] > by[(16, 0.5)]["density"]
+    assert by[(16, 0.3)]["recall"] > by[(16, 0.5)]["recall"]
+    header = (run_dir / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("k,theta,algorithm,dense_ppl,oracle_ppl,cluster_ppl")
+    assert (run_dir / "masks" / "manifest.json").is_file()
+    assert len(list((run_dir / "plots").glob("*.png"))) == 5
+
+
+def test_rerun_reuses_finished_stages(run_dir):
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("eval.json")}
+    proc = run_cli("run", "--out", str(run_dir), "--config", str(run_dir.parent / "run.yaml"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("eval.json")} == before
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs chromium (.ci/run installs it)")
+def test_report_renders_its_plots_in_headless_chromium(run_dir, tmp_path):
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5
+    assert "tiny:llama" in html and "clustering precision" in html
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000",
+                    f"--screenshot={shot}", (run_dir / "report.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(shot)[..., :3] * 255).astype(int)
+    # matplotlib's first two line colours (#1f77b4 blue, #ff7f0e orange) only occur in plots.
+    blue = (np.abs(pixels - [31, 119, 180]).sum(-1) < 40).sum()
+    orange = (np.abs(pixels - [255, 127, 14]).sum(-1) < 40).sum()
+    assert blue > 500 and orange > 500, (blue, orange)
+
+
+def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "k": [4, 8, 16], "theta": [0.5],
+                                      "workers": 1, "out": str(tmp_path / "s"),
+                                      "max_concurrent_trials": 1}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [sys.executable, "-m", "actclust", "sweep", "--config", str(config)]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "s").glob("eval/*/eval.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = list((tmp_path / "s").glob("eval/*/eval.json"))
+    assert first, "no trial finished before the kill"
+    assert not (tmp_path / "s" / "sweep.parquet").exists()
+    stamp = first[0].stat().st_mtime_ns
+    res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming the sweep" in res.stderr
+    table = pq.read_table(tmp_path / "s" / "sweep.parquet").to_pylist()
+    assert sorted(r["k"] for r in table) == [4, 8, 16]
+    assert first[0].stat().st_mtime_ns == stamp  # the finished trial was not redone
+    assert (tmp_path / "s" / "sweep.csv").is_file() and (tmp_path / "s" / "report.html").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"k": [4], "colour": "red"}))
+    assert_user_error(run_cli("sweep", "--config", str(bad)), "unknown key colour")
+
+
+@pytest.mark.parametrize("job", ["extract", "cluster", "evaluate", "pipeline"])
+def test_job_entry_points_smoke(job, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [sys.executable, f"jobs/{job}.py", "--smoke-test"]
+    if job in ("extract", "pipeline"):
+        args += ["--out", str(tmp_path / "o")]
+    res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
