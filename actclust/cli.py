@@ -75,7 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centroids")
     p.add_argument("--out")
     p.add_argument("--workers", type=int)
-    p.add_argument("--backend")
 
     p = sub.add_parser("sweep", help="Ray Tune over K (and theta, algorithm)")
     p.add_argument("--config", required=False)

@@ -130,7 +130,6 @@ class EvaluateConfig:
     split: str = "heldout"
     workers: int = 1
     batch_windows: int = 4
-    backend: str = "auto"
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -140,7 +139,6 @@ class EvaluateConfig:
         _choice(self.split, SPLITS, "split")
         _positive(self.workers, "workers")
         _positive(self.batch_windows, "batch_windows")
-        _choice(self.backend, BACKENDS, "backend")
         if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"seq_len must be at least 2, got {self.seq_len}")
 

@@ -72,43 +72,52 @@ def assignment_stats(bits: np.ndarray, centroids: np.ndarray, backend: str) -> n
                      overlap.sum()], dtype=np.int64)
 
 
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
 class Evaluator:
     """Loads the model and centroids once; evaluates one chunk of windows per call."""
 
-    def __init__(self, model: str, centroids_dir: str, num_cpus: float = 1,
-                 backend: str = "auto", seed: int = 0, trust_remote_code: bool = False):
+    def __init__(self, model: str, centroids_dir: str, num_cpus: float = 1, seed: int = 0,
+                 trust_remote_code: bool = False, use_gpu: bool = False):
+        import torch
+
         from actclust.models import load_model
         from actclust.raycluster import set_threads
 
         set_threads(num_cpus)
         meta, centroids = load_centroids(centroids_dir)
-        layers, thresholds, width = meta["layers"], meta["thresholds"], meta["d_ff"]
         self.model = load_model(model, trust_remote_code=trust_remote_code).model
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model.to(self.device)
         self.site = meta["sites"]
         # Model layer -> its position in the clustered layers (others stay unmasked).
-        self.slot = {layer: i for i, layer in enumerate(layers)}
-        self.thresholds = thresholds
-        self.width = width
-        self.centroids = centroids  # per clustered layer (K, B) uint8
-        self.backend = backend
+        self.slot = {layer: i for i, layer in enumerate(meta["layers"])}
+        self.thresholds = meta["thresholds"]
         self.seed = seed
-        from actclust import hamming
-
-        self.density = [float(hamming.popcount(c).sum()) / (len(c) * width) for c in centroids]
+        # Centroids unpacked once, as 0/1 float32 (K, d): the GEMM form of the
+        # Hamming distance, |m| + |c| - 2 m.c, is exact in float32 below 2**24 bits.
+        self.centroids = [torch.from_numpy(store.unpack(c, meta["d_ff"]).astype(np.float32))
+                          .to(self.device) for c in centroids]
+        self.norms = [c.sum(dim=1) for c in self.centroids]
+        self.density = [float(n.sum()) / c.numel() for c, n in zip(self.centroids, self.norms)]
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
         import torch
 
         from actclust.masks import masking
 
-        ids_t = torch.tensor(ids)
+        ids_t = torch.tensor(ids, device=self.device)
         out = {"nll": {}, "tokens": int(ids.shape[0] * (ids.shape[1] - 1))}
         stats = np.zeros((len(self.centroids), len(STAT_FIELDS)), dtype=np.int64)
         for mode in modes:
             fn = self._mask_fn(mode, chunk, stats)
             with torch.inference_mode(), masking(self.model, fn, self.site):
                 logits = self.model(ids_t).logits
-            out["nll"][mode] = window_nll(logits, ids_t)
+            out["nll"][mode] = window_nll(logits.cpu(), ids_t.cpu())
         out["stats"] = stats
         return out
 
@@ -117,19 +126,28 @@ class Evaluator:
 
         return mask_of(a, self.thresholds[slot])
 
+    def nearest(self, slot: int, m):
+        """Nearest centroid (Hamming; ties to the lowest index) of bool masks m (N, d).
+
+        Returns (labels (N,) int64, overlap |m AND c| (N,) float32) as tensors.
+        """
+        mf = m.to(torch_float32())
+        dot = mf @ self.centroids[slot].T  # (N, K) = |m AND c_j|
+        labels = (self.norms[slot][None, :] - 2 * dot).argmin(dim=1)  # |m| is constant per row
+        return labels, dot.gather(1, labels[:, None]).squeeze(1)
+
     def _centroid_mask(self, slot: int, a, stats: np.ndarray | None):
         """The centroid mask nearest to each token's true mask, shaped like ``a``."""
-        import torch
-
-        from actclust import hamming
-
-        m = self._true_mask(slot, a).reshape(-1, a.shape[-1]).cpu().numpy()
-        bits = store.pack(m)
-        labels, _ = hamming.assign(bits, self.centroids[slot], backend=self.backend)
+        m = self._true_mask(slot, a).reshape(-1, a.shape[-1])
+        labels, overlap = self.nearest(slot, m)
         if stats is not None:
-            stats[slot] += assignment_stats(bits, self.centroids[slot], self.backend)
-        chosen = store.unpack(self.centroids[slot][labels], self.width)
-        return torch.from_numpy(chosen).reshape(a.shape).to(a.device)
+            true_bits = m.sum(dim=1).double()
+            cent_bits = self.norms[slot][labels].double()
+            overlap = overlap.double()
+            stats[slot] += np.array([len(m), true_bits.sum(), cent_bits.sum(),
+                                     (true_bits + cent_bits - 2 * overlap).sum(), overlap.sum()],
+                                    dtype=np.float64).round().astype(np.int64)
+        return self.centroids[slot][labels].reshape(a.shape)
 
     def _mask_fn(self, mode: str, chunk: int, stats: np.ndarray):
         import torch
@@ -147,7 +165,7 @@ class Evaluator:
         elif mode == "random":
             def fn(slot, a):
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk * 1009 + slot)
-                return torch.rand(a.shape, generator=gen) < self.density[slot]
+                return (torch.rand(a.shape, generator=gen) < self.density[slot]).to(a.device)
         else:
             raise ValueError(f"unknown mode {mode!r}")
 
@@ -228,7 +246,7 @@ def run_evaluate(cfg) -> dict:
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=2, max_task_retries=2, **options)
     actors = [Actor.remote(cfg.model, str(Path(cfg.centroids).resolve()), options["num_cpus"],
-                           cfg.backend, cfg.seed, cfg.trust_remote_code)
+                           cfg.seed, cfg.trust_remote_code, "num_gpus" in options)
               for _ in range(cfg.workers)]
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]

@@ -19,7 +19,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+        # "local": never attach to a cluster that `ray start` left on this machine
+        # unless asked to through RAY_ADDRESS.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 **quiet)
 
 
 def cluster_gpus() -> int:

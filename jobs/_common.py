@@ -30,7 +30,7 @@ def values(args: argparse.Namespace, smoke: dict) -> dict:
     data = load_yaml(args.config) if args.config else {}
     if args.smoke_test:
         data.update(smoke)
-        data.setdefault("out", tempfile.mkdtemp(prefix="actclust-smoke-"))
+        data["out"] = tempfile.mkdtemp(prefix="actclust-smoke-")  # never a preset's real output
     if args.out:
         data["out"] = args.out
     return data

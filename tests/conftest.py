@@ -18,7 +18,7 @@ def ray_session():
 
     if not ray.is_initialized():
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -68,13 +68,13 @@ def test_worker_killed_mid_fit_resumes_from_checkpoint(masks, tmp_path, monkeypa
     monkeypatch.setenv("ACTCLUST_FAULT_KMEANS", f"1:1:3:{marker}")
     import ray
     ray.shutdown()  # restart so new worker processes see the variable
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"ACTCLUST_FAULT_KMEANS": f"1:1:3:{marker}"}})
     try:
         faulted = cluster(masks, tmp_path / "faulted", workers=2, layers=[1])
     finally:
         ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     assert marker.exists(), "the fault was not injected"
     assert centroids(tmp_path / "ref").equals(centroids(tmp_path / "faulted"))
     assert faulted["iterations"] == reference["iterations"]

@@ -168,3 +168,22 @@ def test_centroids_of_another_width_are_refused(fitted, tmp_path):
     (dst / "cluster.json").write_text(json.dumps(meta))
     proc = run_cli("evaluate", "--centroids", str(dst), "--out", str(tmp_path / "e"))
     assert_user_error(proc, "bits wide")
+
+
+def test_in_pass_assignment_matches_the_hamming_kernels(fitted):
+    """The evaluator's GEMM-form assignment equals hamming.assign, ties included."""
+    from actclust import hamming
+    from actclust.evaluate import Evaluator
+
+    name, root = fitted
+    ev = Evaluator(name, str(root / "c"))
+    d = ev.centroids[0].shape[1]
+    rng = np.random.default_rng(1)
+    centroids_packed = store.pack(ev.centroids[0].numpy().astype(bool))
+    m = rng.random((400, d)) < 0.5
+    m[:50] = ev.centroids[0].numpy()[rng.integers(0, len(centroids_packed), 50)] > 0  # exact hits
+    labels, overlap = ev.nearest(0, torch.from_numpy(m))
+    ref_labels, ref_dist = hamming.assign(store.pack(m), centroids_packed, backend="numpy")
+    np.testing.assert_array_equal(labels.numpy(), ref_labels)
+    cent = ev.centroids[0].numpy()[ref_labels] > 0
+    np.testing.assert_array_equal(overlap.numpy(), (m & cent).sum(1))

@@ -51,6 +51,10 @@ def head_node(tmp_path):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        # `ray start` records the cluster for later ray.init() calls; forget it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def test_ray_job_submit_runs_the_pipeline_smoke_test(head_node, tmp_path):
