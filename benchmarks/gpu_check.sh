@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# GPU checks for a lent GPU machine, as one prepared call (about 3 minutes).
+#
+# The machine has python3 with torch, cupy and numpy but no network. faiss-cpu
+# and hypothesis travel as wheels in .whl/ (git-ignored), made on the dev box:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl faiss-cpu==1.13.2 hypothesis sortedcontainers attrs
+# then, through the device tool:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])
+#
+# What it checks: the cupy kernel and torch's CUDA GEMM path give the same labels
+# and distances as numpy (tests), their speed against faiss on the same data, and a
+# k-means fit on the GPU backends. Results land in $OUT (or /tmp/gpu_check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, cupy; print('torch', torch.__version__, torch.cuda.is_available(), 'cupy', cupy.__version__)" | tee -a "$OUT/gpu.txt"
+
+status=0
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_hamming.py tests/test_kmeans.py \
+    2>&1 | tee "$OUT/tests.log" || status=1
+# Paper scale: Mistral-7B's d_ff = 14336, many masks, thousands of centroids.
+timeout 240 python3 benchmarks/hamming_assign.py --n 200000 --k 4096 --d 14336 --repeats 3 \
+    --backends cupy,torch 2>&1 | tee "$OUT/assign_paper_scale.log" || status=1
+timeout 120 python3 benchmarks/hamming_assign.py --repeats 5 2>&1 | tee "$OUT/assign_default.log" || status=1
+timeout 120 python3 benchmarks/kmeans_fit.py --skip-kmodes --n 200000 --k 1024 --seeds 1 \
+    2>&1 | tee "$OUT/kmeans.log" || status=1
+exit $status
