@@ -232,6 +232,7 @@ def run_evaluate(cfg) -> dict:
 
     from actclust.corpus import load_windows
     from actclust.models import load_tokenizer
+    from actclust.pool import ActorPool
     from actclust.raycluster import actor_options, init_ray
 
     meta, centroids = load_centroids(cfg.centroids)
@@ -244,15 +245,20 @@ def run_evaluate(cfg) -> dict:
 
     init_ray()
     options = actor_options(cfg.workers)
-    Actor = ray.remote(Evaluator).options(max_restarts=2, max_task_retries=2, **options)
-    actors = [Actor.remote(cfg.model, str(Path(cfg.centroids).resolve()), options["num_cpus"],
-                           cfg.seed, cfg.trust_remote_code, "num_gpus" in options)
-              for _ in range(cfg.workers)]
+    Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
+    centroids_dir = str(Path(cfg.centroids).resolve())
+    pool = ActorPool(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"], cfg.seed,
+                                          cfg.trust_remote_code, "num_gpus" in options),
+                     cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
-    results = _run_chunks(actors, chunks, windows)
-    for a in actors:
-        ray.kill(a)
+    results: dict = {}
+    try:
+        pool.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]]),
+                 lambda task, result: results.__setitem__(task[0], result))
+    finally:
+        pool.shutdown()
+    results = [results[c] for c, _ in chunks]
     report = summarize(results, meta, windows)
     report.update(identity=_identity(cfg, meta, windows))
     store.write_json_atomic(report, Path(cfg.out) / "eval.json")
@@ -265,31 +271,6 @@ def _check_width(cfg, meta: dict, centroids: list[np.ndarray]) -> None:
         if c.shape[1] != expect:
             raise UserError(f"centroids of layer {layer} are {c.shape[1] * 8} bits wide, but "
                             f"cluster.json says d_ff {meta['d_ff']}")
-
-
-def _run_chunks(actors: list, chunks: list, windows) -> list:
-    """Dispatch chunks to idle actors, requeueing the chunk of an actor that died."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    queue, idle, running, results = list(chunks), list(actors), {}, {}
-    while queue or running:
-        while queue and idle:
-            actor = idle.pop()
-            chunk, sl = queue.pop(0)
-            running[actor.evaluate.remote(chunk, windows.ids[sl])] = (actor, chunk, sl)
-        if not running:
-            raise RuntimeError("no evaluation actor is left alive; see the Ray logs")
-        done, _ = ray.wait(list(running), num_returns=1)
-        actor, chunk, sl = running.pop(done[0])
-        try:
-            results[chunk] = ray.get(done[0])
-        except RayActorError:
-            log.warning("evaluation actor died on chunk %d; requeueing it", chunk)
-            queue.insert(0, (chunk, sl))
-            continue
-        idle.append(actor)
-    return [results[c] for c, _ in chunks]
 
 
 def summarize(results: list, meta: dict, windows) -> dict:

@@ -105,6 +105,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     import ray
 
     from actclust.models import load_tokenizer
+    from actclust.pool import ActorPool
     from actclust.raycluster import actor_options, init_ray
 
     out = Path(cfg.out)
@@ -118,26 +119,26 @@ def run_extract(cfg: ExtractConfig) -> dict:
     init_ray()
     options = actor_options(cfg.workers)
     use_gpu = "num_gpus" in options
-    Actor = ray.remote(MaskExtractor).options(max_restarts=2, max_task_retries=2, **options)
-    actors = [Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
-                           cfg.trust_remote_code) for _ in range(cfg.workers)]
-    info = ray.get(actors[0].info.remote())
-
-    if manifest is None:
-        manifest = _new_manifest(cfg, info, windows, shards)
-        manifest["thresholds"] = _thresholds(cfg, info, windows, actors[0])
-        out.mkdir(parents=True, exist_ok=True)
-        store.write_manifest(out, manifest)
-    else:
-        log.info("resuming %s: %d of %d shards complete", out,
-                 len(store.complete_shards(manifest)), len(manifest["shards"]))
-    _clean_temporaries(out)
-
-    todo = [(name, sl) for (name, sl), entry in zip(shards, manifest["shards"])
-            if entry.get("status") != store.COMPLETE]
-    _run_pool(actors, todo, windows, manifest, out, cfg)
-    for a in actors:
-        ray.kill(a)
+    Actor = ray.remote(MaskExtractor).options(max_restarts=0, **options)
+    pool = ActorPool(lambda: Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
+                                          cfg.trust_remote_code), cfg.workers)
+    try:
+        first = pool.first_actor()
+        info = ray.get(first.info.remote())
+        if manifest is None:
+            manifest = _new_manifest(cfg, info, windows, shards)
+            manifest["thresholds"] = _thresholds(cfg, info, windows, first)
+            out.mkdir(parents=True, exist_ok=True)
+            store.write_manifest(out, manifest)
+        else:
+            log.info("resuming %s: %d of %d shards complete", out,
+                     len(store.complete_shards(manifest)), len(manifest["shards"]))
+        _clean_temporaries(out)
+        todo = [(name, sl) for (name, sl), entry in zip(shards, manifest["shards"])
+                if entry.get("status") != store.COMPLETE]
+        _run_shards(pool, todo, windows, manifest, out, cfg)
+    finally:
+        pool.shutdown()
     return manifest
 
 
@@ -178,41 +179,24 @@ def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows, actor) -> list
     return ray.get(actor.calibrate.remote(calib, sparsity, cfg.batch_windows))
 
 
-def _run_pool(actors: list, todo: list, windows: Windows, manifest: dict, out: Path,
-              cfg: ExtractConfig) -> None:
-    """Dispatch shards to idle actors; requeue the shard of an actor that died."""
-    import ray
-    from ray.exceptions import RayActorError
-
+def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: Path,
+                cfg: ExtractConfig) -> None:
+    """Extract every pending shard on the pool; record each in the manifest as it lands."""
     from actclust.progress import Progress
 
-    manifest_thresholds = manifest["thresholds"]
     index = {s["name"]: i for i, s in enumerate(manifest["shards"])}
-    queue = list(todo)
-    idle = list(actors)
-    running: dict = {}
-    progress = Progress(len(todo) and sum(sl.stop - sl.start for _, sl in todo) * cfg.seq_len,
-                        "extract")
-    while queue or running:
-        while queue and idle:
-            actor = idle.pop()
-            name, sl = queue.pop(0)
-            part = windows.take(sl)
-            ref = actor.extract.remote(str(out), name, part.seq, part.ids, manifest_thresholds,
-                                       cfg.batch_windows)
-            running[ref] = (actor, name, sl)
-        if not running:
-            raise RuntimeError("no extraction actor is left alive; see the Ray logs")
-        done, _ = ray.wait(list(running), num_returns=1)
-        actor, name, sl = running.pop(done[0])
-        try:
-            entry = ray.get(done[0])
-        except RayActorError:
-            log.warning("extraction actor died on %s; requeueing the shard", name)
-            queue.insert(0, (name, sl))
-            continue  # the actor is dead for good (restarts exhausted): drop it
-        manifest["shards"][index[name]] = entry
+    progress = Progress(sum(sl.stop - sl.start for _, sl in todo) * cfg.seq_len, "extract")
+
+    def submit(actor, task):
+        name, sl = task
+        part = windows.take(sl)
+        return actor.extract.remote(str(out), name, part.seq, part.ids, manifest["thresholds"],
+                                    cfg.batch_windows)
+
+    def done(task, entry):
+        manifest["shards"][index[task[0]]] = entry
         store.write_manifest(out, manifest)
-        idle.append(actor)
         progress.update(entry["rows"], total_steps=len(todo))
+
+    pool.run(todo, submit, done)
     progress.close()
