@@ -91,12 +91,16 @@ def _fault_injector(rank: int, layer: int):
 class KMeansWorker:
     """One rank of the clustering group. ``ray.remote`` is applied where it starts."""
 
-    def __init__(self, rank: int, world_size: int, group: str, num_cpus: float = 1):
+    def __init__(self, num_cpus: float = 1, rank: int = 0, world_size: int = 1,
+                 group: str = "local"):
         from actclust.raycluster import set_threads
 
         set_threads(num_cpus)
+        self.configure(rank, world_size, group)
+
+    def configure(self, rank: int, world_size: int, group: str) -> None:
+        """Give this worker its place once the group's size is known."""
         self.rank, self.world_size, self.group = rank, world_size, group
-        self.joined = False
 
     def join(self, backend: str = "gloo") -> int:
         import ray.util.collective as col
@@ -244,16 +248,62 @@ def _params(cfg: ClusterConfig) -> dict:
             "backend": cfg.backend, "algorithm": cfg.algorithm, "pool_rows": 200_000}
 
 
-def _start_group(cfg: ClusterConfig, world_size: int):
+def _place_workers(make, wanted: int, grace_s: float, attempts: int = 3,
+                   timeout_s: float = 300.0) -> list:
+    """Up to ``wanted`` started actors. A candidate whose start fails (placed on a
+    node that was dying) is replaced, ``attempts`` times each; once one is up the
+    rest get ``grace_s`` seconds, and those still unplaced are given up."""
+    import ray
+
+    pending = {}
+    for _ in range(wanted):
+        actor = make()
+        pending[actor.__ray_ready__.remote()] = actor
+    retries = attempts * wanted
+    workers: list = []
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        now = time.monotonic()
+        if workers:
+            deadline = min(deadline, now + grace_s)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - now))
+        if not ready:
+            break
+        actor = pending.pop(ready[0])
+        try:
+            ray.get(ready[0])
+            workers.append(actor)
+        except ray.exceptions.RayActorError:
+            ray.kill(actor)
+            if retries > 0:
+                retries -= 1
+                fresh = make()
+                pending[fresh.__ray_ready__.remote()] = fresh
+    for actor in pending.values():
+        ray.kill(actor)
+    if not workers:
+        raise RuntimeError("no k-means worker could be started; see the Ray logs")
+    return workers
+
+
+def _start_group(cfg: ClusterConfig, world_size: int, grace_s: float = 10.0):
+    """Start up to ``world_size`` workers and join those that could be placed.
+
+    After the first worker is up, the others get ``grace_s`` seconds; a worker
+    that cannot be placed (a lost node) is dropped and the group is smaller.
+    Full-batch and mini-batch results do not depend on the group's size.
+    """
     import ray
 
     from actclust.raycluster import actor_options, cluster_gpus
 
     options = actor_options(world_size)
+    Worker = ray.remote(KMeansWorker).options(max_restarts=0, **options)
+    workers = _place_workers(lambda: Worker.remote(options["num_cpus"]), world_size, grace_s)
+    if len(workers) < world_size:
+        log.warning("continuing with %d of %d k-means workers", len(workers), world_size)
     group = f"actclust-{uuid.uuid4().hex[:8]}"
-    Worker = ray.remote(KMeansWorker).options(**options)
-    workers = [Worker.remote(rank, world_size, group, options["num_cpus"])
-               for rank in range(world_size)]
+    ray.get([w.configure.remote(rank, len(workers), group) for rank, w in enumerate(workers)])
     backend = "nccl" if cluster_gpus() > 0 and cfg.backend in ("auto", "cupy") else "gloo"
     ray.get([w.join.remote(backend) for w in workers])
     return workers
@@ -282,7 +332,7 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path
         while True:
             if workers is None:
                 workers = _start_group(cfg, world_size)
-            blocks = split_shards(shards, world_size)
+            blocks = split_shards(shards, len(workers))
             ckpt = str(out / "checkpoints" / f"layer={layer}.npz")
             refs = [w.fit_layer.remote(cfg.masks, layer, blocks[r], manifest["d_ff"],
                                        _params(cfg), ckpt) for r, w in enumerate(workers)]
@@ -331,7 +381,7 @@ def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int]) -> dict
 
     options = actor_options(1)
     Worker = ray.remote(KMeansWorker).options(max_restarts=1, max_task_retries=1, **options)
-    worker = Worker.remote(0, 1, "baseline", options["num_cpus"])
+    worker = Worker.remote(options["num_cpus"])
     names = [s["name"] for s in store.complete_shards(manifest)]
     params = _params(cfg)
     if cfg.pool_layers:

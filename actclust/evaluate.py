@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,13 @@ def assignment_stats(bits: np.ndarray, centroids: np.ndarray, backend: str) -> n
                      overlap.sum()], dtype=np.int64)
 
 
+def _injected_delay() -> None:
+    """Latency injection for the reliability tests (ACTCLUST_FAULT_DELAY_S), off by default."""
+    delay = float(os.environ.get("ACTCLUST_FAULT_DELAY_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
 def torch_float32():
     import torch
 
@@ -109,6 +118,8 @@ class Evaluator:
         import torch
 
         from actclust.masks import masking
+
+        _injected_delay()
 
         ids_t = torch.tensor(ids, device=self.device)
         out = {"nll": {}, "tokens": int(ids.shape[0] * (ids.shape[1] - 1))}

@@ -102,6 +102,7 @@ class ActorPool:
                 continue
             self.idle.append(actor)
             done(task, result)
+            log.debug("task done; %d queued, %d running", len(queue), len(running))
 
     def shutdown(self) -> None:
         import ray

@@ -1,0 +1,98 @@
+"""Kill a worker node in the middle of each stage: the job finishes on the survivors
+and its output equals an uninterrupted run's."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from actclust import store
+from actclust.cluster import run_cluster
+from actclust.config import ClusterConfig, EvaluateConfig, ExtractConfig, build
+from actclust.evaluate import run_evaluate
+from actclust.extract import run_extract
+from actclust.verify import verify
+
+from .conftest import in_background, wait_for
+
+EXTRACT = dict(model="tiny:opt", corpus="embedded:pydoc", seq_len=32, max_tokens=32 * 80,
+               shard_windows=2, workers=2)
+
+
+def tables(root):
+    manifest = store.read_manifest(root)
+    return {layer: pq.read_table(store.layer_dir(root, layer)).sort_by(
+        [("seq", "ascending"), ("pos", "ascending")]).select(["seq", "pos", "token", "bits"])
+        for layer in manifest["layers"]}
+
+
+def complete(root) -> int:
+    try:
+        return len(store.complete_shards(store.read_manifest(root)))
+    except Exception:  # not written yet
+        return 0
+
+
+def test_extraction_survives_a_lost_node(nodes, tmp_path, caplog):
+    reference = str(tmp_path / "ref")
+    run_extract(build(ExtractConfig, {**EXTRACT, "out": reference}))
+    faulted = str(tmp_path / "faulted")
+    join = in_background(run_extract, build(ExtractConfig, {**EXTRACT, "out": faulted}))
+    wait_for(lambda: complete(faulted) >= 4, what="four shards")
+    assert join.running()
+    nodes.kill_worker()
+    manifest = join()
+    assert "an actor died" in caplog.text
+    assert complete(faulted) == len(manifest["shards"]) == 40
+    assert verify(faulted) == []
+    a, b = tables(reference), tables(faulted)
+    assert all(a[layer].equals(b[layer]) for layer in a)
+    nodes.restore()
+
+
+def _masks(tmp_path):
+    root = str(tmp_path / "masks")
+    run_extract(build(ExtractConfig, {**EXTRACT, "out": root, "shard_windows": 20}))
+    return root
+
+
+def test_kmeans_survives_a_lost_node(nodes, tmp_path, caplog):
+    masks = _masks(tmp_path)
+    values = dict(masks=masks, k=16, workers=2, max_iter=40, tol=0.0)
+    reference = run_cluster(build(ClusterConfig, {**values, "out": str(tmp_path / "ref")}))
+    out = tmp_path / "faulted"
+    join = in_background(run_cluster, build(ClusterConfig, {**values, "out": str(out)}))
+    wait_for(lambda: (out / "checkpoints" / "layer=0.npz").exists(), what="a k-means checkpoint")
+    assert join.running()
+    nodes.kill_worker()
+    faulted = join()
+    assert "rebuilding the group" in caplog.text
+    assert faulted["cost"] == reference["cost"]
+    assert faulted["iterations"] == reference["iterations"]
+    a = pq.read_table(tmp_path / "ref" / "centroids.parquet")
+    b = pq.read_table(out / "centroids.parquet")
+    assert a.equals(b)
+    nodes.restore()
+
+
+def test_evaluation_survives_a_lost_node(nodes, tmp_path, caplog):
+    masks = _masks(tmp_path)
+    run_cluster(build(ClusterConfig, dict(masks=masks, k=8, workers=2, out=str(tmp_path / "c"))))
+    values = dict(centroids=str(tmp_path / "c"), max_tokens=32 * 60, workers=2, batch_windows=1)
+    reference = run_evaluate(build(EvaluateConfig, {**values, "out": str(tmp_path / "ref")}))
+    caplog.set_level(logging.DEBUG, logger="actclust.pool")
+    join = in_background(run_evaluate, build(EvaluateConfig, {**values,
+                                                              "out": str(tmp_path / "faulted")}))
+    # Both actors working: each has finished some chunks (the pool logs every result).
+    wait_for(lambda: sum("task done" in r.getMessage() for r in caplog.records) >= 6,
+             what="evaluation chunks")
+    assert join.running()
+    nodes.kill_worker()
+    faulted = join()
+    assert "an actor died" in caplog.text
+    for key in ("dense_ppl", "oracle_ppl", "cluster_ppl", "random_ppl", "precision", "recall",
+                "tokens"):
+        assert faulted[key] == reference[key], key
+    nodes.restore()
