@@ -168,6 +168,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _disk_full(exc: BaseException) -> str | None:
+    """The failing path or message if ``exc`` (or what caused it) is ENOSPC."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC
+                                         or "No space left on device" in str(exc)):
+            return exc.filename or str(exc).strip().splitlines()[0]
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
             "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report}
 
@@ -195,6 +209,12 @@ def guarded(fn) -> int:
         if isinstance(cause, UserError):
             print(f"actclust: error: {cause}", file=sys.stderr)
             return 2
+        full = _disk_full(exc)
+        if full is not None:
+            print(f"actclust: error: no space left on device ({full}); nothing incomplete was "
+                  "recorded as done: free space and rerun the same command to resume",
+                  file=sys.stderr)
+            return 1
         raise
     except KeyboardInterrupt:
         print("actclust: interrupted; rerun the same command to resume", file=sys.stderr)
