@@ -334,6 +334,10 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path
                 workers = _start_group(cfg, world_size)
             blocks = split_shards(shards, len(workers))
             ckpt = str(out / "checkpoints" / f"layer={layer}.npz")
+            state = load_state(Path(ckpt))
+            if state is not None:
+                log.info("layer %d: resuming k-means from its checkpoint at iteration %d",
+                         layer, state["iteration"])
             refs = [w.fit_layer.remote(cfg.masks, layer, blocks[r], manifest["d_ff"],
                                        _params(cfg), ckpt) for r, w in enumerate(workers)]
             try:
