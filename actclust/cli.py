@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", dest="max_iter", type=int)
     p.add_argument("--layers", type=int, nargs="+")
     p.add_argument("--pool-layers", dest="pool_layers", action="store_true", default=None)
+    p.add_argument("--memory-budget-mb", dest="memory_budget_mb", type=float,
+                   help="per-worker memory for masks; a larger share is streamed from Parquet")
 
     p = sub.add_parser("evaluate", help="precision/recall and masked perplexity on held-out windows")
     p.add_argument("--config")

@@ -122,25 +122,35 @@ class KMeansWorker:
         return tensor.numpy()
 
     def fit_layer(self, root: str, layer: int, shards: list[str], width: int, params: dict,
-                  checkpoint_path: str | None) -> dict:
+                  checkpoint_path: str | None, rows: list[int] | None = None,
+                  global_offset: int = 0) -> dict:
         from actclust import kmeans
+        from actclust.maskdata import ParquetDataset
 
-        x = read_shards(root, layer, shards, width)
+        rows = rows or []
+        budget = params.get("memory_budget_mb")
+        if budget is not None and sum(rows) * store.row_bytes(width) > budget * 2**20:
+            # Larger than this worker's memory budget: stream from Parquet.
+            dataset = ParquetDataset([store.shard_path(root, layer, n) for n in shards], rows,
+                                     store.row_bytes(width), global_offset)
+        else:
+            dataset = kmeans.ArrayDataset(read_shards(root, layer, shards, width), global_offset)
         resume = load_state(Path(checkpoint_path)) if checkpoint_path else None
         save = None
         if checkpoint_path and self.rank == 0:
             save = lambda state: save_state(state, Path(checkpoint_path))  # noqa: E731
         progress = _fault_injector(self.rank, layer)
         start = time.perf_counter()
-        result = kmeans.fit(x, params["k"], theta=params["theta"], seed=params["seed"],
+        result = kmeans.fit(None, params["k"], theta=params["theta"], seed=params["seed"],
                             init=params["init"], batch_size=params["batch_size"],
                             max_iter=params["max_iter"], tol=params["tol"],
-                            backend=params["backend"], allreduce=self._allreduce,
+                            backend=params["backend"], dataset=dataset,
+                            allreduce=self._allreduce,
                             checkpoint=save, resume=resume, progress=progress, rank=self.rank,
                             world_size=self.world_size, layer=layer)
         return {"rank": self.rank, "centroids": result.centroids, "sizes": result.sizes,
                 "cost": result.cost, "iterations": result.iterations,
-                "converged": result.converged, "rows": int(len(x)),
+                "converged": result.converged, "rows": int(dataset.count()),
                 "seconds": time.perf_counter() - start}
 
     def fit_baseline(self, root: str, layers: list[int], shards: list[str], width: int,
@@ -245,7 +255,8 @@ def _verify_layers(root: str, manifest: dict, layers: list[int]) -> None:
 def _params(cfg: ClusterConfig) -> dict:
     return {"k": cfg.k, "theta": cfg.theta, "seed": cfg.seed, "init": cfg.init,
             "batch_size": cfg.batch_size, "max_iter": cfg.max_iter, "tol": cfg.tol,
-            "backend": cfg.backend, "algorithm": cfg.algorithm, "pool_rows": 200_000}
+            "backend": cfg.backend, "algorithm": cfg.algorithm, "pool_rows": 200_000,
+            "memory_budget_mb": cfg.memory_budget_mb}
 
 
 def _place_workers(make, wanted: int, grace_s: float, attempts: int = 3,
@@ -338,8 +349,11 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path
             if state is not None:
                 log.info("layer %d: resuming k-means from its checkpoint at iteration %d",
                          layer, state["iteration"])
+            rows = {s["name"]: s["rows"] for s in shards}
+            offsets = np.cumsum([0] + [sum(rows[n] for n in b) for b in blocks])
             refs = [w.fit_layer.remote(cfg.masks, layer, blocks[r], manifest["d_ff"],
-                                       _params(cfg), ckpt) for r, w in enumerate(workers)]
+                                       _params(cfg), ckpt, [rows[n] for n in blocks[r]],
+                                       int(offsets[r])) for r, w in enumerate(workers)]
             try:
                 outs = _gather(refs)
                 break

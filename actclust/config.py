@@ -93,6 +93,7 @@ class ClusterConfig:
     layers: Optional[list] = None
     pool_layers: bool = False
     verify: bool = True
+    memory_budget_mb: Optional[float] = 4096.0  # per worker; a larger share streams from Parquet
 
     def validate(self) -> None:
         _require(self.masks, "masks", "--masks DIR (the output of actclust extract)")
@@ -111,6 +112,8 @@ class ClusterConfig:
         _positive(self.max_iter, "max_iter")
         if not 0.0 <= self.tol < 1.0:
             raise UserError(f"tol must be in [0, 1), got {self.tol}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            raise UserError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
         if self.layers is not None and not all(isinstance(v, int) for v in self.layers):
             raise UserError("layers must be a list of integers")
 

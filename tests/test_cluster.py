@@ -90,6 +90,16 @@ def test_rerun_on_same_out_reuses_finished_layers_and_foreign_config_is_refused(
     assert_user_error(proc, "another configuration", "k")
 
 
+@pytest.mark.parametrize("batch_size", [None, 256])
+def test_streaming_from_parquet_equals_in_memory(masks, tmp_path, batch_size):
+    """A worker share above its memory budget streams from Parquet, with the same result."""
+    mem = cluster(masks, tmp_path / "mem", workers=2, batch_size=batch_size)
+    streamed = cluster(masks, tmp_path / "stream", workers=2, batch_size=batch_size,
+                       memory_budget_mb=0.001)
+    assert centroids(tmp_path / "mem").equals(centroids(tmp_path / "stream"))
+    assert mem["cost"] == streamed["cost"]
+
+
 def test_split_shards_is_contiguous_and_balanced():
     shards = [{"name": f"s{i}", "rows": 10} for i in range(7)]
     blocks = split_shards(shards, 3)
