@@ -65,7 +65,15 @@ class MaskExtractor:
         packed = [store.pack(m) for m in masks]
         entry = store.write_shard(root, shard, seq, ids, packed, self.layers, self.width)
         entry["seconds"] = round(time.perf_counter() - start, 3)
+        entry["peak_rss_mb"] = _peak_rss_mb()
         return entry
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (diagnostics in the manifest)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def identity(cfg: ExtractConfig) -> dict:
