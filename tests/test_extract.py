@@ -110,10 +110,10 @@ def test_foreign_config_on_existing_out_is_refused(tmp_path, ray_session):
 
 
 def test_killed_driver_resumes_to_identical_output(tmp_path, ray_session):
-    reference, _ = extract(tmp_path, "ref", shard_windows=2, max_tokens=32 * 60)
+    reference, _ = extract(tmp_path, "ref", shard_windows=2, max_tokens=32 * 40)
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "actclust", "extract", "--model", "tiny:opt", "--corpus",
-            "embedded:pydoc", "--seq-len", "32", "--max-tokens", str(32 * 60), "--out", str(out),
+            "embedded:pydoc", "--seq-len", "32", "--max-tokens", str(32 * 40), "--out", str(out),
             "--shard-windows", "2", "--workers", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,

@@ -29,10 +29,15 @@ def head_node(tmp_path):
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    # Every port of its own: the test session's Ray instance already holds the defaults.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+        "object-manager-port")]
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--include-dashboard=true", "--disable-usage-stats"],
+         "--include-dashboard=true", "--disable-usage-stats", *ports],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -70,7 +75,7 @@ def test_ray_job_submit_runs_the_pipeline_smoke_test(head_node, tmp_path):
     while True:
         res = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
         # The dashboard answers before its job agent has registered; that is the only retry.
-        if "No available agent" not in res.stderr or time.time() > deadline:
+        if "No available agent" not in res.stdout + res.stderr or time.time() > deadline:
             break
         time.sleep(2)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])

@@ -83,7 +83,7 @@ def test_report_renders_its_plots_in_headless_chromium(run_dir, tmp_path):
 
 def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump({**TINY_RUN, "k": [4, 8, 16], "theta": [0.5],
+    config.write_text(yaml.safe_dump({**TINY_RUN, "k": [4, 8], "theta": [0.5],
                                       "workers": 1, "out": str(tmp_path / "s"),
                                       "max_concurrent_trials": 1}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -103,7 +103,7 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming the sweep" in res.stderr
     table = pq.read_table(tmp_path / "s" / "sweep.parquet").to_pylist()
-    assert sorted(r["k"] for r in table) == [4, 8, 16]
+    assert sorted(r["k"] for r in table) == [4, 8]
     assert first[0].stat().st_mtime_ns == stamp  # the finished trial was not redone
     assert (tmp_path / "s" / "sweep.csv").is_file() and (tmp_path / "s" / "report.html").is_file()
     bad = tmp_path / "bad.yaml"
@@ -111,11 +111,12 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     assert_user_error(run_cli("sweep", "--config", str(bad)), "unknown key colour")
 
 
-@pytest.mark.parametrize("job", ["extract", "cluster", "evaluate", "pipeline"])
+# jobs/pipeline.py --smoke-test runs under `ray job submit` in tests/test_job_submit.py.
+@pytest.mark.parametrize("job", ["extract", "cluster", "evaluate"])
 def test_job_entry_points_smoke(job, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     args = [sys.executable, f"jobs/{job}.py", "--smoke-test"]
-    if job in ("extract", "pipeline"):
+    if job == "extract":
         args += ["--out", str(tmp_path / "o")]
     res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from actclust import store
 from actclust.cluster import run_cluster
@@ -52,14 +52,14 @@ def test_extraction_survives_a_lost_node(nodes, tmp_path, caplog):
     nodes.restore()
 
 
-def _masks(tmp_path):
-    root = str(tmp_path / "masks")
+@pytest.fixture(scope="module")
+def masks(nodes, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("masks") / "m")
     run_extract(build(ExtractConfig, {**EXTRACT, "out": root, "shard_windows": 20}))
     return root
 
 
-def test_kmeans_survives_a_lost_node(nodes, tmp_path, caplog):
-    masks = _masks(tmp_path)
+def test_kmeans_survives_a_lost_node(nodes, masks, tmp_path, caplog):
     values = dict(masks=masks, k=16, workers=2, max_iter=40, tol=0.0)
     reference = run_cluster(build(ClusterConfig, {**values, "out": str(tmp_path / "ref")}))
     out = tmp_path / "faulted"
@@ -77,8 +77,7 @@ def test_kmeans_survives_a_lost_node(nodes, tmp_path, caplog):
     nodes.restore()
 
 
-def test_evaluation_survives_a_lost_node(nodes, tmp_path, caplog):
-    masks = _masks(tmp_path)
+def test_evaluation_survives_a_lost_node(nodes, masks, tmp_path, caplog):
     run_cluster(build(ClusterConfig, dict(masks=masks, k=8, workers=2, out=str(tmp_path / "c"))))
     values = dict(centroids=str(tmp_path / "c"), max_tokens=32 * 60, workers=2, batch_windows=1)
     reference = run_evaluate(build(EvaluateConfig, {**values, "out": str(tmp_path / "ref")}))
