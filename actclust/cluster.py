@@ -69,21 +69,27 @@ def read_shards(root: str, layer: int, names: list[str], width: int) -> np.ndarr
 
 
 def _fault_injector(rank: int, layer: int):
-    """Fault injection for the reliability tests, off unless ACTCLUST_FAULT_KMEANS is set.
+    """Fault injection for the reliability tests, off unless its variables are set.
 
     ``ACTCLUST_FAULT_KMEANS=RANK:LAYER:ITERATION:MARKER`` makes that rank's process
-    exit abruptly after that iteration, once (the marker file records it).
+    exit abruptly after that iteration, once (the marker file records it);
+    ``ACTCLUST_FAULT_DELAY_S=S`` makes every iteration S seconds slower.
     """
+    delay = float(os.environ.get("ACTCLUST_FAULT_DELAY_S", "0") or 0)
     spec = os.environ.get("ACTCLUST_FAULT_KMEANS")
-    if not spec:
-        return None
-    f_rank, f_layer, f_iter, marker = spec.split(":", 3)
-    if int(f_rank) != rank or int(f_layer) != layer:
+    crash = None
+    if spec:
+        f_rank, f_layer, f_iter, marker = spec.split(":", 3)
+        if int(f_rank) == rank and int(f_layer) == layer:
+            crash = (int(f_iter), Path(marker))
+    if crash is None and delay <= 0:
         return None
 
     def progress(iteration, cost, changed):
-        if iteration == int(f_iter) and not Path(marker).exists():
-            Path(marker).touch()
+        if delay > 0:
+            time.sleep(delay)  # latency injection: a slow iteration
+        if crash is not None and iteration == crash[0] and not crash[1].exists():
+            crash[1].touch()
             os._exit(1)
     return progress
 

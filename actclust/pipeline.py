@@ -83,6 +83,15 @@ def result_row(report: dict, cluster_meta: dict) -> dict:
     return row
 
 
+def run_identity(cfg: C.RunConfig, masks: str) -> dict:
+    """What a results table was computed from (shown in the report)."""
+    manifest = store.read_manifest(masks)
+    return {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
+            "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
+            "thresholds": manifest["thresholds"], "sites": manifest.get("sites"),
+            "sparsity": cfg.sparsity, "threshold": cfg.threshold, "seed": cfg.seed}
+
+
 def write_results(rows: list[dict], out: Path, identity: dict) -> None:
     import csv
     import io
@@ -117,12 +126,7 @@ def run_pipeline(cfg: C.RunConfig) -> Path:
             log.info("K=%d theta=%g: cluster_ppl %.3f (dense %.3f), precision %.3f, recall %.3f",
                      k, theta, report["cluster_ppl"], report["dense_ppl"], report["precision"],
                      report["recall"])
-    manifest = store.read_manifest(masks)
-    identity = {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
-                "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
-                "thresholds": manifest["thresholds"], "sites": manifest.get("sites"),
-                "sparsity": cfg.sparsity, "threshold": cfg.threshold, "seed": cfg.seed}
-    write_results(rows, out, identity)
+    write_results(rows, out, run_identity(cfg, masks))
     path = write_report(str(out))
     log.info("report: %s", path)
     return path

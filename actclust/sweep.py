@@ -22,7 +22,7 @@ from actclust import config as C
 from actclust import store
 from actclust.errors import UserError
 from actclust.pipeline import (RESULT_COLUMNS, cluster_stage, evaluate_stage, extract_stage,
-                               result_row, trial_name, write_results)
+                               result_row, run_identity, trial_name, write_results)
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,7 @@ def _write_table(rows: list[dict], out: Path, masks: str, cfg: SweepConfig) -> N
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    manifest = store.read_manifest(masks)
-    identity = {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
-                "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
-                "thresholds": manifest["thresholds"], "sites": manifest.get("sites"),
-                "sparsity": cfg.sparsity, "threshold": cfg.threshold, "seed": cfg.seed}
+    identity = run_identity(cfg, masks)
     write_results(rows, out, identity)
     (out / "results.csv").replace(out / "sweep.csv")
     table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_COLUMNS} for r in rows])

@@ -36,5 +36,30 @@ def values(args: argparse.Namespace, smoke: dict) -> dict:
     return data
 
 
+def build_from(cls, data: dict, args: argparse.Namespace):
+    """A validated ``cls`` from the keys of ``data`` that ``cls`` knows."""
+    from actclust.config import build
+
+    keys = set(cls.__dataclass_fields__)
+    return build(cls, {k: v for k, v in data.items() if k in keys},
+                 source=args.config or "arguments")
+
+
+def smoke_inputs(with_centroids: bool) -> dict:
+    """Tiny masks (and centroids) in a temporary directory for a smoke test."""
+    from actclust.cluster import run_cluster
+    from actclust.config import ClusterConfig, ExtractConfig, build
+    from actclust.extract import run_extract
+
+    root = tempfile.mkdtemp(prefix="actclust-smoke-")
+    run_extract(build(ExtractConfig, dict(model="tiny:opt", seq_len=64, max_tokens=64 * 32,
+                                          out=f"{root}/masks")))
+    paths = {"root": root, "masks": f"{root}/masks"}
+    if with_centroids:
+        run_cluster(build(ClusterConfig, dict(masks=f"{root}/masks", k=8, out=f"{root}/c")))
+        paths["centroids"] = f"{root}/c"
+    return paths
+
+
 def main(fn) -> None:
     sys.exit(guarded(fn))

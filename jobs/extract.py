@@ -5,7 +5,7 @@
 
 import _common
 
-from actclust.config import ExtractConfig, build
+from actclust.config import ExtractConfig
 from actclust.extract import run_extract
 
 SMOKE = dict(model="tiny:opt", corpus="embedded:pydoc", seq_len=64, max_tokens=64 * 32, workers=1)
@@ -13,10 +13,7 @@ SMOKE = dict(model="tiny:opt", corpus="embedded:pydoc", seq_len=64, max_tokens=6
 
 def job() -> int:
     args = _common.parse(__doc__)
-    data = _common.values(args, SMOKE)
-    keys = {f for f in ExtractConfig.__dataclass_fields__}
-    cfg = build(ExtractConfig, {k: v for k, v in data.items() if k in keys},
-                source=args.config or "arguments")
+    cfg = _common.build_from(ExtractConfig, _common.values(args, SMOKE), args)
     manifest = run_extract(cfg)
     print(f"{cfg.out}: {len(manifest['layers'])} layers x {manifest['tokens']} tokens")
     return 0

@@ -48,8 +48,8 @@ def nodes():
     ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
     cluster = Nodes()
-    # Evaluation of the tiny models takes milliseconds a chunk: slow each chunk down so a
-    # node can be lost while the pool is busy.
+    # Tiny models take milliseconds a chunk and a k-means iteration: slow each down so a
+    # node can be lost while the work is in flight.
     ray.init(address=cluster.cluster.address, logging_level="WARNING",
              runtime_env={"env_vars": {"ACTCLUST_FAULT_DELAY_S": "0.15"}})
     yield cluster
