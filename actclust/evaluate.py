@@ -216,7 +216,6 @@ def load_centroids(root: str | Path) -> tuple[dict, list[np.ndarray]]:
 
 def _resolve(cfg, meta: dict):
     """Fill the evaluation config from the centroids' identity; refuse a mismatch."""
-    from actclust import config as C
 
     for key in ("model", "corpus", "seq_len", "text_column", "heldout_every"):
         given = getattr(cfg, key)

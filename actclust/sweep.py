@@ -132,7 +132,6 @@ def _check_identity(out: Path, cfg: SweepConfig) -> None:
 
 def _write_table(rows: list[dict], out: Path, masks: str, cfg: SweepConfig) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     identity = run_identity(cfg, masks)
     write_results(rows, out, identity)

@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def bare_forward_seconds(model_name: str, windows, batch: int, threads: int) -> float:
