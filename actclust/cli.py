@@ -204,7 +204,10 @@ def guarded(fn) -> int:
     try:
         return fn()
     except UserError as exc:
-        print(f"actclust: error: {exc}", file=sys.stderr)
+        # Raised in a Ray actor, it arrives as Ray's error class derived from UserError.
+        cause = getattr(exc, "cause", None)
+        print(f"actclust: error: {cause if isinstance(cause, UserError) else exc}",
+              file=sys.stderr)
         return 2
     except Exception as exc:
         cause = getattr(exc, "cause", None)  # a UserError raised inside a Ray task or actor

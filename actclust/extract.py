@@ -38,16 +38,23 @@ class MaskExtractor:
         from actclust.raycluster import set_threads
 
         set_threads(num_cpus)
-        self.loaded = load_model(model, trust_remote_code=trust_remote_code)
+        self.error = None
+        try:
+            self.loaded = load_model(model, trust_remote_code=trust_remote_code)
+            modules = ffn_sites(self.loaded.model, site)
+        except UserError as exc:  # reported by info(), so the CLI shows one clear line
+            self.error = exc
+            return
         self.site = site
         self.device = "cuda" if use_gpu else "cpu"
         if use_gpu:
             self.loaded.model.to("cuda")
-        modules = ffn_sites(self.loaded.model, site)
         self.layers = list(range(len(modules)))
         self.width = site_width(modules[0], site)
 
     def info(self) -> dict:
+        if self.error is not None:
+            raise self.error
         return {"layers": self.layers, "d_ff": self.width, "is_relu": self.loaded.is_relu,
                 "family": self.loaded.family}
 

@@ -77,6 +77,13 @@ def test_non_utf8_corpus_names_the_file_in_a_real_process(tmp_path):
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
+def test_gated_site_on_a_relu_model_is_one_clear_line(tmp_path):
+    proc = run_cli("extract", "--model", "tiny:opt", "--sites", "gate", "--seq-len", "32",
+                   "--max-tokens", "256", "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "needs a gated FFN")
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
 def test_module_and_console_script_agree():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "extract" in proc.stdout and "sweep" in proc.stdout
