@@ -97,15 +97,15 @@ def _is_device_array(x) -> bool:
     return _is_cupy(x) or (_is_torch(x) and x.device.type != "cpu")
 
 
-def _as_words(x: np.ndarray) -> np.ndarray:
-    """(N, B) uint8 -> (N, ceil(B/8)) uint64, zero-padded, C-contiguous."""
+def _as_words(x, xp=np):
+    """(N, B) uint8 -> (N, ceil(B/8)) uint64, zero-padded, C-contiguous (numpy or cupy ``xp``)."""
     n, b = x.shape
     w = -(-b // 8)
     if b != 8 * w or not x.flags.c_contiguous:
-        padded = np.zeros((n, 8 * w), dtype=np.uint8)
+        padded = xp.zeros((n, 8 * w), dtype=xp.uint8)
         padded[:, :b] = x
         x = padded
-    return x.view(np.uint64)
+    return x.view(xp.uint64)
 
 
 def bitcount(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -510,14 +510,7 @@ def _cupy_kernel():
 
 def _cupy_words(cupy, a):
     """(N, B) uint8 host or device array -> (N, W) uint64 device array."""
-    a = cupy.asarray(a)
-    n, b = a.shape
-    w = -(-b // 8)
-    if b != 8 * w or not a.flags.c_contiguous:
-        padded = cupy.zeros((n, 8 * w), dtype=cupy.uint8)
-        padded[:, :b] = a
-        a = padded
-    return a.view(cupy.uint64)
+    return _as_words(cupy.asarray(a), cupy)
 
 
 def _assign_cupy(x, c, block_rows, device):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared tests/conftest helpers
 
 
 class Nodes:
