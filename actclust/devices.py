@@ -32,7 +32,7 @@ def model_input(model, ids: np.ndarray):
     """Token ids (W, T) as a tensor on ``model``'s device."""
     import torch
 
-    return torch.as_tensor(np.asarray(ids)).to(model_device(model))
+    return torch.tensor(ids, device=model_device(model))
 
 
 def to_host(tensor) -> np.ndarray:

@@ -12,11 +12,14 @@ so they are scored exactly like our Hamming k-means:
   ``brbkmeans_same_k.py`` instead rounds the centroids inside every Lloyd
   step with ``torch.round``, which sends 0.5 to 0; we binarise once, at the
   end, as the BRB-KMeans method is usually stated.)
-- :func:`activation_aware` -- the clustering of arXiv 2507.14179 ("A Sparsity
-  Predicting Approach for Large Language Models via Activation Pattern
-  Clustering", Euro-Par 2025).
+- :func:`actclust.clustering.activation_aware.activation_aware` -- the
+  clustering of arXiv 2507.14179 ("A Sparsity Predicting Approach for Large
+  Language Models via Activation Pattern Clustering", Euro-Par 2025), in its
+  own module; it shares this module's result type and checks.
 
 Example::
+
+    from actclust.clustering.activation_aware import activation_aware, assign_miss
 
     x = pool_layers([masks_l0, masks_l1, ...], max_rows=200_000, seed=0)
     aa = activation_aware(x, k=256, d=1536, seed=0)

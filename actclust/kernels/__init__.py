@@ -24,6 +24,13 @@ are always numpy arrays.
 ``import actclust.hamming`` imports numpy only; torch and cupy are imported
 when their backend is first used.
 
+Beyond :func:`assign` and :func:`bit_sums`, what the callers need lives here
+too: :func:`assignment_stats` / :func:`stat_sums` (assignment plus overlap
+counts, the clustering metrics), :func:`device_centroids` (assignment and
+overlap of masks already on a torch device, under the same precision guard as
+the torch GEMM), :class:`OneToAll` (one-to-all distances within a sample, the
+k-means init) and :class:`MissCounter` (the activation-aware miss counts).
+
 Example::
 
     labels, dist = assign(x, c)                     # fastest backend here
