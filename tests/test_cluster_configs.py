@@ -497,7 +497,7 @@ def test_object_storage_runtime_env_is_runtime_env_without_the_shared_cache():
 
 
 def test_object_storage_preset_is_the_paper_preset_on_a_bucket():
-    from actclust import storage
+    from actclust.io import storage
 
     paper = yaml.safe_load((ROOT / "jobs/presets/paper_mistral7b.yaml").read_text())
     on_s3 = yaml.safe_load((ROOT / "jobs/presets/paper_mistral7b_s3.yaml").read_text())

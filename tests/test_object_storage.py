@@ -1,4 +1,4 @@
-"""actclust.storage on a local directory and on a real S3 API (moto server on loopback)."""
+"""actclust.io.storage on a local directory and on a real S3 API (moto server on loopback)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actclust import storage
+from actclust.io import storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -126,3 +126,16 @@ def test_json_written_is_what_readers_expect(where):
     storage.write_json_atomic({"a": 1}, storage.join(where, "x.json"))
     raw = storage.read_bytes(storage.join(where, "x.json"))
     assert raw == (json.dumps({"a": 1}, indent=1) + "\n").encode()
+
+
+def test_unsupported_scheme_and_missing_bucket_are_user_errors(s3_bucket):
+    from actclust.errors import UserError
+
+    with pytest.raises(UserError, match="unsupported storage scheme ftp://"):
+        storage.exists("ftp://host/dir")
+    with pytest.raises(UserError, match="names no bucket"):
+        storage.exists("s3://")
+
+    storage.makedirs(storage.join(s3_bucket, "run"))  # the bucket exists: nothing to do
+    with pytest.raises(UserError, match="bucket no-such-bucket-here does not exist"):
+        storage.makedirs("s3://no-such-bucket-here/run")

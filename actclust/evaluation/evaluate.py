@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from actclust.errors import UserError
 from actclust.evaluation.metrics import MODES, STAT_FIELDS, summarize, window_nll
-from actclust.io import centroid_store, eval_store
+from actclust.io import centroid_store, eval_store, storage
 from actclust.orchestration.actors import FaultHooks
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
-    centroids_dir = str(Path(cfg.centroids).resolve())
+    centroids_dir = storage.normalize(cfg.centroids)
     group = ActorGroup(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"],
                                             cfg.seed, cfg.trust_remote_code,
                                             "num_gpus" in options, faults), cfg.workers)

@@ -31,9 +31,12 @@ import uuid
 from pathlib import Path
 from typing import Union
 
+from actclust.errors import UserError
+
 Location = Union[str, os.PathLike]
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+SCHEMES = ("s3", "gs", "gcs")
 TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
 
 
@@ -117,7 +120,12 @@ def resolve(location: Location):
     kind = scheme(location)
     if not kind:
         return fs.LocalFileSystem(), os.path.abspath(_local_path(location))
+    if kind not in SCHEMES:
+        raise UserError(f"{location}: unsupported storage scheme {kind}://; use a local path, "
+                        "file://, s3:// or gs://")
     path = str(location).split("://", 1)[1].strip("/")
+    if not path:
+        raise UserError(f"{location} names no bucket; use {kind}://BUCKET/PREFIX")
     bucket = path.split("/", 1)[0]
     key = (kind, bucket, _endpoint(), os.environ.get("AWS_REGION"),
            os.environ.get("AWS_DEFAULT_REGION"))
@@ -132,7 +140,11 @@ def ray_storage(location: Location) -> tuple[str, object]:
     Local: an absolute path and None (Ray's own local handling). Object store: the
     bucket path and the same file system every other write here uses (its pickle
     carries the endpoint, never credentials: each Ray process takes those from its
-    own environment).
+    own environment). Tune's experiment state and Ray Train's checkpoints (the
+    predictor's) both take this pair::
+
+        path, filesystem = ray_storage(join(out, "train"))
+        RunConfig(name=..., storage_path=path, storage_filesystem=filesystem)
     """
     if is_local(location):
         return normalize(location), None
@@ -225,9 +237,18 @@ def sha256_file(location: Location) -> str:
 
 
 def makedirs(location: Location) -> None:
-    """Create a local directory (and parents); object stores have none to create."""
+    """Create a local directory (and parents). Object stores have no directories; their
+    bucket must exist (created by its owner, not by a run), else a UserError says so."""
+    from pyarrow import fs
+
     if is_local(location):
         Path(_local_path(location)).mkdir(parents=True, exist_ok=True)
+        return
+    filesystem, path = resolve(location)
+    bucket = path.split("/", 1)[0]
+    if filesystem.get_file_info(bucket).type == fs.FileType.NotFound:
+        raise UserError(f"{location}: bucket {bucket} does not exist or these credentials "
+                        "cannot see it; create it first")
 
 
 def temporary_name(path: Path) -> Path:
