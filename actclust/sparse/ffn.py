@@ -98,7 +98,15 @@ class SparseFFN(torch.nn.Module):
 
         block = self.layout.block(cluster)
         a = self._activation(F.linear(x, block.in_w, block.in_b))
-        return self._output_bias(a @ block.out_w)
+        if block.out_w is not None:
+            return self._output_bias(a @ block.out_w)
+        if block.index.numel() == 0:
+            return self._output_bias(x.new_zeros(x.shape[0], self.layout.weights.d_model))
+        # Sum of a_i * w_out[i] over the gathered neurons, reading the rows in place.
+        bags = block.index.expand(x.shape[0], -1)
+        y = F.embedding_bag(bags, self.layout.weights.w_out, per_sample_weights=a.contiguous(),
+                            mode="sum")
+        return self._output_bias(y)
 
     def _grouped(self, x, ids, clusters: list, counts: list):
         order = torch.argsort(ids, stable=True)

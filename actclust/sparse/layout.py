@@ -157,11 +157,16 @@ def neuron_major(parts: FFNParts) -> FFNWeights:
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """The weights of one set of neurons: ``in_w`` (n * r, d_model), ``out_w`` (n, d_model)."""
+    """The weights of one set of neurons: ``in_w`` (n * r, d_model), ``out_w`` (n, d_model).
+
+    A gathered block has ``out_w`` None and ``index`` (n,): its output projection reads
+    the neuron-major ``w_out`` rows in place (``embedding_bag``) instead of copying them.
+    """
 
     in_w: Any
     in_b: Any  # (n * r,) or None
     out_w: Any
+    index: Any = None
 
 
 class SparseLayout:
@@ -201,6 +206,7 @@ class SparseLayout:
             used += size
             self.slabs[int(cluster)] = self.gather(int(cluster))
         self.slab_bytes_used = used
+        self._buffer = None  # gather scratch, allocated on first use
 
     @property
     def k(self) -> int:
@@ -211,12 +217,28 @@ class SparseLayout:
         return float(self.counts[cluster] * (w.r + 1) * w.d_model * w.w_in.element_size())
 
     def gather(self, cluster: int) -> Block:
-        """The centroid's neurons copied out of the neuron-major weights (contiguous)."""
+        """The centroid's neurons copied out of the neuron-major weights (a new slab)."""
         w, idx = self.weights, self.index[cluster]
         in_w = w.w_in.index_select(0, idx).reshape(-1, w.d_model)
         in_b = None if w.b_in is None else w.b_in.index_select(0, idx).reshape(-1)
         return Block(in_w, in_b, w.w_out.index_select(0, idx))
 
     def block(self, cluster: int) -> Block:
+        """The centroid's slab, or its input rows gathered into a reused buffer.
+
+        The buffer is overwritten by the next call: use the block before asking again.
+        A fresh allocation per call would page-fault its way through the copy.
+        """
+        import torch
+
         slab = self.slabs.get(cluster)
-        return slab if slab is not None else self.gather(cluster)
+        if slab is not None:
+            return slab
+        w, idx = self.weights, self.index[cluster]
+        if self._buffer is None:
+            self._buffer = w.w_in.new_empty((max(self.counts, default=0), w.r, w.d_model))
+        in_w = self._buffer[:len(idx)]
+        torch.index_select(w.w_in, 0, idx, out=in_w)
+        in_b = None if w.b_in is None else w.b_in.index_select(0, idx).reshape(-1)
+        return Block(in_w.view(-1, w.d_model), in_b, None, idx)
+
