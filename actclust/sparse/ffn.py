@@ -7,10 +7,11 @@ computes, for each token, only the neurons of that cluster's centroid c:
     ReLU:  y = W_fc2[:, c] relu(W_fc1[c] h + b_fc1[c]) + b_fc2
 
 which equals the dense FFN with its activation masked, ``a * c``, up to float
-rounding. One token (batch-1 decode) reads one block per projection. Several
-tokens are grouped by cluster, one pair of matmuls per group, when that reads
-no more weight bytes than the dense FFN or the groups are large enough to keep
-the matmuls efficient; otherwise they take the masked dense path.
+rounding. One token (batch-1 decode) reads one block per projection. On CPU,
+several tokens are grouped by cluster, one pair of matmuls per group, when that
+reads no more weight bytes than the dense FFN or the groups are large enough to
+keep the matmuls efficient; otherwise (and always on a GPU) they take the masked
+dense path.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class SparseFFN(torch.nn.Module):
     def _grouping_pays(self, clusters, tokens: int) -> bool:
         if self.path != "auto":
             return self.path == "sparse"
+        if self.layout.weights.w_in.device.type != "cpu":
+            return False  # measured on a GPU: a launch per group never beat one masked matmul
         neurons = sum(self.layout.counts[c] for c in clusters.tolist())
         return neurons <= self.layout.weights.d_ff or \
             tokens >= self.min_group_tokens * len(clusters)

@@ -206,7 +206,7 @@ class SparseLayout:
             used += size
             self.slabs[int(cluster)] = self.gather(int(cluster))
         self.slab_bytes_used = used
-        self._buffer = None  # gather scratch, allocated on first use
+        self._buffers = None  # gather scratch, allocated on first use
 
     @property
     def k(self) -> int:
@@ -235,10 +235,18 @@ class SparseLayout:
         if slab is not None:
             return slab
         w, idx = self.weights, self.index[cluster]
-        if self._buffer is None:
-            self._buffer = w.w_in.new_empty((max(self.counts, default=0), w.r, w.d_model))
-        in_w = self._buffer[:len(idx)]
+        if self._buffers is None:
+            n = max(self.counts, default=0)
+            self._buffers = (w.w_in.new_empty((n, w.r, w.d_model)),
+                             w.w_out.new_empty((n, w.d_model)))
+        in_w = self._buffers[0][:len(idx)]
         torch.index_select(w.w_in, 0, idx, out=in_w)
         in_b = None if w.b_in is None else w.b_in.index_select(0, idx).reshape(-1)
-        return Block(in_w.view(-1, w.d_model), in_b, None, idx)
+        if w.w_out.device.type == "cpu":
+            # embedding_bag reads the output rows in place on CPU; on CUDA it sums one bag
+            # sequentially, far slower than a copy and a matmul.
+            return Block(in_w.view(-1, w.d_model), in_b, None, idx)
+        out_w = self._buffers[1][:len(idx)]
+        torch.index_select(w.w_out, 0, idx, out=out_w)
+        return Block(in_w.view(-1, w.d_model), in_b, out_w)
 
