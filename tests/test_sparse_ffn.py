@@ -91,7 +91,7 @@ def test_paths_taken(loaded):
     with torch.no_grad():
         one_cluster(h[:1])
         one_cluster(h)  # one cluster reads fewer bytes than dense: grouped
-        all_clusters(h)  # K clusters, ~3x the dense bytes, 64/6 < 16 tokens each: dense
+        all_clusters(h)  # K clusters, ~3x the dense bytes: dense
         all_clusters.min_group_tokens = 8
         all_clusters(h)  # 64/6 >= 8 tokens each: grouped
     assert one_cluster.calls == {"single": 1, "grouped": 1}

@@ -9,9 +9,8 @@ computes, for each token, only the neurons of that cluster's centroid c:
 which equals the dense FFN with its activation masked, ``a * c``, up to float
 rounding. One token (batch-1 decode) reads one block per projection. On CPU,
 several tokens are grouped by cluster, one pair of matmuls per group, when that
-reads no more weight bytes than the dense FFN or the groups are large enough to
-keep the matmuls efficient; otherwise (and always on a GPU) they take the masked
-dense path.
+reads no more weight bytes than the dense FFN (few clusters); otherwise, and
+always on a GPU, they take the masked dense path, one matmul per projection.
 """
 
 from __future__ import annotations
@@ -26,7 +25,10 @@ from actclust.sparse.layout import GATED, SparseLayout
 
 Chooser = Callable[[int, "object"], "object"]  # (layer, h (..., d_model)) -> LongTensor (...)
 PATHS = ("auto", "sparse", "dense")
-MIN_GROUP_TOKENS = 16
+# Tokens per cluster above which grouping would pay despite reading more weight bytes
+# than the dense FFN. None: never. benchmarks/sparse_ffn.py (c) measured grouping 4x
+# slower than the masked dense path at 16 tokens per group (256 tokens, K = 16).
+MIN_GROUP_TOKENS = None
 
 
 class SparseFFN(torch.nn.Module):
@@ -34,12 +36,12 @@ class SparseFFN(torch.nn.Module):
 
     ``path``: ``auto`` (grouped or masked dense by the rule above), ``sparse`` (always
     grouped) or ``dense`` (always the masked dense path, the reference).
-    ``min_group_tokens``: mean tokens per cluster above which grouping pays even when
-    the groups together read more weight bytes than the dense FFN.
+    ``min_group_tokens``: mean tokens per cluster above which grouping is used even when
+    the groups together read more weight bytes than the dense FFN (None: never).
     """
 
     def __init__(self, layout: SparseLayout, layer: int, choose: Chooser, act,
-                 path: str = "auto", min_group_tokens: int = MIN_GROUP_TOKENS):
+                 path: str = "auto", min_group_tokens: int | None = MIN_GROUP_TOKENS):
         super().__init__()
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}")
@@ -81,7 +83,9 @@ class SparseFFN(torch.nn.Module):
         if self.layout.weights.w_in.device.type != "cpu":
             return False  # measured on a GPU: a launch per group never beat one masked matmul
         neurons = sum(self.layout.counts[c] for c in clusters.tolist())
-        return neurons <= self.layout.weights.d_ff or \
+        if neurons <= self.layout.weights.d_ff:
+            return True
+        return self.min_group_tokens is not None and \
             tokens >= self.min_group_tokens * len(clusters)
 
     def _activation(self, z):
@@ -133,7 +137,7 @@ class SparseFFN(torch.nn.Module):
 
 @contextlib.contextmanager
 def sparse_ffns(model, layouts: dict, choose: Chooser, path: str = "auto",
-                min_group_tokens: int = MIN_GROUP_TOKENS) -> Iterator[dict]:
+                min_group_tokens: int | None = MIN_GROUP_TOKENS) -> Iterator[dict]:
     """Swap the FFN of every layer in ``layouts`` (layer -> SparseLayout) for a SparseFFN.
 
     Yields {layer: SparseFFN}. The original modules are always put back.
