@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", help="cluster predictor directory")
     p.add_argument("--prompt")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    p.add_argument("--dense", action="store_true", default=None, help="the dense model, no sparsity")
+    p.add_argument("--dense", action="store_true", default=None,
+                   help="the dense model, no sparsity")
     p.add_argument("--layout", help="auto (default), slab or gather")
     p.add_argument("--slab-budget-mb", dest="slab_budget_mb", type=float,
                    help="memory for per-centroid weight slabs, all layers (default 1024)")
@@ -149,9 +150,9 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from actclust.sparse.generate import GenerateConfig, run_generate
+    from actclust.sparse.generate import run_generate
 
-    result = run_generate(_config(GenerateConfig, args))
+    result = run_generate(_config(C.GenerateConfig, args))
     print(result.text)
     print(f"actclust: {result.mode}: {len(result.tokens)} new tokens in {result.seconds:.2f} s, "
           f"{result.tokens_per_s:.1f} tokens/s (prompt {result.prompt_tokens} tokens)",

@@ -23,6 +23,8 @@ SITES = ("intermediate", "gate", "up", "down_out")
 SPLITS = ("train", "heldout", "all")
 BACKENDS = ("auto", "numpy", "torch", "cupy")
 ALGORITHMS = ("hamming-kmeans", "brb-kmeans", "activation-aware")
+LAYOUTS = ("auto", "slab", "gather")  # sparse FFN weight layouts
+DEFAULT_SLAB_BUDGET_MB = 1024.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +213,36 @@ class RunConfig:
         if self.max_tokens < self.seq_len or self.eval_max_tokens < self.seq_len:
             raise UserError("max_tokens and eval_max_tokens must each hold at least one window "
                             f"of seq_len {self.seq_len}")
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """actclust generate: greedy generation with the sparse FFN (actclust.sparse)."""
+
+    model: Optional[str] = None  # default: the centroids' model
+    centroids: Optional[str] = None
+    predictor: Optional[str] = None
+    prompt: Optional[str] = None
+    max_new_tokens: int = 32
+    dense: bool = False
+    layout: str = "auto"
+    slab_budget_mb: float = DEFAULT_SLAB_BUDGET_MB
+    threads: Optional[int] = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.prompt is None or self.prompt == "":
+            raise UserError("generate needs --prompt TEXT")
+        _positive(self.max_new_tokens, "max_new_tokens")
+        _choice(self.layout, LAYOUTS, "layout")
+        if self.slab_budget_mb < 0:
+            raise UserError(f"slab_budget_mb must be >= 0, got {self.slab_budget_mb}")
+        if not self.dense and (self.centroids is None or self.predictor is None):
+            raise UserError("sparse generation needs --centroids DIR and --predictor DIR "
+                            "(or --dense for the dense model)")
+        if self.dense and self.model is None and self.centroids is None:
+            raise UserError("dense generation needs --model M "
+                            "(or --centroids DIR to take its model)")
 
 
 def identity(config: Any) -> dict:
