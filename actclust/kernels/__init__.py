@@ -24,6 +24,10 @@ are always numpy arrays.
 ``import actclust.hamming`` imports numpy only; torch and cupy are imported
 when their backend is first used.
 
+:func:`assign_scored` assigns under any clustering rule (:mod:`actclust.kernels.rules`:
+theta-weighted or fixed-density centroids), one exact kernel for all of them:
+the score ``p |c_j| - q x.c_j`` is a GEMM plus a per-centroid term.
+
 Beyond :func:`assign` and :func:`bit_sums`, what the callers need lives here
 too: :func:`assignment_stats` / :func:`stat_sums` (assignment plus overlap
 counts, the clustering metrics), :func:`device_centroids` (assignment and
@@ -129,6 +133,60 @@ def assign(x, c, backend: str = "auto", block_rows: int | None = None, device=No
 _ASSIGN = {"numpy": numpy_backend.assign, "torch": torch_backend.assign,
            "cupy": cupy_backend.assign}
 
+
+
+# --------------------------------------------------------------------------
+# assignment under a clustering rule (theta or density, see kernels.rules)
+
+
+def as_rule(rule=None, theta=None, density=None):
+    """An :class:`~actclust.kernels.rules.AssignRule` from a rule, its ``cluster.json``
+    record, or theta / density."""
+    from actclust.kernels.rules import AssignRule
+
+    if isinstance(rule, AssignRule):
+        if theta is not None or density is not None:
+            raise ValueError("give a rule or theta/density, not both")
+        return rule
+    if isinstance(rule, dict):
+        return AssignRule.from_json(rule)
+    if rule is not None:
+        raise ValueError(f"rule must be an AssignRule or its JSON record, got {type(rule).__name__}")
+    return AssignRule.from_args(theta=theta, density=density)
+
+
+def assign_scored(x, c, rule=None, *, theta=None, density=None, backend: str = "auto",
+                  block_rows: int | None = None, device=None):
+    """Assigned centroid of every row under a rule, and the row's integer cost.
+
+    Args:
+        x: (N, B) uint8 packed masks (numpy; cupy / torch arrays for their backend).
+        c: (K, B) uint8 packed centroids, K >= 1.
+        rule: an :class:`AssignRule` or its ``cluster.json`` record; or give
+            ``theta=`` or ``density=`` instead (nothing: theta = 0.5, Hamming).
+        backend, block_rows, device: as for :func:`assign`.
+    Returns:
+        labels: (N,) int64, ``argmin_j (p |c_j| - q x.c_j)``, ties to the lowest j.
+        costs: (N,) int64, ``(q - p) |x| + min_j s_j``; times ``rule.cost_scale``
+            it is the cost in bits (the Hamming distance at theta = 1/2, the miss
+            count in density mode).
+    """
+    rule = as_rule(rule, theta, density)
+    _check_pair(x, c)
+    small = x.shape[0] * c.shape[0] * -(-x.shape[1] // 8) < _SMALL_WORK and not _is_device_array(x)
+    backend = "numpy" if backend == "auto" and small else resolve_backend(backend)
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    if x.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    p, q = rule.weights
+    labels, best = _SCORED[backend](x, c, p, q, block_rows, device)
+    ones = popcount(_to_numpy(x)).astype(np.int64)
+    return labels, (q - p) * ones + best
+
+
+_SCORED = {"numpy": numpy_backend.scored, "torch": torch_backend.scored,
+           "cupy": cupy_backend.scored}
 
 
 # --------------------------------------------------------------------------
