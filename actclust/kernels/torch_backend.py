@@ -104,7 +104,7 @@ class _TorchGemm:
 
     The score of a row x against centroid j is ``s_j = p |c_j| - q x.c_j``
     (``weights=(p, q)``; Hamming: p = 1, q = 2, ``d(x, c_j) = |x| + s_j``;
-    see :mod:`actclust.rules` for the others); the argmin of s (first index
+    see :mod:`actclust.kernels.rules` for the others); the argmin of s (first index
     on ties) is the assigned centroid.
     Centroids are split into chunks of at most ``_CHUNK_BYTES`` unpacked
     bytes, each a (D + E, kc) matrix, kc a multiple of 8. Rows 0..D-1 hold

@@ -1,11 +1,11 @@
-"""The whole pipeline: extract -> cluster (for each K, theta) -> evaluate -> report.
+"""The whole pipeline: extract -> cluster (for each K and objective: theta or density) -> evaluate -> report.
 
 Layout of ``out``::
 
     out/masks/                      actclust extract (fitting windows)
-    out/clusters/k=<K>-theta=<t>/   actclust cluster
+    out/clusters/k=<K>-theta=<t>/   actclust cluster (k=<K>-density=<D>/ in density mode)
     out/eval/k=<K>-theta=<t>/       actclust evaluate (held-out windows)
-    out/results.csv, results.json   one row per (K, theta)
+    out/results.csv, results.json   one row per (K, objective)
     out/report.html, plots/         actclust report
 
 ``out`` is a local directory or an object-store URI (``s3://bucket/run``). Every
