@@ -156,3 +156,23 @@ def test_int8_rows_where_torch_takes_no_uint8(monkeypatch):
     for workers in (1, 2):
         _, labels = gemm.nearest_all(x, block_rows=64, workers=workers)
         np.testing.assert_array_equal(labels, want)
+
+
+def test_device_centroids_and_stats_follow_the_rule():
+    torch = pytest.importorskip("torch")
+    from actclust import kernels
+
+    rng = np.random.default_rng(8)
+    x, c = planted_ties(rng, 400, 30, 200)
+    m = torch.from_numpy(np.unpackbits(x, axis=1, bitorder="little")[:, :200].astype(bool))
+    for rule in RULES:
+        want, _, _ = reference(x, c, **rule)
+        record = AssignRule.from_args(**rule).to_json()
+        labels, overlap = kernels.device_centroids(c, 200, rule=record).nearest(m)
+        np.testing.assert_array_equal(labels.numpy(), want)
+        stats = kernels.assignment_stats(x, c, rule=record)
+        ones, cbits = hamming.popcount(x), hamming.popcount(c)[want]
+        dots = hamming.popcount(x & c[want])
+        np.testing.assert_array_equal(overlap.round().long().numpy(), dots)
+        assert stats.tolist() == [len(x), ones.sum(), cbits.sum(), (ones + cbits - 2 * dots).sum(),
+                                  dots.sum()]

@@ -282,19 +282,22 @@ def stat_sums(true_bits, centroid_bits, overlap) -> np.ndarray:
     return np.array([len(t), t.sum(), c.sum(), (t + c - 2 * o).sum(), o.sum()], dtype=np.int64)
 
 
-def assignment_stats(bits, centroids, backend: str = "auto") -> np.ndarray:
-    """STAT_FIELDS sums for packed masks (N, B) against packed centroids (K, B)."""
-    labels, dist = assign(bits, centroids, backend=backend)
+def assignment_stats(bits, centroids, backend: str = "auto", rule=None) -> np.ndarray:
+    """STAT_FIELDS sums for packed masks (N, B) against packed centroids (K, B), each mask
+    assigned under ``rule`` (an AssignRule or its cluster.json record; None: Hamming)."""
+    labels, _ = assign_scored(bits, centroids, rule, backend=backend)
     true_bits = popcount(bits).astype(np.int64)
     cent_bits = popcount(centroids).astype(np.int64)[labels]
-    overlap = (true_bits + cent_bits - dist.astype(np.int64)) // 2
+    overlap = popcount(np.bitwise_and(_to_numpy(bits), _to_numpy(centroids)[labels])).astype(np.int64)
     return stat_sums(true_bits, cent_bits, overlap)
 
 
-def device_centroids(packed: np.ndarray, width: int, device="cpu"):
+def device_centroids(packed: np.ndarray, width: int, device="cpu", rule=None):
     """Centroids unpacked once onto a torch ``device``, for masks that live there
-    (the evaluation hooks): see :class:`torch_backend.UnpackedCentroids`."""
-    return torch_backend.UnpackedCentroids(packed, width, device)
+    (the evaluation hooks), assigning under ``rule`` (an AssignRule or its
+    cluster.json record; None: Hamming): see :class:`torch_backend.UnpackedCentroids`."""
+    weights = (1, 2) if rule is None else as_rule(rule).weights
+    return torch_backend.UnpackedCentroids(packed, width, device, weights)
 
 
 def _check_pair(x, c):

@@ -346,23 +346,26 @@ class UnpackedCentroids:
     float64 where :func:`exact_float_dtype` says float32 would round).
     """
 
-    def __init__(self, packed: np.ndarray, width: int, device="cpu"):
+    def __init__(self, packed: np.ndarray, width: int, device="cpu", weights=(1, 2)):
         import torch
 
         self.device = torch.device(device)
-        self.dtype = exact_float_dtype(self.device)
+        self.p, self.q = (int(w) for w in weights)  # score p |c_j| - q m.c_j (rules.py)
+        exact32 = (self.p + self.q) * width < 2**24
+        self.dtype = exact_float_dtype(self.device) if exact32 else torch.float64
         bits = np.unpackbits(packed, axis=-1, count=width, bitorder="little")
         self.rows = torch.from_numpy(bits.astype(np.float32)).to(self.device, self.dtype)  # (K, d)
         self.norms = self.rows.sum(dim=1)  # (K,) |c_j|
         self.density = float(self.norms.sum()) / self.rows.numel()
 
     def nearest(self, m):
-        """Nearest centroid (Hamming; ties to the lowest index) of bool masks m (N, d).
+        """Assigned centroid (``argmin_j p |c_j| - q m.c_j``; Hamming by default; ties to
+        the lowest index) of bool masks m (N, d).
 
         Returns (labels (N,) int64, overlap |m AND c| (N,)) as tensors on the device.
         """
         dot = m.to(self.dtype) @ self.rows.T  # (N, K) = |m AND c_j|
-        labels = (self.norms[None, :] - 2 * dot).argmin(dim=1)  # |m| is constant per row
+        labels = (self.p * self.norms[None, :] - self.q * dot).argmin(dim=1)  # |m| constant per row
         return labels, dot.gather(1, labels[:, None]).squeeze(1)
 
     def stats(self, m, labels, overlap) -> np.ndarray:
