@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks")
     p.add_argument("--k", type=int)
     p.add_argument("--out")
-    p.add_argument("--theta", type=float)
+    objective = p.add_mutually_exclusive_group()
+    objective.add_argument("--theta", type=float,
+                           help="centroid bit = member frequency >= theta (default 0.5)")
+    objective.add_argument("--density", type=float,
+                           help="every centroid keeps exactly round(D * d_ff) bits, the most "
+                                "frequent among its members")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--backend")
@@ -116,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(cls, args: argparse.Namespace, skip=("command", "config", "verbose")):
     file_values = C.load_yaml(args.config) if getattr(args, "config", None) else {}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    for flag, other in (("theta", "density"), ("density", "theta")):
+        if overrides.get(flag) is not None:  # a flag replaces the file's objective
+            file_values.pop(other, None)
     source = f"config file {args.config}" if getattr(args, "config", None) else "arguments"
     return C.build(cls, file_values, overrides, source)
 
@@ -135,7 +143,11 @@ def _cmd_cluster(args) -> int:
 
     cfg = _config(C.ClusterConfig, args)
     result = run_cluster(cfg)
-    log.info("wrote %s/centroids.parquet (mean Hamming cost %.2f)", cfg.out, result["mean_cost"])
+    log.info("wrote %s/centroids.parquet (%s, mean cost %.2f bits)", cfg.out,
+             result["rule"]["kind"], result["mean_cost"])
+    if result["hit_cap"]:
+        log.warning("%d layer(s) stopped at max_iter without converging: %s",
+                    len(result["hit_cap"]), ", ".join(map(str, result["hit_cap"])))
     return 0
 
 

@@ -91,7 +91,7 @@ class FitSpec:
     :class:`ClusterConfig` that travels to the actors."""
 
     k: int
-    theta: float
+    theta: Optional[float]
     seed: int
     init: str
     batch_size: Optional[int]
@@ -101,18 +101,20 @@ class FitSpec:
     algorithm: str
     memory_budget_mb: Optional[float]
     pool_rows: int = 200_000  # rows kept when --pool-layers pools every layer's masks
+    density: Optional[float] = None  # fixed-budget centroids instead of theta
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     # What a clustering directory was fitted with (with the masks' digest).
-    IDENTITY: typing.ClassVar[tuple] = ("k", "theta", "seed", "algorithm", "init", "batch_size",
-                                        "max_iter", "tol", "pool_layers")
+    IDENTITY: typing.ClassVar[tuple] = ("k", "theta", "density", "seed", "algorithm", "init",
+                                        "batch_size", "max_iter", "tol", "pool_layers")
 
     masks: Optional[str] = None
     out: Optional[str] = None
     k: Optional[int] = None
-    theta: float = 0.5
+    theta: Optional[float] = None  # 0.5 unless density is given
+    density: Optional[float] = None
     seed: int = 0
     workers: int = 1
     backend: str = "auto"
@@ -132,8 +134,15 @@ class ClusterConfig:
         _require(self.k, "k", "--k K (number of clusters)")
         if self.k < 1:
             raise UserError(f"k must be at least 1, got {self.k}")
-        if not 0.0 < self.theta <= 1.0:
+        if self.theta is not None and self.density is not None:
+            raise UserError("give --theta or --density, not both (theta sets the member frequency "
+                            "that keeps a centroid bit, density the number of bits)")
+        if self.density is None and self.theta is None:
+            object.__setattr__(self, "theta", 0.5)  # the default objective
+        if self.theta is not None and not 0.0 < self.theta <= 1.0:
             raise UserError(f"theta must be in (0, 1], got {self.theta}")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise UserError(f"density must be in (0, 1], got {self.density}")
         _positive(self.workers, "workers")
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.algorithm, ALGORITHMS, "algorithm")
@@ -149,7 +158,8 @@ class ClusterConfig:
             raise UserError("layers must be a list of integers")
 
     def fit_spec(self) -> FitSpec:
-        return FitSpec(k=self.k, theta=self.theta, seed=self.seed, init=self.init,
+        return FitSpec(k=self.k, theta=self.theta, density=self.density, seed=self.seed,
+                       init=self.init,
                        batch_size=self.batch_size, max_iter=self.max_iter, tol=self.tol,
                        backend=self.backend, algorithm=self.algorithm,
                        memory_budget_mb=self.memory_budget_mb)
@@ -197,6 +207,7 @@ class RunConfig:
     threshold: Optional[float] = None
     k: list = dataclasses.field(default_factory=lambda: [16, 64, 256])
     theta: list = dataclasses.field(default_factory=lambda: [0.5, 0.3])
+    density: list = dataclasses.field(default_factory=list)  # fixed-budget fits, besides theta
     seed: int = 0
     workers: int = 2
     algorithm: str = "hamming-kmeans"
@@ -204,10 +215,15 @@ class RunConfig:
     def validate(self) -> None:
         if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
             raise UserError(f"k must be a list of positive integers, got {self.k}")
-        if not self.theta or not all(isinstance(t, (int, float)) and 0 < t <= 1
-                                     for t in self.theta):
+        if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.theta):
             raise UserError(f"theta must be a list of values in (0, 1], got {self.theta}")
         self.theta = [float(t) for t in self.theta]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                   for v in self.density):
+            raise UserError(f"density must be a list of values in (0, 1], got {self.density}")
+        self.density = [float(v) for v in self.density]
+        if not self.theta and not self.density:
+            raise UserError("give at least one theta or one density to fit")
         _positive(self.workers, "workers")
         _choice(self.algorithm, ALGORITHMS, "algorithm")
         if self.max_tokens < self.seq_len or self.eval_max_tokens < self.seq_len:

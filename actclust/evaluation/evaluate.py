@@ -55,8 +55,9 @@ class Evaluator:
         self.slot = {layer: i for i, layer in enumerate(meta["layers"])}
         self.thresholds = meta["thresholds"]
         self.seed = seed
-        # Unpacked once onto the model's device, where the masks are made.
-        self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device)
+        # Unpacked once onto the model's device, where the masks are made; masks are
+        # assigned by the rule the centroids were fitted with (absent: Hamming).
+        self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device, meta.get("rule"))
                           for c in centroids]
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
