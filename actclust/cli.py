@@ -82,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centroids")
     p.add_argument("--out")
     p.add_argument("--workers", type=int)
+    p.add_argument("--predictor", help="predictor directory: adds the mode `predicted`")
+    p.add_argument("--top-m", dest="top_m", type=int,
+                   help="mask with the union of the top-M predicted centroids")
+
+    p = sub.add_parser("train-predictor",
+                       help="train per-layer cluster-id (or neuron) predictors with Ray Train")
+    p.add_argument("--config")
+    p.add_argument("--centroids")
+    p.add_argument("--out")
+    p.add_argument("--kind", help="cluster (default) or neuron")
+    p.add_argument("--rank", type=int, help="bottleneck width (default: 2%% of the FFN's params)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--max-tokens", dest="max_tokens", type=int)
+    p.add_argument("--features", help="feature directory to share between predictors")
+    p.add_argument("--seed", type=int)
 
     p = sub.add_parser("generate", help="greedy generation with the sparse FFN (or --dense)")
     p.add_argument("--config")
@@ -157,6 +173,8 @@ def _cmd_evaluate(args) -> int:
     cfg = _config(C.EvaluateConfig, args)
     result = run_evaluate(cfg)
     keys = ("dense_ppl", "oracle_ppl", "cluster_ppl", "precision", "recall")
+    if "predicted_ppl" in result:
+        keys += ("predicted_ppl", "predicted_accuracy", "predicted_density")
     print(json.dumps({k: result[k] for k in keys}))
     return 0
 
@@ -169,6 +187,16 @@ def _cmd_generate(args) -> int:
     print(f"actclust: {result.mode}: {len(result.tokens)} new tokens in {result.seconds:.2f} s, "
           f"{result.tokens_per_s:.1f} tokens/s (prompt {result.prompt_tokens} tokens)",
           file=sys.stderr)
+    return 0
+
+
+def _cmd_train_predictor(args) -> int:
+    from actclust.predict.train import run_train_predictor
+
+    cfg = _config(C.PredictorConfig, args)
+    record = run_train_predictor(cfg)
+    log.info("wrote %s/predictor.json (%s, rank %d, %.2f%% of the FFN's parameters)", cfg.out,
+             record["kind"], record["rank"], 100 * record["params_fraction"])
     return 0
 
 
@@ -224,7 +252,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 
 COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
-            "generate": _cmd_generate,
+            "generate": _cmd_generate, "train-predictor": _cmd_train_predictor,
             "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report}
 
 

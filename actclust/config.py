@@ -182,15 +182,50 @@ class EvaluateConfig:
     batch_windows: int = 4
     seed: int = 0
     trust_remote_code: bool = False
+    predictor: Optional[str] = None  # adds the mode `predicted` (actclust train-predictor)
+    top_m: int = 1
 
     def validate(self) -> None:
         _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
         _require(self.out, "out", "--out DIR")
         _choice(self.split, SPLITS, "split")
+        _positive(self.top_m, "top_m")
         _positive(self.workers, "workers")
         _positive(self.batch_windows, "batch_windows")
         if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"seq_len must be at least 2, got {self.seq_len}")
+
+
+@dataclasses.dataclass
+class PredictorConfig:
+    """A cluster-id or neuron-mask predictor fitted on the centroids' fitting windows."""
+
+    centroids: Optional[str] = None
+    out: Optional[str] = None
+    kind: str = "cluster"
+    rank: Optional[int] = None  # default: the largest rank within 2% of the FFN's parameters
+    epochs: int = 6
+    workers: int = 2
+    max_tokens: Optional[int] = None  # default: as many fitting tokens as the clustering saw
+    batch_tokens: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    shard_windows: int = 8
+    features: Optional[str] = None  # feature directory to share between predictors
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
+        _require(self.out, "out", "--out DIR")
+        _choice(self.kind, ("cluster", "neuron"), "kind")
+        if self.rank is not None:
+            _positive(self.rank, "rank")
+        for key in ("epochs", "workers", "batch_tokens", "shard_windows"):
+            _positive(getattr(self, key), key)
+        if self.max_tokens is not None:
+            _positive(self.max_tokens, "max_tokens")
+        if not 0.0 < self.lr < 1.0:
+            raise UserError(f"lr must be in (0, 1), got {self.lr}")
 
 
 @dataclasses.dataclass
