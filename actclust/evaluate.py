@@ -243,6 +243,7 @@ def run_evaluate(cfg) -> dict:
     from actclust.corpus import load_windows
     from actclust.models import load_tokenizer
     from actclust.pool import ActorPool
+    from actclust.progress import Progress
     from actclust.raycluster import actor_options, init_ray
 
     meta, centroids = load_centroids(cfg.centroids)
@@ -263,11 +264,18 @@ def run_evaluate(cfg) -> dict:
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
+    progress = Progress(len(windows) * cfg.seq_len, "evaluate", step_unit="chunks")
+
+    def done(task, result):
+        results[task[0]] = result
+        progress.update((task[1].stop - task[1].start) * cfg.seq_len, total_steps=len(chunks))
+
     try:
         pool.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]]),
-                 lambda task, result: results.__setitem__(task[0], result))
+                 done)
     finally:
         pool.shutdown()
+    progress.close()
     results = [results[c] for c, _ in chunks]
     report = summarize(results, meta, windows)
     report.update(identity=_identity(cfg, meta, windows))
