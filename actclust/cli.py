@@ -1,7 +1,7 @@
 """The ``actclust`` command line: run a command, report bad input once, as one line.
 
 Commands, flags, their help and examples live in :mod:`actclust.cliparser`. The
-convention there (checked for every command by tests/test_cli.py): each flag's
+convention there (checked for every command by tests/test_cliparser.py): each flag's
 help is one line with its unit and ``(default: ...)`` or ``(required)``, and each
 command's help ends with an ``examples:`` epilog of one or two runnable lines.
 

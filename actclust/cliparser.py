@@ -1,6 +1,6 @@
 """The argument parser of ``actclust``: every command, flag, default and example.
 
-The convention, checked for every command by tests/test_cli.py (new ones too):
+The convention, checked for every command by tests/test_cliparser.py (new ones too):
 
 - every flag and positional argument has a one-line ``help`` that says what it
   is, its unit where it has one, and its default as ``(default: ...)``, or
@@ -8,7 +8,11 @@ The convention, checked for every command by tests/test_cli.py (new ones too):
   :func:`_default`, so the text follows the behaviour;
 - every command has a ``description`` in plain prose and an ``epilog`` made by
   :func:`_examples`: ``examples:`` then one or two runnable command lines, the
-  README's.
+  README's;
+- a new command or flag also goes into the README's Commands section: its
+  synopsis line lists every long flag and its examples appear there verbatim;
+- a new command registers ``_add_<command>`` in :func:`build_parser` and its
+  handler in ``actclust.cli.COMMANDS``.
 """
 
 from __future__ import annotations
