@@ -9,7 +9,8 @@ action. Messages we have already acted on are held back, and shown again with
   authentication is what we want, so it stays on and only the message goes;
 - matplotlib's "generated new fontManager" (its font cache, built once);
 - the progress bars of transformers (GGUF conversion, weight loading), the
-  Hugging Face hub and datasets: our own bars report the stage instead.
+  Hugging Face hub and datasets, and Ray Tune's experiment tables: our own bars
+  and lines report the stage instead.
 
 ``-v`` shows other libraries' info messages and our debug lines; ``-vv`` shows
 everything at debug level.
@@ -33,6 +34,9 @@ ACTED_ON = {
 # Ray's); ours pass ``disable`` explicitly and are not affected.
 QUIET_ENV = {
     "TQDM_DISABLE": "1",
+    # Ray Tune's experiment box, "View detailed results here" and trial tables:
+    # the legacy engine honours RunConfig(verbose=0); the new one prints them anyway.
+    "RAY_AIR_NEW_OUTPUT": "0",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }

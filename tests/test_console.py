@@ -11,12 +11,15 @@ from conftest import REPO, run_cli
 
 # Each snippet makes one library emit its message, after console.configure(VERBOSITY).
 SOURCES = {
-    "ray token authentication notice": (
-        "import os, ray\n"
+    "ray token authentication notice and tune's experiment tables": (
+        "import os, sys, ray\n"
+        "from ray import tune\n"
         "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
         "print('auth mode', os.environ.get('RAY_AUTH_MODE'))\n"
+        "tune.Tuner(lambda config: tune.report({'x': 1}), run_config=tune.RunConfig(\n"
+        "    verbose=0, storage_path=sys.argv[1])).fit()\n"
         "ray.shutdown()\n",
-        "Token authentication is enabled"),
+        ("Token authentication is enabled", "View detailed results here")),
     "matplotlib font cache notice": (
         "import matplotlib.pyplot\n",
         "generated new fontManager"),
@@ -32,24 +35,28 @@ SOURCES = {
 
 
 def _run_snippet(code: str, verbosity: int, tmp_path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "TQDM_DISABLE", "MPLCONFIGDIR")
-           and "PROGRESS_BARS" not in k}
+    from actclust.console import QUIET_ENV
+
+    dropped = {"RAY_ADDRESS", "RAY_AUTH_MODE", "MPLCONFIGDIR", *QUIET_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["MPLCONFIGDIR"] = str(tmp_path / f"mpl{verbosity}")  # empty: the font cache is rebuilt
     prelude = f"from actclust import console\nconsole.configure({verbosity})\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
-                          env=env, cwd=str(REPO), timeout=120)
+    argv = [sys.executable, "-c", prelude + code, str(tmp_path / f"tune{verbosity}")]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=str(REPO),
+                          timeout=180)
 
 
 @pytest.mark.parametrize("source", list(SOURCES))
 def test_third_party_message_hidden_by_default_and_shown_with_v(source, tmp_path):
-    code, marker = SOURCES[source]
+    code, markers = SOURCES[source]
+    markers = (markers,) if isinstance(markers, str) else markers
     quiet = _run_snippet(code, 0, tmp_path)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert marker not in quiet.stderr + quiet.stdout
     loud = _run_snippet(code, 1, tmp_path)
     assert loud.returncode == 0, loud.stderr[-2000:]
-    assert marker in loud.stderr
+    for marker in markers:
+        assert marker not in quiet.stderr + quiet.stdout
+        assert marker in loud.stderr + loud.stdout
     if "ray" in source:  # only the notice goes: token authentication stays on
         assert "auth mode token" in quiet.stdout and "auth mode token" in loud.stdout
 
