@@ -1,4 +1,4 @@
-"""The progress facility: a tqdm bar with rate and ETA on a terminal, one line of figures elsewhere."""
+"""The progress facility: a tqdm bar with rate and ETA on a terminal, else one line of figures."""
 
 import io
 import logging
