@@ -32,7 +32,7 @@ def _config(cls, args: argparse.Namespace, skip=("command", "config", "verbose")
 
 
 def _cmd_extract(args) -> int:
-    from actclust.extract import run_extract
+    from actclust.capture.extract import run_extract
 
     cfg = _config(C.ExtractConfig, args)
     manifest = run_extract(cfg)
@@ -42,7 +42,7 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_cluster(args) -> int:
-    from actclust.cluster import run_cluster
+    from actclust.clustering.distributed import run_cluster
 
     cfg = _config(C.ClusterConfig, args)
     result = run_cluster(cfg)
@@ -51,7 +51,7 @@ def _cmd_cluster(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from actclust.evaluate import run_evaluate
+    from actclust.evaluation.evaluate import run_evaluate
 
     cfg = _config(C.EvaluateConfig, args)
     result = run_evaluate(cfg)
@@ -60,8 +60,19 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from actclust.sparse.generate import GenerateConfig, run_generate
+
+    result = run_generate(_config(GenerateConfig, args))
+    print(result.text)
+    print(f"actclust: {result.mode}: {len(result.tokens)} new tokens in {result.seconds:.2f} s, "
+          f"{result.tokens_per_s:.1f} tokens/s (prompt {result.prompt_tokens} tokens)",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_sweep(args) -> int:
-    from actclust.sweep import run_sweep
+    from actclust.orchestration.sweep import run_sweep
 
     if not args.config:
         raise UserError("sweep needs --config FILE (see jobs/presets/sweep_default.yaml)")
@@ -70,7 +81,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from actclust.pipeline import run_pipeline
+    from actclust.orchestration.pipeline import run_pipeline
 
     cfg = _config(C.RunConfig, args)
     run_pipeline(cfg)
@@ -78,7 +89,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from actclust.verify import verify
+    from actclust.capture.verify import verify
 
     problems = verify(args.dir)
     if problems:
@@ -90,7 +101,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from actclust.report import write_report
+    from actclust.evaluation.report import write_report
 
     path = write_report(args.dir)
     print(path)
@@ -112,6 +123,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 
 COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
+            "generate": _cmd_generate,
             "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report}
 
 

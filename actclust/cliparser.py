@@ -4,7 +4,7 @@ The convention, checked for every command by tests/test_cliparser.py (new ones t
 
 - every flag and positional argument has a one-line ``help`` that says what it
   is, its unit where it has one, and its default as ``(default: ...)``, or
-  ``(required)``; defaults come from the config dataclasses through
+  ``(required...)``; defaults come from the config dataclasses through
   :func:`_default`, so the text follows the behaviour;
 - every command has a ``description`` in plain prose and an ``epilog`` made by
   :func:`_examples`: ``examples:`` then one or two runnable command lines, the
@@ -235,6 +235,47 @@ def _add_evaluate(sub) -> None:
     _workers_flag(p, cls, "evaluation actors, each with its own copy of the model")
 
 
+def _add_generate(sub) -> None:
+    from actclust.sparse.generate import GenerateConfig as cls
+    from actclust.sparse.layout import LAYOUTS
+
+    p = sub.add_parser(
+        "generate", help="greedy generation with the sparse FFN (or --dense)",
+        description="Generate greedily (transformers' generate, KV cache) with every clustered "
+                    "layer's FFN replaced by one that computes only the neurons of the centroid "
+                    "the predictor picks for each token; prints the continuation on stdout and "
+                    "the new tokens' count and rate on stderr.",
+        epilog=_examples(
+            "actclust generate --model embedded:smollm2-135m --centroids "
+            "runs/demo/clusters/k=64-theta=0.5 --predictor runs/demo/predictor --prompt "
+            "\"The for statement\" --max-new-tokens 32",
+            "actclust generate --model embedded:smollm2-135m --dense --prompt "
+            "\"The for statement\""))
+    _config_flag(p)
+    p.add_argument("--model", metavar="M",
+                   help="model id, as for extract (default: the centroids' model)")
+    p.add_argument("--centroids", metavar="DIR",
+                   help="clustering directory written by actclust cluster (required, but not "
+                        "with --dense)")
+    p.add_argument("--predictor", metavar="DIR",
+                   help="cluster predictor directory (required, but not with --dense)")
+    p.add_argument("--prompt", metavar="TEXT", help="text to continue (required)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
+                   help=f"tokens to generate (default: {_default(cls, 'max_new_tokens')})")
+    p.add_argument("--dense", action="store_true", default=None,
+                   help="the dense model, no sparsity, for comparison (default: off)")
+    p.add_argument("--layout", metavar="NAME",
+                   help=f"sparse weight layout: {', '.join(LAYOUTS)}; auto keeps per-centroid "
+                        "slabs within --slab-budget-mb and gathers the rest "
+                        f"(default: {_default(cls, 'layout')})")
+    p.add_argument("--slab-budget-mb", dest="slab_budget_mb", type=float, metavar="MB",
+                   help="memory for per-centroid weight slabs over all layers, in MiB "
+                        f"(default: {_default(cls, 'slab_budget_mb'):g})")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: torch's own choice)")
+    _trust_flag(p)
+
+
 def _add_run(sub) -> None:
     cls = C.RunConfig
     p = sub.add_parser(
@@ -299,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_flag(parser, default=0)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND",
                                 title="commands")
-    for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_run, _add_sweep,
-                _add_report):
+    for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_generate, _add_run,
+                _add_sweep, _add_report):
         add(sub)
     for p in sub.choices.values():
         _verbose_flag(p, default=argparse.SUPPRESS)

@@ -106,6 +106,6 @@ def _matplotlib_cache() -> None:
             return
     except OSError:
         pass
-    from actclust.models import default_cache_dir
+    from actclust.io.models import default_cache_dir
 
     os.environ["MPLCONFIGDIR"] = str(default_cache_dir() / "matplotlib")

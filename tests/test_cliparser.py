@@ -57,7 +57,7 @@ def test_every_argument_has_one_line_help_with_its_default(command):
             continue
         assert "\n" not in text, f"{parser.prog} {name}: help must be one line"
         takes_value = action.option_strings and action.nargs != 0
-        if takes_value and "(default: " not in text and "(required)" not in text:
+        if takes_value and "(default: " not in text and "(required" not in text:
             no_default.append(name)
     assert not missing, f"`{parser.prog}`: no help text for {missing}"
     assert not no_default, f"`{parser.prog}`: help says neither (default: ...) nor (required) " \

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
-from actclust import store
-from actclust.config import ExtractConfig
-from actclust.corpus import Windows, load_windows
+from actclust.config import ExtractConfig, identity
 from actclust.errors import UserError
+from actclust.io import mask_store, outdir, storage
+from actclust.io.corpus import Windows, load_windows
 
 log = logging.getLogger(__name__)
-
-IDENTITY_KEYS = ("model", "corpus", "text_column", "seq_len", "sites", "split", "heldout_every",
-                 "max_tokens", "sparsity", "threshold", "shard_windows", "calibration_windows")
-
 
 class MaskExtractor:
     """Loads the model once; computes and writes one shard per call.
@@ -34,8 +29,9 @@ class MaskExtractor:
 
     def __init__(self, model: str, site: str, num_cpus: float = 1, use_gpu: bool = False,
                  trust_remote_code: bool = False):
-        from actclust.models import ffn_sites, load_model, site_width
-        from actclust.raycluster import set_threads
+        from actclust.devices import place_model
+        from actclust.io.models import ffn_sites, load_model, site_width
+        from actclust.orchestration.raycluster import set_threads
 
         set_threads(num_cpus)
         self.error = None
@@ -46,9 +42,7 @@ class MaskExtractor:
             self.error = exc
             return
         self.site = site
-        self.device = "cuda" if use_gpu else "cpu"
-        if use_gpu:
-            self.loaded.model.to("cuda")
+        self.device = place_model(self.loaded.model, use_gpu)
         self.layers = list(range(len(modules)))
         self.width = site_width(modules[0], site)
 
@@ -59,18 +53,18 @@ class MaskExtractor:
                 "family": self.loaded.family}
 
     def calibrate(self, ids: np.ndarray, sparsity: float, batch_windows: int) -> list[float]:
-        from actclust.masks import calibrate_thresholds
+        from actclust.capture.hooks import calibrate_thresholds
 
         return calibrate_thresholds(self.loaded.model, ids, sparsity, self.site, batch_windows)
 
     def extract(self, root: str, shard: str, seq: np.ndarray, ids: np.ndarray,
                 thresholds: list[float], batch_windows: int) -> dict:
-        from actclust.masks import layer_masks
+        from actclust.capture.hooks import layer_masks
 
         start = time.perf_counter()
         masks = layer_masks(self.loaded.model, ids, thresholds, self.site, batch_windows)
-        packed = [store.pack(m) for m in masks]
-        entry = store.write_shard(root, shard, seq, ids, packed, self.layers, self.width)
+        packed = [mask_store.pack(m) for m in masks]
+        entry = mask_store.write_shard(root, shard, seq, ids, packed, self.layers, self.width)
         entry["seconds"] = round(time.perf_counter() - start, 3)
         entry["peak_rss_mb"] = _peak_rss_mb()
         return entry
@@ -83,48 +77,35 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def identity(cfg: ExtractConfig) -> dict:
-    return {k: getattr(cfg, k) for k in IDENTITY_KEYS}
-
-
 def plan_shards(windows: Windows, shard_windows: int) -> list[tuple[str, slice]]:
     n = len(windows)
     return [(f"shard-{i // shard_windows:05d}", slice(i, min(i + shard_windows, n)))
             for i in range(0, n, shard_windows)]
 
 
-def _open_manifest(out: Path, cfg: ExtractConfig) -> dict | None:
+def _open_manifest(out: str, cfg: ExtractConfig) -> dict | None:
     """The existing manifest of ``out`` if it belongs to the same run; refuse a foreign one."""
-    if not (out / store.MANIFEST).exists():
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"output directory {out} exists, is not empty and has no "
-                            f"{store.MANIFEST}; choose an empty or new --out")
+    if not storage.is_file(storage.join(out, mask_store.MANIFEST)):
+        outdir.refuse_foreign(out, mask_store.MANIFEST)
         return None
-    manifest = store.read_manifest(out)
-    previous = manifest.get("identity", {})
-    changed = [k for k in IDENTITY_KEYS if previous.get(k) != identity(cfg).get(k)]
-    if changed:
-        diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {identity(cfg).get(k)!r}" for k in changed)
-        raise UserError(f"{out} holds masks of a different configuration ({diffs}); "
-                        "use a new --out or repeat the original command to resume")
+    manifest = mask_store.read_manifest(out)
+    outdir.refuse_changed(out, manifest.get("identity", {}), identity(cfg),
+                          "masks of a different configuration", values=True,
+                          hint="use a new --out or repeat the original command to resume")
     return manifest
-
-
-def _clean_temporaries(out: Path) -> None:
-    for tmp in (out / "masks").glob("layer=*/.*.tmp-*"):
-        tmp.unlink(missing_ok=True)
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract masks per ``cfg``; returns the final manifest. Resumable."""
     import ray
 
-    from actclust.models import load_tokenizer
-    from actclust.pool import ActorPool
-    from actclust.raycluster import actor_options, init_ray
+    from actclust.io.models import load_tokenizer
+    from actclust.orchestration.actors import ActorGroup
+    from actclust.orchestration.raycluster import actor_options, init_ray
 
-    out = Path(cfg.out)
+    out = storage.normalize(cfg.out)
     manifest = _open_manifest(out, cfg)
+    storage.makedirs(out)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     windows = load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
                            max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
@@ -135,7 +116,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     options = actor_options(cfg.workers)
     use_gpu = "num_gpus" in options
     Actor = ray.remote(MaskExtractor).options(max_restarts=0, **options)
-    pool = ActorPool(lambda: Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
+    pool = ActorGroup(lambda: Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
                                           cfg.trust_remote_code), cfg.workers)
     try:
         first = pool.first_actor()
@@ -143,14 +124,13 @@ def run_extract(cfg: ExtractConfig) -> dict:
         if manifest is None:
             manifest = _new_manifest(cfg, info, windows, shards)
             manifest["thresholds"] = _thresholds(cfg, info, windows, first)
-            out.mkdir(parents=True, exist_ok=True)
-            store.write_manifest(out, manifest)
+            mask_store.write_manifest(out, manifest)
         else:
             log.info("resuming %s: %d of %d shards complete", out,
-                     len(store.complete_shards(manifest)), len(manifest["shards"]))
-        _clean_temporaries(out)
+                     len(mask_store.complete_shards(manifest)), len(manifest["shards"]))
+        storage.remove_temporaries(storage.join(out, "masks"))
         todo = [(name, sl) for (name, sl), entry in zip(shards, manifest["shards"])
-                if entry.get("status") != store.COMPLETE]
+                if entry.get("status") != mask_store.COMPLETE]
         _run_shards(pool, todo, windows, manifest, out, cfg)
     finally:
         pool.shutdown()
@@ -159,7 +139,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
 def _new_manifest(cfg: ExtractConfig, info: dict, windows: Windows, shards) -> dict:
     return {
-        "format_version": store.FORMAT_VERSION,
+        "format_version": mask_store.FORMAT_VERSION,
         "model": cfg.model,
         "corpus": cfg.corpus,
         "seq_len": cfg.seq_len,
@@ -175,7 +155,7 @@ def _new_manifest(cfg: ExtractConfig, info: dict, windows: Windows, shards) -> d
         "identity": identity(cfg),
         "shards": [{"name": name, "windows": sl.stop - sl.start,
                     "rows": (sl.stop - sl.start) * cfg.seq_len, "sha256": None,
-                    "status": store.PENDING} for name, sl in shards],
+                    "status": mask_store.PENDING} for name, sl in shards],
     }
 
 
@@ -194,7 +174,7 @@ def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows, actor) -> list
     return ray.get(actor.calibrate.remote(calib, sparsity, cfg.batch_windows))
 
 
-def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: Path,
+def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: str,
                 cfg: ExtractConfig) -> None:
     """Extract every pending shard on the pool; record each in the manifest as it lands."""
     from actclust.progress import Progress
@@ -206,12 +186,12 @@ def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: Path,
     def submit(actor, task):
         name, sl = task
         part = windows.take(sl)
-        return actor.extract.remote(str(out), name, part.seq, part.ids, manifest["thresholds"],
+        return actor.extract.remote(out, name, part.seq, part.ids, manifest["thresholds"],
                                     cfg.batch_windows)
 
     def done(task, entry):
         manifest["shards"][index[task[0]]] = entry
-        store.write_manifest(out, manifest)
+        mask_store.write_manifest(out, manifest)
         progress.update(entry["rows"], total_steps=len(todo))
 
     pool.run(todo, submit, done)

@@ -8,18 +8,18 @@ Layout of ``out``::
     out/results.csv, results.json   one row per (K, theta)
     out/report.html, plots/         actclust report
 
-Every stage is resumable, so rerunning the same command finishes what a killed
-run started and reuses what it finished.
+``out`` is a local directory or an object-store URI (``s3://bucket/run``). Every
+stage is resumable, so rerunning the same command finishes what a killed run
+started and reuses what it finished.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 from actclust import config as C
-from actclust import store
+from actclust.io import centroid_store, eval_store, mask_store, storage
+from actclust.io.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,12 @@ def trial_name(k: int, theta: float, algorithm: str = "hamming-kmeans") -> str:
 
 
 def extract_stage(cfg: C.RunConfig) -> str:
-    from actclust.extract import run_extract
+    from actclust.capture.extract import run_extract
 
-    masks = str(Path(cfg.out) / "masks")
-    manifest_path = Path(masks) / store.MANIFEST
-    if manifest_path.is_file():
-        manifest = store.read_manifest(masks)
-        if all(s["status"] == store.COMPLETE for s in manifest["shards"]):
+    masks = storage.join(cfg.out, "masks")
+    if storage.is_file(storage.join(masks, mask_store.MANIFEST)):
+        manifest = mask_store.read_manifest(masks)
+        if all(s["status"] == mask_store.COMPLETE for s in manifest["shards"]):
             log.info("masks already extracted in %s", masks)
             return masks
     ecfg = C.build(C.ExtractConfig, dict(
@@ -51,24 +50,25 @@ def extract_stage(cfg: C.RunConfig) -> str:
 
 
 def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float, algorithm: str) -> str:
-    from actclust.cluster import run_cluster
+    from actclust.clustering.distributed import run_cluster
 
-    out = Path(cfg.out) / "clusters" / trial_name(k, theta, algorithm)
-    if (out / "cluster.json").is_file():
-        return str(out)
+    out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm))
+    if centroid_store.is_finished(out):
+        return out
     ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, seed=cfg.seed,
-                                         workers=cfg.workers, algorithm=algorithm, out=str(out)))
+                                         workers=cfg.workers, algorithm=algorithm, out=out))
     run_cluster(ccfg)
-    return str(out)
+    return out
 
 
 def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
-    from actclust.evaluate import run_evaluate
+    from actclust.evaluation.evaluate import run_evaluate
 
-    out = Path(cfg.out) / "eval" / name
-    if (out / "eval.json").is_file():
-        return json.loads((out / "eval.json").read_text())
-    ecfg = C.build(C.EvaluateConfig, dict(centroids=centroids, out=str(out),
+    out = storage.join(cfg.out, "eval", name)
+    finished = eval_store.read_eval(out)
+    if finished is not None:
+        return finished
+    ecfg = C.build(C.EvaluateConfig, dict(centroids=centroids, out=out,
                                           max_tokens=cfg.eval_max_tokens, workers=cfg.workers,
                                           seed=cfg.seed))
     return run_evaluate(ecfg)
@@ -85,14 +85,15 @@ def result_row(report: dict, cluster_meta: dict) -> dict:
 
 def run_identity(cfg: C.RunConfig, masks: str) -> dict:
     """What a results table was computed from (shown in the report)."""
-    manifest = store.read_manifest(masks)
+    manifest = mask_store.read_manifest(masks)
     return {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
             "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
             "thresholds": manifest["thresholds"], "sites": manifest.get("sites"),
             "sparsity": cfg.sparsity, "threshold": cfg.threshold, "seed": cfg.seed}
 
 
-def write_results(rows: list[dict], out: Path, identity: dict) -> None:
+def write_results(rows: list[dict], out: str, identity: dict,
+                  csv_name: str = "results.csv") -> None:
     import csv
     import io
 
@@ -101,18 +102,16 @@ def write_results(rows: list[dict], out: Path, identity: dict) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row.get(k) for k in RESULT_COLUMNS})
-    tmp = out / ".results.csv.tmp"
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(out / "results.csv")
-    store.write_json_atomic({"identity": identity, "rows": rows}, out / "results.json")
+    write_bytes_atomic(buffer.getvalue().encode("utf-8"), storage.join(out, csv_name))
+    write_json_atomic({"identity": identity, "rows": rows}, storage.join(out, "results.json"))
 
 
-def run_pipeline(cfg: C.RunConfig) -> Path:
-    """Run every stage; returns the path of report.html."""
-    from actclust.report import write_report
+def run_pipeline(cfg: C.RunConfig) -> str:
+    """Run every stage; returns the location of report.html."""
+    from actclust.evaluation.report import write_report
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(cfg.out)
+    storage.makedirs(out)
     masks = extract_stage(cfg)
     rows = []
     thetas = cfg.theta if isinstance(cfg.theta, list) else [cfg.theta]
@@ -121,12 +120,12 @@ def run_pipeline(cfg: C.RunConfig) -> Path:
             name = trial_name(k, theta, cfg.algorithm)
             centroids = cluster_stage(cfg, masks, k, theta, cfg.algorithm)
             report = evaluate_stage(cfg, centroids, name)
-            meta = json.loads((Path(centroids) / "cluster.json").read_text())
+            meta = centroid_store.read_meta(centroids)
             rows.append(result_row(report, meta))
             log.info("K=%d theta=%g: cluster_ppl %.3f (dense %.3f), precision %.3f, recall %.3f",
                      k, theta, report["cluster_ppl"], report["dense_ppl"], report["precision"],
                      report["recall"])
     write_results(rows, out, run_identity(cfg, masks))
-    path = write_report(str(out))
+    path = write_report(out)
     log.info("report: %s", path)
     return path
