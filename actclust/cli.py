@@ -27,6 +27,9 @@ log = logging.getLogger("actclust")
 def _config(cls, args: argparse.Namespace, skip=("command", "config", "verbose")):
     file_values = C.load_yaml(args.config) if getattr(args, "config", None) else {}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    for flag, other in (("theta", "density"), ("density", "theta")):
+        if overrides.get(flag) is not None:  # a flag replaces the file's objective
+            file_values.pop(other, None)
     source = f"config file {args.config}" if getattr(args, "config", None) else "arguments"
     return C.build(cls, file_values, overrides, source)
 
@@ -46,7 +49,11 @@ def _cmd_cluster(args) -> int:
 
     cfg = _config(C.ClusterConfig, args)
     result = run_cluster(cfg)
-    log.info("wrote %s/centroids.parquet (mean Hamming cost %.2f)", cfg.out, result["mean_cost"])
+    log.info("wrote %s/centroids.parquet (%s, mean cost %.2f bits)", cfg.out,
+             result["rule"]["kind"], result["mean_cost"])
+    if result["hit_cap"]:
+        log.warning("%d layer(s) stopped at max_iter without converging: %s",
+                    len(result["hit_cap"]), ", ".join(map(str, result["hit_cap"])))
     return 0
 
 
@@ -56,18 +63,30 @@ def _cmd_evaluate(args) -> int:
     cfg = _config(C.EvaluateConfig, args)
     result = run_evaluate(cfg)
     keys = ("dense_ppl", "oracle_ppl", "cluster_ppl", "precision", "recall")
+    if "predicted_ppl" in result:
+        keys += ("predicted_ppl", "predicted_accuracy", "predicted_density")
     print(json.dumps({k: result[k] for k in keys}))
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from actclust.sparse.generate import GenerateConfig, run_generate
+    from actclust.sparse.generate import run_generate
 
-    result = run_generate(_config(GenerateConfig, args))
+    result = run_generate(_config(C.GenerateConfig, args))
     print(result.text)
     print(f"actclust: {result.mode}: {len(result.tokens)} new tokens in {result.seconds:.2f} s, "
           f"{result.tokens_per_s:.1f} tokens/s (prompt {result.prompt_tokens} tokens)",
           file=sys.stderr)
+    return 0
+
+
+def _cmd_train_predictor(args) -> int:
+    from actclust.predict.train import run_train_predictor
+
+    cfg = _config(C.PredictorConfig, args)
+    record = run_train_predictor(cfg)
+    log.info("wrote %s/predictor.json (%s, rank %d, %.2f%% of the FFN's parameters)", cfg.out,
+             record["kind"], record["rank"], 100 * record["params_fraction"])
     return 0
 
 
@@ -123,7 +142,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 
 COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
-            "generate": _cmd_generate,
+            "generate": _cmd_generate, "train-predictor": _cmd_train_predictor,
             "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report}
 
 

@@ -174,9 +174,14 @@ def _add_cluster(sub) -> None:
     p.add_argument("--k", type=int, metavar="K", help="clusters per layer (required)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory for centroids.parquet and cluster.json (required)")
-    p.add_argument("--theta", type=float, metavar="X",
-                   help="a centroid bit is set iff at least this fraction of its cluster's masks "
-                        f"has it, in (0, 1] (default: {_default(cls, 'theta')}, majority vote)")
+    objective = p.add_mutually_exclusive_group()
+    objective.add_argument("--theta", type=float, metavar="X",
+                           help="a centroid bit is set iff at least this fraction of its "
+                                "cluster's masks has it, in (0, 1] "
+                                f"(default: {_default(cls, 'theta')}, majority vote)")
+    objective.add_argument("--density", type=float, metavar="D",
+                           help="instead of theta: every centroid keeps exactly round(D * d_ff) "
+                                "bits, the most frequent among its members (default: off)")
     p.add_argument("--seed", type=int, metavar="N",
                    help=f"seed of the initialisation (default: {_default(cls, 'seed')})")
     _workers_flag(p, cls, "k-means actors, each holding a share of the masks")
@@ -231,14 +236,50 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
                    help="evaluate at most N held-out tokens, N // seq-len windows "
                         "(default: every held-out window)")
+    p.add_argument("--predictor", metavar="DIR",
+                   help="predictor directory from actclust train-predictor: adds the mode "
+                        "`predicted` (default: none)")
+    p.add_argument("--top-m", dest="top_m", type=int, metavar="M",
+                   help="mask with the union of the top-M predicted centroids "
+                        f"(default: {_default(cls, 'top_m')})")
     _trust_flag(p)
     _workers_flag(p, cls, "evaluation actors, each with its own copy of the model")
 
 
-def _add_generate(sub) -> None:
-    from actclust.sparse.generate import GenerateConfig as cls
-    from actclust.sparse.layout import LAYOUTS
+def _add_train_predictor(sub) -> None:
+    cls = C.PredictorConfig
+    p = sub.add_parser(
+        "train-predictor", help="train per-layer cluster-id (or neuron) predictors with Ray Train",
+        description="Fit, for every clustered layer, a small predictor of each token's cluster "
+                    "id (or of its neuron mask) from the FFN input, on the fitting windows the "
+                    "centroids were made from, with Ray Train; a checkpoint per epoch lets a "
+                    "rerun resume. Writes predictor.json and the weights.",
+        epilog=_examples(
+            "actclust train-predictor --centroids runs/demo/clusters/k=64-theta=0.5 "
+            "--out runs/demo/predictor"))
+    _config_flag(p)
+    p.add_argument("--centroids", metavar="DIR",
+                   help="clustering directory written by actclust cluster (required)")
+    p.add_argument("--out", metavar="DIR", help="output directory of the predictor (required)")
+    p.add_argument("--kind", metavar="NAME",
+                   help=f"cluster or neuron (default: {_default(cls, 'kind')})")
+    p.add_argument("--rank", type=int, metavar="R",
+                   help="bottleneck width (default: the largest within 2%% of the FFN's "
+                        "parameters)")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help=f"training epochs (default: {_default(cls, 'epochs')})")
+    _workers_flag(p, cls, "Ray Train workers")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
+                   help="fitting tokens to train on (default: as many as the clustering saw)")
+    p.add_argument("--features", metavar="DIR",
+                   help="feature directory to share between predictors (default: one under "
+                        "--out)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help=f"seed of initialisation and shuffling (default: {_default(cls, 'seed')})")
 
+
+def _add_generate(sub) -> None:
+    cls = C.GenerateConfig
     p = sub.add_parser(
         "generate", help="greedy generation with the sparse FFN (or --dense)",
         description="Generate greedily (transformers' generate, KV cache) with every clustered "
@@ -265,7 +306,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--dense", action="store_true", default=None,
                    help="the dense model, no sparsity, for comparison (default: off)")
     p.add_argument("--layout", metavar="NAME",
-                   help=f"sparse weight layout: {', '.join(LAYOUTS)}; auto keeps per-centroid "
+                   help=f"sparse weight layout: {', '.join(C.LAYOUTS)}; auto keeps per-centroid "
                         "slabs within --slab-budget-mb and gathers the rest "
                         f"(default: {_default(cls, 'layout')})")
     p.add_argument("--slab-budget-mb", dest="slab_budget_mb", type=float, metavar="MB",
@@ -340,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_flag(parser, default=0)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND",
                                 title="commands")
-    for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_generate, _add_run,
-                _add_sweep, _add_report):
+    for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_train_predictor,
+                _add_generate, _add_run, _add_sweep, _add_report):
         add(sub)
     for p in sub.choices.values():
         _verbose_flag(p, default=argparse.SUPPRESS)

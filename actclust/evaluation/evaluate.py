@@ -39,7 +39,8 @@ class Evaluator:
 
     def __init__(self, model: str, centroids_dir: str, num_cpus: float = 1, seed: int = 0,
                  trust_remote_code: bool = False, use_gpu: bool = False,
-                 faults: FaultHooks | None = None):
+                 faults: FaultHooks | None = None, predictor_dir: str | None = None,
+                 top_m: int = 1):
         from actclust import kernels
         from actclust.devices import place_model
         from actclust.io.models import load_model
@@ -55,11 +56,19 @@ class Evaluator:
         self.slot = {layer: i for i, layer in enumerate(meta["layers"])}
         self.thresholds = meta["thresholds"]
         self.seed = seed
-        # Unpacked once onto the model's device, where the masks are made.
-        self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device)
+        # Unpacked once onto the model's device, where the masks are made; masks are
+        # assigned by the rule the centroids were fitted with (absent: Hamming).
+        self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device, meta.get("rule"))
                           for c in centroids]
+        self.predicted = None
+        if predictor_dir is not None:
+            from actclust.predict.evaluation import PredictedMasks
+
+            self.predicted = PredictedMasks(predictor_dir, self, top_m)
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
+        import contextlib
+
         import torch
 
         from actclust.capture.hooks import masking
@@ -69,12 +78,18 @@ class Evaluator:
         ids_t = model_input(self.model, ids)
         out = {"nll": {}, "tokens": int(ids.shape[0] * (ids.shape[1] - 1))}
         stats = np.zeros((len(self.centroids), len(STAT_FIELDS)), dtype=np.int64)
+        if self.predicted is not None:
+            modes = tuple(modes) + ("predicted",)
         for mode in modes:
             fn = self._mask_fn(mode, chunk, stats)
-            with torch.inference_mode(), masking(self.model, fn, self.site):
+            inputs = self.predicted.capturing(self.model) if mode == "predicted" \
+                else contextlib.nullcontext()
+            with torch.inference_mode(), inputs, masking(self.model, fn, self.site):
                 logits = self.model(ids_t).logits
             out["nll"][mode] = window_nll(logits, ids_t)
         out["stats"] = stats
+        if self.predicted is not None:
+            out["predicted_stats"] = self.predicted.take_stats()
         return out
 
     def _true_mask(self, slot: int, a):
@@ -104,6 +119,8 @@ class Evaluator:
         elif mode == "cluster":
             def fn(slot, a):
                 return self._centroid_mask(slot, a, None)
+        elif mode == "predicted":
+            fn = self.predicted.mask
         elif mode == "random":
             def fn(slot, a):
                 # Drawn on the host so every device gives the same masks.
@@ -159,14 +176,21 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
                            max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
                            text_column=cfg.text_column)
     centroid_store.check_width(meta, centroids)
+    predictor = None
+    if cfg.predictor is not None:
+        from actclust.predict.evaluation import check_predictor
+
+        predictor = check_predictor(cfg.predictor, cfg, meta, windows)
 
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
     centroids_dir = storage.normalize(cfg.centroids)
+    predictor_dir = None if predictor is None else storage.normalize(cfg.predictor)
     group = ActorGroup(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"],
                                             cfg.seed, cfg.trust_remote_code,
-                                            "num_gpus" in options, faults), cfg.workers)
+                                            "num_gpus" in options, faults, predictor_dir,
+                                            cfg.top_m), cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
@@ -184,6 +208,10 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     progress.close()
     results = [results[c] for c, _ in chunks]
     report = summarize(results, meta, windows)
+    if predictor is not None:
+        from actclust.predict.evaluation import add_predicted
+
+        add_predicted(report, results, predictor, meta, cfg.top_m)
     report.update(identity=_identity(cfg, meta, windows))
     eval_store.write_eval(report, cfg.out)
     return report

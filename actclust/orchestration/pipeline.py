@@ -1,11 +1,11 @@
-"""The whole pipeline: extract -> cluster (for each K, theta) -> evaluate -> report.
+"""The whole pipeline: extract -> cluster (for each K and objective: theta or density) -> evaluate -> report.
 
 Layout of ``out``::
 
     out/masks/                      actclust extract (fitting windows)
-    out/clusters/k=<K>-theta=<t>/   actclust cluster
+    out/clusters/k=<K>-theta=<t>/   actclust cluster (k=<K>-density=<D>/ in density mode)
     out/eval/k=<K>-theta=<t>/       actclust evaluate (held-out windows)
-    out/results.csv, results.json   one row per (K, theta)
+    out/results.csv, results.json   one row per (K, objective)
     out/report.html, plots/         actclust report
 
 ``out`` is a local directory or an object-store URI (``s3://bucket/run``). Every
@@ -23,14 +23,26 @@ from actclust.io.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("k", "theta", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl",
+RESULT_COLUMNS = ("k", "theta", "target_density", "objective", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl",
                   "random_ppl", "precision", "recall", "f1", "accuracy", "density",
-                  "true_density", "cost", "fit_seconds", "tokens")
+                  "true_density", "cost", "fit_seconds", "hit_cap", "tokens")
 
 
-def trial_name(k: int, theta: float, algorithm: str = "hamming-kmeans") -> str:
+def objectives(cfg: C.RunConfig) -> list[dict]:
+    """The fit objectives a run covers: each theta, then each density."""
+    thetas = cfg.theta if isinstance(cfg.theta, list) else [cfg.theta]
+    return [{"theta": t, "density": None} for t in thetas] + \
+        [{"theta": None, "density": d} for d in getattr(cfg, "density", None) or []]
+
+
+def objective_label(theta: float | None, density: float | None) -> str:
+    return f"density={density:g}" if density is not None else f"theta={theta:g}"
+
+
+def trial_name(k: int, theta: float | None, algorithm: str = "hamming-kmeans",
+               density: float | None = None) -> str:
     suffix = "" if algorithm == "hamming-kmeans" else f"-{algorithm}"
-    return f"k={k}-theta={theta:g}{suffix}"
+    return f"k={k}-{objective_label(theta, density)}{suffix}"
 
 
 def extract_stage(cfg: C.RunConfig) -> str:
@@ -49,14 +61,16 @@ def extract_stage(cfg: C.RunConfig) -> str:
     return masks
 
 
-def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float, algorithm: str) -> str:
+def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float | None, algorithm: str,
+                  density: float | None = None) -> str:
     from actclust.clustering.distributed import run_cluster
 
-    out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm))
+    out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm, density))
     if centroid_store.is_finished(out):
         return out
-    ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, seed=cfg.seed,
-                                         workers=cfg.workers, algorithm=algorithm, out=out))
+    ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, density=density,
+                                         seed=cfg.seed, workers=cfg.workers,
+                                         algorithm=algorithm, out=out))
     run_cluster(ccfg)
     return out
 
@@ -77,6 +91,9 @@ def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
 def result_row(report: dict, cluster_meta: dict) -> dict:
     row = {key: report.get(key) for key in RESULT_COLUMNS}
     row.update(k=cluster_meta["k"], theta=cluster_meta["theta"],
+               target_density=cluster_meta.get("density"),
+               objective=objective_label(cluster_meta["theta"], cluster_meta.get("density")),
+               hit_cap=len(cluster_meta.get("hit_cap", [])),
                algorithm=cluster_meta["algorithm"], cost=cluster_meta["mean_cost"],
                fit_seconds=cluster_meta.get("fit_seconds"),
                per_layer_recall=[p["recall"] for p in report["per_layer"]])
@@ -114,17 +131,16 @@ def run_pipeline(cfg: C.RunConfig) -> str:
     storage.makedirs(out)
     masks = extract_stage(cfg)
     rows = []
-    thetas = cfg.theta if isinstance(cfg.theta, list) else [cfg.theta]
-    for theta in thetas:
+    for objective in objectives(cfg):
         for k in cfg.k:
-            name = trial_name(k, theta, cfg.algorithm)
-            centroids = cluster_stage(cfg, masks, k, theta, cfg.algorithm)
+            name = trial_name(k, algorithm=cfg.algorithm, **objective)
+            centroids = cluster_stage(cfg, masks, k, algorithm=cfg.algorithm, **objective)
             report = evaluate_stage(cfg, centroids, name)
             meta = centroid_store.read_meta(centroids)
             rows.append(result_row(report, meta))
-            log.info("K=%d theta=%g: cluster_ppl %.3f (dense %.3f), precision %.3f, recall %.3f",
-                     k, theta, report["cluster_ppl"], report["dense_ppl"], report["precision"],
-                     report["recall"])
+            log.info("K=%d %s: cluster_ppl %.3f (dense %.3f), precision %.3f, recall %.3f",
+                     k, objective_label(**objective), report["cluster_ppl"], report["dense_ppl"],
+                     report["precision"], report["recall"])
     write_results(rows, out, run_identity(cfg, masks))
     path = write_report(out)
     log.info("report: %s", path)
