@@ -167,6 +167,7 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     from actclust.io.models import load_tokenizer
     from actclust.orchestration.actors import ActorGroup
     from actclust.orchestration.raycluster import actor_options, init_ray
+    from actclust.progress import Progress
 
     meta, centroids = centroid_store.load_centroids(cfg.centroids)
     cfg = _resolve(cfg, meta)
@@ -193,11 +194,18 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
+    progress = Progress(len(windows) * cfg.seq_len, "evaluate", step_unit="chunks")
+
+    def done(task, result):
+        results[task[0]] = result
+        progress.update((task[1].stop - task[1].start) * cfg.seq_len, total_steps=len(chunks))
+
     try:
         group.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]]),
-                  lambda task, result: results.__setitem__(task[0], result))
+                  done)
     finally:
         group.shutdown()
+    progress.close()
     results = [results[c] for c, _ in chunks]
     report = summarize(results, meta, windows)
     if predictor is not None:
