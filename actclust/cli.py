@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centroids")
     p.add_argument("--out")
     p.add_argument("--workers", type=int)
+    p.add_argument("--split", help="heldout (default) or train: the windows to evaluate")
+    p.add_argument("--heldout-every", dest="heldout_every", type=int,
+                   help="must equal the value the centroids' masks were extracted with")
+    p.add_argument("--dense-prefix", dest="dense_prefix", type=int,
+                   help="positions < P of every window are never masked (default 1; 0 = strict)")
+    p.add_argument("--mask-mode", dest="mask_mode",
+                   help="replace (a*c, default) or and (a*m*c, the paper artifact's metric)")
 
     p = sub.add_parser("sweep", help="Ray Tune over K (and theta, algorithm)")
     p.add_argument("--config", required=False)

@@ -3,23 +3,27 @@
 Evaluation actors load the model and the centroids once, then take fixed chunks
 of held-out windows. Each chunk runs one forward pass per mode:
 
-- ``dense``: no mask; its true masks are assigned to centroids with the bit
-  kernels of :mod:`actclust.hamming` to give the clustering metrics;
+- ``dense``: no mask;
 - ``oracle``: every layer's `a` times its own true mask ``|a| > tau_l``;
-- ``cluster``: `a` times the centroid nearest (Hamming) to its true mask;
-- ``random``: `a` times a random mask with the centroids' per-layer density.
+- ``cluster``: `a` times the centroid nearest (Hamming) to its true mask (mask mode
+  ``replace``), or times both (``and``, the paper artifact's metric); the clustering
+  metrics are measured here, on the activation each mask is applied to;
+- ``random``: `a` times a random mask with exactly as many bits, per layer and chunk,
+  as the centroids used in the cluster pass (so ``random_density == density``).
 
+Positions ``< dense_prefix`` of every window are never masked: the first token is an
+attention sink whose activations are two orders of magnitude above the rest.
 Masks in the masked passes are computed on the fly from the activation that
 reaches each layer in that same pass (as the paper's artifact does). Chunks are
-fixed by ``batch_windows`` and per-window NLL sums are added in window order on
-the driver, so any number of workers gives the same numbers.
+fixed by ``batch_windows`` and per-window NLL sums are kept in window order, so any
+number of workers gives the same numbers; the dense and oracle passes do not depend
+on the centroids and are computed once per run when a baseline directory is given.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -28,12 +32,14 @@ import numpy as np
 
 from actclust import store
 from actclust.errors import UserError
+from actclust.evalsummary import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
+                                  empty_stats, metric_values, read_baseline, summarize,
+                                  write_baseline)
 
 log = logging.getLogger(__name__)
 
-MODES = ("dense", "oracle", "cluster", "random")
-# Per-layer integer sums: tokens, |m|, |c|, Hamming d, |m AND c|.
-STAT_FIELDS = ("tokens", "true_bits", "centroid_bits", "hamming", "overlap")
+__all__ = ["MODES", "STAT_FIELDS", "Evaluator", "assignment_stats", "load_centroids",
+           "metric_values", "run_baseline", "run_evaluate", "window_nll"]
 
 
 def window_nll(logits, ids) -> np.ndarray:
@@ -45,33 +51,19 @@ def window_nll(logits, ids) -> np.ndarray:
     return nll.sum(dim=1).numpy()
 
 
-def metric_values(stats: np.ndarray, width: int) -> dict:
-    """Micro-averaged metrics from summed STAT_FIELDS (one row, or summed over layers)."""
-    tokens, true_bits, centroid_bits, hamming, overlap = (float(v) for v in stats)
-    precision = overlap / centroid_bits if centroid_bits else 0.0
-    recall = overlap / true_bits if true_bits else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    cells = tokens * width
-    return {
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "accuracy": 1.0 - hamming / cells if cells else 0.0,
-        "density": centroid_bits / cells if cells else 0.0,
-        "true_density": true_bits / cells if cells else 0.0,
-    }
-
-
 def assignment_stats(bits: np.ndarray, centroids: np.ndarray, backend: str) -> np.ndarray:
-    """STAT_FIELDS sums for packed masks (N, B) against packed centroids (K, B)."""
+    """STAT_FIELDS sums (cluster-pass counts only) for packed masks (N, B) against (K, B)."""
     from actclust import hamming
 
     labels, dist = hamming.assign(bits, centroids, backend=backend)
     true_bits = hamming.popcount(bits).astype(np.int64)
     cent_bits = hamming.popcount(centroids).astype(np.int64)[labels]
     overlap = (true_bits + cent_bits - dist.astype(np.int64)) // 2
-    return np.array([len(bits), true_bits.sum(), cent_bits.sum(), dist.astype(np.int64).sum(),
-                     overlap.sum()], dtype=np.int64)
+    stats = empty_stats(1)[0]
+    stats[[F["tokens"], F["true_bits"], F["centroid_bits"], F["hamming"], F["overlap"],
+           F["kept_bits"]]] = [len(bits), true_bits.sum(), cent_bits.sum(),
+                               dist.astype(np.int64).sum(), overlap.sum(), cent_bits.sum()]
+    return stats
 
 
 def _injected_delay() -> None:
@@ -87,18 +79,31 @@ def torch_float32():
     return torch.float32
 
 
-class Evaluator:
-    """Loads the model and centroids once; evaluates one chunk of windows per call."""
+def torch_float64():
+    import torch
 
-    def __init__(self, model: str, centroids_dir: str, num_cpus: float = 1, seed: int = 0,
-                 trust_remote_code: bool = False, use_gpu: bool = False):
+    return torch.float64
+
+
+class Evaluator:
+    """Loads the model and centroids once; evaluates one chunk of windows per call.
+
+    ``meta`` (cluster.json's model, sites, layers, thresholds, d_ff) stands in for the
+    centroids when only the centroid-free modes (dense, oracle) are evaluated.
+    """
+
+    def __init__(self, model: str, centroids_dir: str | None = None, num_cpus: float = 1,
+                 seed: int = 0, trust_remote_code: bool = False, use_gpu: bool = False,
+                 dense_prefix: int = 1, mask_mode: str = "replace", meta: dict | None = None):
         import torch
 
         from actclust.models import load_model
         from actclust.raycluster import set_threads
 
         set_threads(num_cpus)
-        meta, centroids = load_centroids(centroids_dir)
+        centroids = None
+        if centroids_dir is not None:
+            meta, centroids = load_centroids(centroids_dir)
         self.model = load_model(model, trust_remote_code=trust_remote_code).model
         self.device = "cuda" if use_gpu else "cpu"
         self.model.to(self.device)
@@ -107,23 +112,30 @@ class Evaluator:
         self.slot = {layer: i for i, layer in enumerate(meta["layers"])}
         self.thresholds = meta["thresholds"]
         self.seed = seed
-        # Centroids unpacked once, as 0/1 float32 (K, d): the GEMM form of the
-        # Hamming distance, |m| + |c| - 2 m.c, is exact in float32 below 2**24 bits.
-        self.centroids = [torch.from_numpy(store.unpack(c, meta["d_ff"]).astype(np.float32))
-                          .to(self.device) for c in centroids]
-        self.norms = [c.sum(dim=1) for c in self.centroids]
-        self.density = [float(n.sum()) / c.numel() for c, n in zip(self.centroids, self.norms)]
+        self.dense_prefix = dense_prefix
+        self.mask_mode = mask_mode
+        self.shape = (0, 0)  # (windows, seq_len) of the chunk in flight
+        self.centroids, self.norms = [], []
+        if centroids is not None:
+            # Centroids unpacked once, as 0/1 float32 (K, d): the GEMM form of the
+            # Hamming distance, |m| + |c| - 2 m.c, is exact in float32 below 2**24 bits.
+            self.centroids = [torch.from_numpy(store.unpack(c, meta["d_ff"]).astype(np.float32))
+                              .to(self.device) for c in centroids]
+            self.norms = [c.sum(dim=1) for c in self.centroids]
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
+        """Per-window NLL sums (W,) per mode, tokens per window (W,), STAT_FIELDS (L, F)."""
         import torch
 
         from actclust.masks import masking
 
         _injected_delay()
-
+        if "random" in modes and modes.index("random") < modes.index("cluster"):
+            raise ValueError("the random pass takes its bit counts from the cluster pass")
+        self.shape = ids.shape
         ids_t = torch.tensor(ids, device=self.device)
-        out = {"nll": {}, "tokens": int(ids.shape[0] * (ids.shape[1] - 1))}
-        stats = np.zeros((len(self.centroids), len(STAT_FIELDS)), dtype=np.int64)
+        out = {"nll": {}, "tokens": np.full(len(ids), ids.shape[1] - 1, dtype=np.int64)}
+        stats = empty_stats(len(self.slot))
         for mode in modes:
             fn = self._mask_fn(mode, chunk, stats)
             with torch.inference_mode(), masking(self.model, fn, self.site):
@@ -131,6 +143,24 @@ class Evaluator:
             out["nll"][mode] = window_nll(logits.cpu(), ids_t.cpu())
         out["stats"] = stats
         return out
+
+    def _body(self, a):
+        """The activations of the masked positions (>= dense_prefix) as rows (N, d)."""
+        windows, length = self.shape
+        a3 = a.reshape(windows, length, a.shape[-1])  # OPT hands its FFN (W*T, d)
+        return a3[:, self.dense_prefix:].reshape(-1, a.shape[-1])
+
+    def _full(self, a, body_mask):
+        """A mask shaped like ``a``: ``body_mask`` on masked positions, ones on the prefix."""
+        import torch
+
+        if self.dense_prefix == 0:
+            return body_mask.reshape(a.shape)
+        windows, length = self.shape
+        full = torch.ones((windows, length, a.shape[-1]), dtype=a.dtype, device=a.device)
+        full[:, self.dense_prefix:] = body_mask.reshape(windows, length - self.dense_prefix,
+                                                        a.shape[-1]).to(a.dtype)
+        return full.reshape(a.shape)
 
     def _true_mask(self, slot: int, a):
         from actclust.masks import mask_of
@@ -147,36 +177,58 @@ class Evaluator:
         labels = (self.norms[slot][None, :] - 2 * dot).argmin(dim=1)  # |m| is constant per row
         return labels, dot.gather(1, labels[:, None]).squeeze(1)
 
-    def _centroid_mask(self, slot: int, a, stats: np.ndarray | None):
-        """The centroid mask nearest to each token's true mask, shaped like ``a``."""
-        m = self._true_mask(slot, a).reshape(-1, a.shape[-1])
+    def _cluster_mask(self, slot: int, body, stats: np.ndarray):
+        """Centroid (or m AND centroid) rows for masked positions; records the metrics."""
+        m = self._true_mask(slot, body)
         labels, overlap = self.nearest(slot, m)
-        if stats is not None:
-            true_bits = m.sum(dim=1).double()
-            cent_bits = self.norms[slot][labels].double()
-            overlap = overlap.double()
-            stats[slot] += np.array([len(m), true_bits.sum(), cent_bits.sum(),
-                                     (true_bits + cent_bits - 2 * overlap).sum(), overlap.sum()],
-                                    dtype=np.float64).round().astype(np.int64)
-        return self.centroids[slot][labels].reshape(a.shape)
+        c = self.centroids[slot][labels]  # (N, d) 0/1 float32
+        kept = c * m if self.mask_mode == "and" else c
+        mf = m.to(c.dtype)
+        mass = body.abs().to(c.dtype) * mf
+        true_bits = mf.sum(dtype=torch_float64())
+        cent_bits = self.norms[slot][labels].sum(dtype=torch_float64())
+        inter = overlap.sum(dtype=torch_float64())
+        row = stats[slot]
+        row[F["tokens"]] += len(m)
+        row[F["true_bits"]] += float(true_bits)
+        row[F["centroid_bits"]] += float(cent_bits)
+        row[F["hamming"]] += float(true_bits + cent_bits - 2 * inter)
+        row[F["overlap"]] += float(inter)
+        row[F["kept_bits"]] += float(kept.sum(dtype=torch_float64()))
+        row[F["true_mass"]] += float(mass.sum(dtype=torch_float64()))
+        row[F["kept_mass"]] += float((mass * c).sum(dtype=torch_float64()))
+        return kept
 
-    def _mask_fn(self, mode: str, chunk: int, stats: np.ndarray):
+    def _random_mask(self, slot: int, body, chunk: int, stats: np.ndarray):
+        """Exactly as many random bits as the cluster pass used at this layer and chunk."""
         import torch
 
+        bits = int(round(stats[slot, F["centroid_bits"]]))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk * 1009 + slot)
+        flat = torch.zeros(body.numel(), dtype=torch.bool)
+        flat[torch.randperm(body.numel(), generator=gen)[:bits]] = True
+        r = flat.reshape(body.shape).to(body.device)
+        if self.mask_mode == "and":
+            r = r & self._true_mask(slot, body)
+        stats[slot, F["random_bits"]] += bits
+        stats[slot, F["random_kept_bits"]] += float(r.sum())
+        return r
+
+    def _mask_fn(self, mode: str, chunk: int, stats: np.ndarray):
         if mode == "dense":
             def fn(slot, a):
-                self._centroid_mask(slot, a, stats)  # metrics only; leave `a` as it is
                 return None
         elif mode == "oracle":
             def fn(slot, a):
-                return self._true_mask(slot, a)
+                m = self._true_mask(slot, self._body(a))
+                stats[slot, F["oracle_bits"]] += float(m.sum())
+                return self._full(a, m)
         elif mode == "cluster":
             def fn(slot, a):
-                return self._centroid_mask(slot, a, None)
+                return self._full(a, self._cluster_mask(slot, self._body(a), stats))
         elif mode == "random":
             def fn(slot, a):
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk * 1009 + slot)
-                return (torch.rand(a.shape, generator=gen) < self.density[slot]).to(a.device)
+                return self._full(a, self._random_mask(slot, self._body(a), chunk, stats))
         else:
             raise ValueError(f"unknown mode {mode!r}")
 
@@ -214,62 +266,137 @@ def load_centroids(root: str | Path) -> tuple[dict, list[np.ndarray]]:
     return meta, per_layer
 
 
+def fitted_split(meta: dict) -> str | None:
+    """The split of the masks the centroids were fitted on (older cluster.json: the manifest)."""
+    if meta.get("split"):
+        return meta["split"]
+    masks = meta.get("masks")
+    if masks and (Path(masks) / store.MANIFEST).is_file():
+        return store.read_manifest(masks).get("split")
+    return None
+
+
 def _resolve(cfg, meta: dict):
     """Fill the evaluation config from the centroids' identity; refuse a mismatch."""
-
+    where = f"centroids in {cfg.centroids}"
     for key in ("model", "corpus", "seq_len", "text_column", "heldout_every"):
         given = getattr(cfg, key)
         if given is None:
             setattr(cfg, key, meta[key])
     if cfg.model != meta["model"]:
-        raise UserError(f"centroids in {cfg.centroids} were fitted on masks of model "
+        raise UserError(f"{where} were fitted on masks of model "
                         f"{meta['model']!r}, not {cfg.model!r}; pass --model {meta['model']} "
                         "or cluster masks of this model")
-    if cfg.seq_len != meta["seq_len"]:
-        log.warning("evaluating with seq_len %d; the centroids were fitted on %d-token windows",
-                    cfg.seq_len, meta["seq_len"])
+    # Windows are numbered per seq_len and held out per heldout_every: another value of
+    # either puts held-out tokens inside the windows the centroids were fitted on.
+    for key, flag in (("seq_len", "--seq-len"), ("heldout_every", "heldout_every")):
+        if getattr(cfg, key) != meta[key]:
+            raise UserError(f"{where} were fitted with {key} {meta[key]}, not "
+                            f"{getattr(cfg, key)}; evaluate with {flag} {meta[key]} (another "
+                            "value renumbers the windows and mixes fitting and held-out tokens)")
+    fit = fitted_split(meta)
+    if fit is None:
+        raise UserError(f"{where} do not record the split of the masks they were fitted on; "
+                        "re-run actclust cluster on masks from actclust extract --split train")
+    if {fit, cfg.split} != {"train", "heldout"}:
+        raise UserError(f"{where} were fitted on the {fit!r} split, which shares windows with "
+                        f"the {cfg.split!r} split evaluated here; fit on masks from actclust "
+                        "extract --split train and evaluate --split heldout")
     if cfg.seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {cfg.seq_len}")
+    if cfg.dense_prefix >= cfg.seq_len - 1:
+        raise UserError(f"dense_prefix ({cfg.dense_prefix}) leaves no masked position in "
+                        f"{cfg.seq_len}-token windows; lower --dense-prefix")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.seq_len:
         raise UserError(f"max_tokens ({cfg.max_tokens}) is smaller than one window "
                         f"(seq_len {cfg.seq_len}); raise --max-tokens or lower --seq-len")
     return cfg
 
 
-def run_evaluate(cfg) -> dict:
-    """Evaluate centroids on held-out windows; writes and returns eval.json's content."""
-    import ray
-
+def _load_windows(cfg):
     from actclust.corpus import load_windows
     from actclust.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
+                        max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
+                        text_column=cfg.text_column)
+
+
+def baseline_identity(cfg, meta: dict) -> dict:
+    """Everything the dense and oracle passes depend on."""
+    return {"model": cfg.model, "corpus": cfg.corpus, "text_column": cfg.text_column,
+            "seq_len": cfg.seq_len, "split": cfg.split, "max_tokens": cfg.max_tokens,
+            "heldout_every": cfg.heldout_every, "sites": meta["sites"],
+            "layers": list(meta["layers"]), "thresholds": list(meta["thresholds"]),
+            "dense_prefix": cfg.dense_prefix, "batch_windows": cfg.batch_windows}
+
+
+def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes) -> list:
+    """Evaluate ``modes`` on every chunk of ``windows`` with a pool of actors, in order."""
+    import ray
+
     from actclust.pool import ActorPool
     from actclust.raycluster import actor_options, init_ray
-
-    meta, centroids = load_centroids(cfg.centroids)
-    cfg = _resolve(cfg, meta)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    windows = load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
-                           max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
-                           text_column=cfg.text_column)
-    _check_width(cfg, meta, centroids)
 
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
-    centroids_dir = str(Path(cfg.centroids).resolve())
+    meta_fields = {k: meta[k] for k in ("sites", "layers", "thresholds", "d_ff")}
     pool = ActorPool(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"], cfg.seed,
-                                          cfg.trust_remote_code, "num_gpus" in options),
+                                          cfg.trust_remote_code, "num_gpus" in options,
+                                          cfg.dense_prefix, cfg.mask_mode, meta_fields),
                      cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
     try:
-        pool.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]]),
+        pool.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]],
+                                                                   modes),
                  lambda task, result: results.__setitem__(task[0], result))
     finally:
         pool.shutdown()
-    results = [results[c] for c, _ in chunks]
-    report = summarize(results, meta, windows)
+    return [results[c] for c, _ in chunks]
+
+
+def run_baseline(cfg, meta: dict) -> dict:
+    """Compute (or reuse) the dense and oracle passes into ``cfg.baseline``.
+
+    ``meta`` needs cluster.json's model, corpus, seq_len, text_column, heldout_every,
+    split, sites, layers, thresholds and d_ff (a mask manifest has them all).
+    """
+    cfg = _resolve(cfg, {**meta, "k": None, "theta": None})
+    windows = _load_windows(cfg)
+    ident = baseline_identity(cfg, meta)
+    cached = read_baseline(cfg.baseline, ident, windows)
+    if cached is not None:
+        return cached
+    results = _run_chunks(cfg, meta, None, windows, BASELINE_MODES)
+    baseline = baseline_from(results, windows, ident)
+    write_baseline(cfg.baseline, baseline)
+    return baseline
+
+
+def run_evaluate(cfg) -> dict:
+    """Evaluate centroids on held-out windows; writes and returns eval.json's content."""
+    meta, centroids = load_centroids(cfg.centroids)
+    cfg = _resolve(cfg, meta)
+    windows = _load_windows(cfg)
+    _check_width(cfg, meta, centroids)
+    ident = baseline_identity(cfg, meta)
+    baseline = read_baseline(cfg.baseline, ident, windows)
+    modes = ("cluster", "random") if baseline is not None else MODES
+    centroids_dir = str(Path(cfg.centroids).resolve())
+    results = _run_chunks(cfg, meta, centroids_dir, windows, modes)
+    if baseline is None:
+        baseline = baseline_from(results, windows, ident)
+        if cfg.baseline is not None:
+            write_baseline(cfg.baseline, baseline)
+    else:
+        log.info("dense and oracle passes reused from %s", cfg.baseline)
+    report = summarize(results, baseline, meta, windows, dense_prefix=cfg.dense_prefix,
+                       mask_mode=cfg.mask_mode, resamples=cfg.bootstrap_resamples,
+                       seed=cfg.seed)
     report.update(identity=_identity(cfg, meta, windows))
     store.write_json_atomic(report, Path(cfg.out) / "eval.json")
     return report
@@ -283,38 +410,11 @@ def _check_width(cfg, meta: dict, centroids: list[np.ndarray]) -> None:
                             f"cluster.json says d_ff {meta['d_ff']}")
 
 
-def summarize(results: list, meta: dict, windows) -> dict:
-    """eval.json content from per-chunk results, in window order."""
-    tokens = sum(r["tokens"] for r in results)
-    nll = {mode: math.fsum(float(v) for r in results for v in r["nll"][mode]) for mode in MODES}
-    stats = sum(r["stats"] for r in results)  # (L, fields) int64
-    width = meta["d_ff"]
-    report = {
-        "dense_ppl": math.exp(nll["dense"] / tokens),
-        "oracle_ppl": math.exp(nll["oracle"] / tokens),
-        "cluster_ppl": math.exp(nll["cluster"] / tokens),
-        "random_ppl": math.exp(nll["random"] / tokens),
-        **metric_values(stats.sum(axis=0), width),
-        "tokens": int(stats[0, 0]),
-        "predicted_tokens": tokens,
-        "windows": len(windows),
-        "k": meta["k"],
-        "theta": meta["theta"],
-        "algorithm": meta.get("algorithm", "hamming-kmeans"),
-        "per_layer": [{"layer": int(layer), **metric_values(stats[i], width)}
-                      for i, layer in enumerate(meta["layers"])],
-        "definitions": {
-            "precision": "|m AND c| / |c|, micro-averaged over (token, layer)",
-            "recall": "|m AND c| / |m| (the paper's 'clustering precision')",
-            "cluster_ppl": "a * centroid of the cluster nearest (Hamming) to the token's true mask",
-        },
-    }
-    return report
-
-
 def _identity(cfg, meta: dict, windows) -> dict:
     return {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "seq_len": cfg.seq_len,
             "max_tokens": cfg.max_tokens, "heldout_every": cfg.heldout_every,
-            "sites": meta["sites"], "thresholds": meta["thresholds"], "d_ff": meta["d_ff"],
+            "fitted_split": fitted_split(meta), "sites": meta["sites"],
+            "thresholds": meta["thresholds"], "d_ff": meta["d_ff"],
+            "dense_prefix": cfg.dense_prefix, "mask_mode": cfg.mask_mode,
             "centroids": str(cfg.centroids), "first_seq": int(windows.seq[0]),
             "last_seq": int(windows.seq[-1])}

@@ -1,0 +1,149 @@
+"""eval.json from per-chunk evaluation results: metrics, intervals, the shared baseline.
+
+Per-layer sums are kept in one float64 row per layer, indexed by STAT_FIELDS
+(integer counts stay exact below 2**53). Every count is taken over the
+*masked* positions of each window (positions >= dense_prefix); the prefix
+tokens enter only ``*effective_density``, where they count as fully dense.
+
+The dense and oracle passes do not depend on the centroids. Their per-window
+NLL sums and the oracle's kept bits form the *baseline*, which a run computes
+once and every trial of that run reuses (``baseline.json``), keyed by
+everything the two passes depend on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from actclust import store
+
+MODES = ("dense", "oracle", "cluster", "random")
+BASELINE_MODES = ("dense", "oracle")
+# Per-layer sums over masked positions. Cluster pass: tokens, |m|, |c|, Hamming d,
+# |m AND c|, bits kept (|c|, or |m AND c| in mask mode "and"), sum |a| m, sum |a| m c.
+# Random pass: bits kept. Oracle pass: bits kept (|m|).
+STAT_FIELDS = ("tokens", "true_bits", "centroid_bits", "hamming", "overlap", "kept_bits",
+               "true_mass", "kept_mass", "random_bits", "random_kept_bits", "oracle_bits")
+F = {name: i for i, name in enumerate(STAT_FIELDS)}
+BASELINE_FILE = "baseline.json"
+
+
+def empty_stats(layers: int) -> np.ndarray:
+    return np.zeros((layers, len(STAT_FIELDS)), dtype=np.float64)
+
+
+def metric_values(stats: np.ndarray, width: int, prefix_tokens: int = 0) -> dict:
+    """Micro-averaged metrics from summed STAT_FIELDS (one layer's row, or summed over layers).
+
+    ``prefix_tokens``: (token, layer) pairs of the dense prefix behind these sums, counted at
+    density 1.0 in the effective densities.
+    """
+    s = {name: float(stats[i]) for name, i in F.items()}
+    precision = s["overlap"] / s["centroid_bits"] if s["centroid_bits"] else 0.0
+    recall = s["overlap"] / s["true_bits"] if s["true_bits"] else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    cells = s["tokens"] * width
+    all_cells = (s["tokens"] + prefix_tokens) * width
+    prefix_cells = prefix_tokens * width
+
+    def share(bits):
+        return bits / cells if cells else 0.0
+
+    def effective(bits):
+        return (bits + prefix_cells) / all_cells if all_cells else 0.0
+
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": 1.0 - share(s["hamming"]),
+        "weighted_recall": s["kept_mass"] / s["true_mass"] if s["true_mass"] else 0.0,
+        "density": share(s["centroid_bits"]),
+        "true_density": share(s["true_bits"]),
+        "random_density": share(s["random_bits"]),
+        "effective_density": effective(s["kept_bits"]),
+        "random_effective_density": effective(s["random_kept_bits"]),
+        "oracle_effective_density": effective(s["oracle_bits"]),
+    }
+
+
+def baseline_from(results: list, windows, identity: dict) -> dict:
+    """The centroid-free part of chunk results (dense/oracle NLL, oracle kept bits)."""
+    stats = sum(r["stats"] for r in results)
+    return {"identity": identity, "seq": [int(s) for s in windows.seq],
+            "nll": {m: [float(v) for r in results for v in r["nll"][m]] for m in BASELINE_MODES},
+            "oracle_bits": [float(v) for v in stats[:, F["oracle_bits"]]]}
+
+
+def read_baseline(directory: str | None, identity: dict, windows) -> dict | None:
+    """The cached baseline of ``directory`` if it was computed for exactly these settings."""
+    if directory is None:
+        return None
+    path = Path(directory) / BASELINE_FILE
+    if not path.is_file():
+        return None
+    cached = json.loads(path.read_text(encoding="utf-8"))
+    if cached.get("identity") != identity or cached.get("seq") != [int(s) for s in windows.seq]:
+        return None
+    return cached
+
+
+def write_baseline(directory: str, baseline: dict) -> None:
+    store.write_json_atomic(baseline, Path(directory) / BASELINE_FILE)
+
+
+def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefix: int,
+              mask_mode: str, resamples: int = 1000, seed: int = 0) -> dict:
+    """eval.json content from per-chunk results (window order) and the baseline."""
+    from actclust.bootstrap import paired_ppl_intervals
+
+    per_window_tokens = np.concatenate([r["tokens"] for r in results]).astype(np.float64)
+    nll = {m: np.asarray(baseline["nll"][m], dtype=np.float64) for m in BASELINE_MODES}
+    for mode in ("cluster", "random"):
+        nll[mode] = np.concatenate([r["nll"][mode] for r in results])
+    stats = sum(r["stats"] for r in results)  # (L, fields)
+    stats[:, F["oracle_bits"]] = baseline["oracle_bits"]
+    width = meta["d_ff"]
+    predicted = float(per_window_tokens.sum())
+    prefix = len(windows) * dense_prefix  # per layer
+    intervals = paired_ppl_intervals(nll, per_window_tokens, resamples=resamples, seed=seed)
+    report = {}
+    for mode in MODES:
+        report[f"{mode}_ppl"] = math.exp(math.fsum(nll[mode]) / predicted)
+        report[f"{mode}_ppl_ci95"] = list(intervals[mode])
+    report.update(metric_values(stats.sum(axis=0), width, prefix * len(stats)))
+    report.update({
+        "dense_prefix": dense_prefix,
+        "mask_mode": mask_mode,
+        "tokens": int(stats[0, F["tokens"]]) + prefix,
+        "masked_tokens": int(stats[0, F["tokens"]]),
+        "predicted_tokens": int(predicted),
+        "windows": len(windows),
+        "bootstrap": {"unit": "window", "resamples": resamples, "seed": seed, "paired": True},
+        "k": meta["k"],
+        "theta": meta["theta"],
+        "algorithm": meta.get("algorithm", "hamming-kmeans"),
+        "per_layer": [{"layer": int(layer), **metric_values(stats[i], width, prefix)}
+                      for i, layer in enumerate(meta["layers"])],
+        "definitions": DEFINITIONS,
+    })
+    return report
+
+
+DEFINITIONS = {
+    "precision": "|m AND c| / |c|, micro-averaged over (token, layer) at masked positions",
+    "recall": "|m AND c| / |m| (the paper's 'clustering precision')",
+    "weighted_recall": "sum |a| m c / sum |a| m: the share of active activation mass kept",
+    "cluster_ppl": "a * c (mask mode replace) or a * m * c (and), c the centroid nearest "
+                   "(Hamming) to the token's true mask m",
+    "random_ppl": "random masks with exactly as many bits per layer as the centroids used",
+    "effective_density": "fraction of FFN neurons kept over all evaluated tokens, the "
+                         "dense-prefix tokens at 1.0",
+    "dense_prefix": "positions < dense_prefix of every window are never masked",
+    "metrics_measured_in": "the cluster pass, on the activation each mask is applied to",
+    "ci95": "percentile bootstrap over windows, the same resampled windows for every mode",
+}
