@@ -168,13 +168,15 @@ class KMeansWorker:
             if len(per_layer) > 1 else per_layer[0]
         start = time.perf_counter()
         if params["algorithm"] == "brb-kmeans":
+            # BRB-KMeans stops on scikit-learn's own tolerance, not the Hamming k-means cap.
             res = baselines.brb_kmeans(x, params["k"], width, seed=params["seed"],
-                                       max_iter=params["max_iter"], batch_size=params["batch_size"])
+                                       max_iter=baselines.BRB_MAX_ITER,
+                                       batch_size=params["batch_size"])
         else:
             res = baselines.activation_aware(x, params["k"], width, seed=params["seed"],
                                              max_iter=params["max_iter"])
         return {"centroids": res.centroids, "sizes": np.asarray(res.sizes), "cost": res.cost,
-                "iterations": res.iterations, "converged": True, "rows": int(len(x)),
+                "iterations": res.iterations, "converged": res.converged, "rows": int(len(x)),
                 "seconds": time.perf_counter() - start}
 
 
@@ -423,6 +425,13 @@ def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int]) -> dict
     return results
 
 
+def _max_iter(cfg: ClusterConfig) -> int:
+    """The iteration cap the fit actually ran under."""
+    from actclust.baselines import BRB_MAX_ITER
+
+    return BRB_MAX_ITER if cfg.algorithm == "brb-kmeans" else cfg.max_iter
+
+
 def _write_outputs(cfg: ClusterConfig, manifest: dict, layers: list[int], results: dict,
                    out: Path) -> dict:
     import pyarrow as pa
@@ -442,7 +451,7 @@ def _write_outputs(cfg: ClusterConfig, manifest: dict, layers: list[int], result
     costs = {str(k): float(results[k]["cost"]) for k in keys}
     meta = {
         "k": cfg.k, "theta": cfg.theta, "seed": cfg.seed, "algorithm": cfg.algorithm,
-        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": cfg.max_iter, "tol": cfg.tol,
+        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": _max_iter(cfg), "tol": cfg.tol,
         "workers": cfg.workers, "pooled": bool(cfg.pool_layers),
         "iterations": {str(k): int(results[k]["iterations"]) for k in keys},
         "converged": {str(k): bool(results[k]["converged"]) for k in keys},
@@ -456,6 +465,7 @@ def _write_outputs(cfg: ClusterConfig, manifest: dict, layers: list[int], result
         "seq_len": manifest["seq_len"], "sites": manifest.get("sites", "intermediate"),
         "text_column": manifest.get("identity", {}).get("text_column", "text"),
         "heldout_every": manifest.get("heldout_every", 10),
+        "split": manifest.get("split"),
         "layers": layers, "d_ff": manifest["d_ff"],
         "thresholds": [manifest["thresholds"][manifest["layers"].index(l)] for l in layers],
         "tokens": manifest["tokens"],
