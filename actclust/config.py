@@ -21,6 +21,7 @@ SITES = ("intermediate", "gate", "up", "down_out")
 SPLITS = ("train", "heldout", "all")
 BACKENDS = ("auto", "numpy", "torch", "cupy")
 ALGORITHMS = ("hamming-kmeans", "brb-kmeans", "activation-aware")
+MASK_MODES = ("replace", "and")
 
 
 @dataclasses.dataclass
@@ -135,11 +136,19 @@ class EvaluateConfig:
     batch_windows: int = 4
     seed: int = 0
     trust_remote_code: bool = False
+    dense_prefix: int = 1
+    mask_mode: str = "replace"
+    bootstrap_resamples: int = 1000
+    baseline: Optional[str] = None  # directory caching the dense and oracle passes of a run
 
     def validate(self) -> None:
         _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
         _require(self.out, "out", "--out DIR")
         _choice(self.split, SPLITS, "split")
+        _choice(self.mask_mode, MASK_MODES, "mask_mode")
+        if self.dense_prefix < 0:
+            raise UserError(f"dense_prefix must be >= 0, got {self.dense_prefix}")
+        _positive(self.bootstrap_resamples, "bootstrap_resamples")
         _positive(self.workers, "workers")
         _positive(self.batch_windows, "batch_windows")
         if self.seq_len is not None and self.seq_len < 2:
@@ -154,15 +163,18 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     corpus: str = DEFAULT_CORPUS
     seq_len: int = 256
-    max_tokens: int = 16384
-    eval_max_tokens: int = 2048
+    max_tokens: Optional[int] = 16384  # fitting tokens (train split); None: all of them
+    eval_max_tokens: Optional[int] = 8192  # held-out tokens; None: every held-out window
+    heldout_every: int = 10
     sparsity: Optional[float] = None
     threshold: Optional[float] = None
     k: list = dataclasses.field(default_factory=lambda: [16, 64, 256])
     theta: list = dataclasses.field(default_factory=lambda: [0.5, 0.3])
     seed: int = 0
     workers: int = 2
-    algorithm: str = "hamming-kmeans"
+    algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
+    dense_prefix: int = 1
+    mask_mode: str = "replace"
 
     def validate(self) -> None:
         if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
@@ -172,10 +184,19 @@ class RunConfig:
             raise UserError(f"theta must be a list of values in (0, 1], got {self.theta}")
         self.theta = [float(t) for t in self.theta]
         _positive(self.workers, "workers")
-        _choice(self.algorithm, ALGORITHMS, "algorithm")
-        if self.max_tokens < self.seq_len or self.eval_max_tokens < self.seq_len:
-            raise UserError("max_tokens and eval_max_tokens must each hold at least one window "
-                            f"of seq_len {self.seq_len}")
+        if not self.algorithm:
+            raise UserError("algorithm must name at least one of " + ", ".join(ALGORITHMS))
+        for algorithm in self.algorithm:
+            _choice(algorithm, ALGORITHMS, "algorithm")
+        _choice(self.mask_mode, MASK_MODES, "mask_mode")
+        if self.heldout_every < 2:
+            raise UserError(f"heldout_every must be at least 2, got {self.heldout_every}")
+        if not 0 <= self.dense_prefix < self.seq_len - 1:
+            raise UserError(f"dense_prefix must be in [0, seq_len - 1), got {self.dense_prefix}")
+        for key in ("max_tokens", "eval_max_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < self.seq_len:
+                raise UserError("max_tokens and eval_max_tokens must each hold at least one "
+                                f"window of seq_len {self.seq_len}")
 
 
 def _require(value: Any, key: str, hint: str) -> None:

@@ -4,6 +4,7 @@ Layout of ``out``::
 
     out/masks/                      actclust extract (fitting windows)
     out/clusters/k=<K>-theta=<t>/   actclust cluster
+    out/eval/baseline/              dense and oracle passes, computed once per run
     out/eval/k=<K>-theta=<t>/       actclust evaluate (held-out windows)
     out/results.csv, results.json   one row per (K, theta)
     out/report.html, plots/         actclust report
@@ -24,13 +25,27 @@ from actclust import store
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ("k", "theta", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl",
-                  "random_ppl", "precision", "recall", "f1", "accuracy", "density",
-                  "true_density", "cost", "fit_seconds", "tokens")
+                  "random_ppl", "dense_ppl_ci95", "oracle_ppl_ci95", "cluster_ppl_ci95",
+                  "random_ppl_ci95", "effective_density", "oracle_effective_density", "density",
+                  "random_density", "precision", "recall", "weighted_recall", "f1", "accuracy",
+                  "true_density", "dense_prefix", "mask_mode", "windows", "cost", "fit_seconds",
+                  "tokens")
+# Algorithms whose fit has no theta: one trial per K, whatever thetas are listed.
+THETA_FREE = ("brb-kmeans", "activation-aware")
 
 
 def trial_name(k: int, theta: float, algorithm: str = "hamming-kmeans") -> str:
     suffix = "" if algorithm == "hamming-kmeans" else f"-{algorithm}"
     return f"k={k}-theta={theta:g}{suffix}"
+
+
+def trial_grid(cfg: C.RunConfig) -> list[tuple[int, float, str]]:
+    """(K, theta, algorithm) of every trial; theta-free algorithms run once per K."""
+    grid = []
+    for algorithm in cfg.algorithm:
+        thetas = cfg.theta[:1] if algorithm in THETA_FREE else cfg.theta
+        grid += [(k, theta, algorithm) for theta in thetas for k in cfg.k]
+    return grid
 
 
 def extract_stage(cfg: C.RunConfig) -> str:
@@ -45,7 +60,7 @@ def extract_stage(cfg: C.RunConfig) -> str:
             return masks
     ecfg = C.build(C.ExtractConfig, dict(
         model=cfg.model, corpus=cfg.corpus, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens,
-        sparsity=cfg.sparsity, threshold=cfg.threshold, workers=cfg.workers, out=masks))
+        heldout_every=cfg.heldout_every, sparsity=cfg.sparsity, threshold=cfg.threshold, workers=cfg.workers, out=masks))
     run_extract(ecfg)
     return masks
 
@@ -68,10 +83,25 @@ def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
     out = Path(cfg.out) / "eval" / name
     if (out / "eval.json").is_file():
         return json.loads((out / "eval.json").read_text())
-    ecfg = C.build(C.EvaluateConfig, dict(centroids=centroids, out=str(out),
-                                          max_tokens=cfg.eval_max_tokens, workers=cfg.workers,
-                                          seed=cfg.seed))
-    return run_evaluate(ecfg)
+    return run_evaluate(_evaluate_config(cfg, centroids, str(out)))
+
+
+def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None):
+    return C.build(C.EvaluateConfig, dict(
+        centroids=centroids or "-", out=out or "-", max_tokens=cfg.eval_max_tokens,
+        workers=cfg.workers, seed=cfg.seed, dense_prefix=cfg.dense_prefix,
+        mask_mode=cfg.mask_mode, baseline=str(Path(cfg.out) / "eval" / "baseline")))
+
+
+def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
+    """The dense and oracle passes of the run, computed once for every trial."""
+    from actclust.evaluate import run_baseline
+
+    manifest = store.read_manifest(masks)
+    meta = {key: manifest[key] for key in ("model", "corpus", "seq_len", "heldout_every",
+                                           "split", "sites", "layers", "thresholds", "d_ff")}
+    meta["text_column"] = manifest.get("identity", {}).get("text_column", "text")
+    return run_baseline(_evaluate_config(cfg, masks, None), meta)
 
 
 def result_row(report: dict, cluster_meta: dict) -> dict:
@@ -88,8 +118,10 @@ def run_identity(cfg: C.RunConfig, masks: str) -> dict:
     manifest = store.read_manifest(masks)
     return {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
             "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
-            "thresholds": manifest["thresholds"], "sites": manifest.get("sites"),
-            "sparsity": cfg.sparsity, "threshold": cfg.threshold, "seed": cfg.seed}
+            "heldout_every": cfg.heldout_every, "dense_prefix": cfg.dense_prefix,
+            "mask_mode": cfg.mask_mode, "thresholds": manifest["thresholds"],
+            "sites": manifest.get("sites"), "sparsity_target": manifest.get("sparsity_target"),
+            "threshold": cfg.threshold, "seed": cfg.seed}
 
 
 def write_results(rows: list[dict], out: Path, identity: dict) -> None:
@@ -114,18 +146,18 @@ def run_pipeline(cfg: C.RunConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     masks = extract_stage(cfg)
+    baseline_stage(cfg, masks)
     rows = []
-    thetas = cfg.theta if isinstance(cfg.theta, list) else [cfg.theta]
-    for theta in thetas:
-        for k in cfg.k:
-            name = trial_name(k, theta, cfg.algorithm)
-            centroids = cluster_stage(cfg, masks, k, theta, cfg.algorithm)
-            report = evaluate_stage(cfg, centroids, name)
-            meta = json.loads((Path(centroids) / "cluster.json").read_text())
-            rows.append(result_row(report, meta))
-            log.info("K=%d theta=%g: cluster_ppl %.3f (dense %.3f), precision %.3f, recall %.3f",
-                     k, theta, report["cluster_ppl"], report["dense_ppl"], report["precision"],
-                     report["recall"])
+    for k, theta, algorithm in trial_grid(cfg):
+        name = trial_name(k, theta, algorithm)
+        centroids = cluster_stage(cfg, masks, k, theta, algorithm)
+        report = evaluate_stage(cfg, centroids, name)
+        meta = json.loads((Path(centroids) / "cluster.json").read_text())
+        rows.append(result_row(report, meta))
+        log.info("K=%d theta=%g %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
+                 "density %.3f, recall %.3f, weighted recall %.3f", k, theta, algorithm,
+                 report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
+                 report["effective_density"], report["recall"], report["weighted_recall"])
     write_results(rows, out, run_identity(cfg, masks))
     path = write_report(str(out))
     log.info("report: %s", path)

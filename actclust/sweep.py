@@ -21,8 +21,9 @@ from typing import Optional
 from actclust import config as C
 from actclust import store
 from actclust.errors import UserError
-from actclust.pipeline import (RESULT_COLUMNS, cluster_stage, evaluate_stage, extract_stage,
-                               result_row, run_identity, trial_name, write_results)
+from actclust.pipeline import (RESULT_COLUMNS, baseline_stage, cluster_stage, evaluate_stage,
+                               extract_stage, result_row, run_identity, trial_grid, trial_name,
+                               write_results)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class SweepConfig(C.RunConfig):
     out: str = "runs/sweep"
-    algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
     workers: int = 1
     worker_cpus: float = 1.0
@@ -38,12 +38,7 @@ class SweepConfig(C.RunConfig):
     max_failures: int = 2
 
     def validate(self) -> None:
-        algorithms = self.algorithm
-        self.algorithm = algorithms[0] if algorithms else "hamming-kmeans"
         super().validate()
-        for a in algorithms:
-            C._choice(a, C.ALGORITHMS, "algorithm")
-        self.algorithm = list(algorithms)
         if self.worker_cpus <= 0:
             raise UserError(f"worker_cpus must be > 0, got {self.worker_cpus}")
         if self.max_concurrent_trials is not None:
@@ -55,9 +50,9 @@ def trial(config: dict) -> None:
     from ray import tune
 
     cfg = SweepConfig(**config["sweep"])
-    name = trial_name(config["k"], config["theta"], config["algorithm"])
-    centroids = cluster_stage(cfg, config["masks"], config["k"], config["theta"],
-                              config["algorithm"])
+    k, theta, algorithm = (config["trial"][key] for key in ("k", "theta", "algorithm"))
+    name = trial_name(k, theta, algorithm)
+    centroids = cluster_stage(cfg, config["masks"], k, theta, algorithm)
     report = evaluate_stage(cfg, centroids, name)
     meta = json.loads((Path(centroids) / "cluster.json").read_text())
     row = result_row(report, meta)
@@ -79,10 +74,10 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     _check_identity(out, cfg)
     masks = extract_stage(cfg)
     init_ray()
+    baseline_stage(cfg, masks)  # before any trial, so that every trial reuses it
     param_space = {
-        "k": tune.grid_search(list(cfg.k)),
-        "theta": tune.grid_search(list(cfg.theta)),
-        "algorithm": tune.grid_search(list(cfg.algorithm)),
+        "trial": tune.grid_search([{"k": k, "theta": theta, "algorithm": algorithm}
+                                   for k, theta, algorithm in trial_grid(cfg)]),
         "masks": masks,
         "sweep": dataclasses.asdict(cfg),
     }
@@ -116,8 +111,9 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
 
 def _check_identity(out: Path, cfg: SweepConfig) -> None:
     """Refuse a directory that holds another sweep (same contract as extract)."""
-    keys = ("model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "sparsity",
-            "threshold", "k", "theta", "algorithm", "seed", "workers")
+    keys = ("model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
+            "sparsity", "threshold", "k", "theta", "algorithm", "seed", "workers", "dense_prefix",
+            "mask_mode")
     ident = {k: getattr(cfg, k) for k in keys}
     marker = out / "sweep_config.json"
     if marker.is_file():
