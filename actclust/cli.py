@@ -112,7 +112,7 @@ def _config(cls, args: argparse.Namespace, skip=("command", "config", "verbose")
 
 
 def _cmd_extract(args) -> int:
-    from actclust.extract import run_extract
+    from actclust.capture.extract import run_extract
 
     cfg = _config(C.ExtractConfig, args)
     manifest = run_extract(cfg)
@@ -122,7 +122,7 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_cluster(args) -> int:
-    from actclust.cluster import run_cluster
+    from actclust.clustering.distributed import run_cluster
 
     cfg = _config(C.ClusterConfig, args)
     result = run_cluster(cfg)
@@ -131,7 +131,7 @@ def _cmd_cluster(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from actclust.evaluate import run_evaluate
+    from actclust.evaluation.evaluate import run_evaluate
 
     cfg = _config(C.EvaluateConfig, args)
     result = run_evaluate(cfg)
@@ -141,7 +141,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from actclust.sweep import run_sweep
+    from actclust.orchestration.sweep import run_sweep
 
     if not args.config:
         raise UserError("sweep needs --config FILE (see jobs/presets/sweep_default.yaml)")
@@ -150,7 +150,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from actclust.pipeline import run_pipeline
+    from actclust.orchestration.pipeline import run_pipeline
 
     cfg = _config(C.RunConfig, args)
     run_pipeline(cfg)
@@ -158,7 +158,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from actclust.verify import verify
+    from actclust.capture.verify import verify
 
     problems = verify(args.dir)
     if problems:
@@ -170,7 +170,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from actclust.report import write_report
+    from actclust.evaluation.report import write_report
 
     path = write_report(args.dir)
     print(path)

@@ -1,6 +1,8 @@
 """Typed, validated configuration for every command.
 
-A config is a dataclass. Values come from an optional YAML file and are then
+A config is a dataclass; the stage configs (extract, cluster, evaluate) are
+frozen, and what travels to the clustering actors is a frozen
+:class:`FitSpec`. Values come from an optional YAML file and are then
 overridden by command-line flags; unknown keys and wrong types are errors that
 name the key and the file, raised as :class:`UserError` at load time.
 """
@@ -24,7 +26,7 @@ ALGORITHMS = ("hamming-kmeans", "brb-kmeans", "activation-aware")
 MASK_MODES = ("replace", "and")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CorpusConfig:
     """What text to read and how to cut it into windows."""
 
@@ -48,8 +50,13 @@ class CorpusConfig:
             raise UserError(f"heldout_every must be at least 2, got {self.heldout_every}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ExtractConfig(CorpusConfig):
+    # What a mask directory was made from: a rerun with other values is refused.
+    IDENTITY: typing.ClassVar[tuple] = (
+        "model", "corpus", "text_column", "seq_len", "sites", "split", "heldout_every",
+        "max_tokens", "sparsity", "threshold", "shard_windows", "calibration_windows")
+
     out: Optional[str] = None
     sparsity: Optional[float] = None
     threshold: Optional[float] = None
@@ -77,8 +84,30 @@ class ExtractConfig(CorpusConfig):
         _positive(self.calibration_windows, "calibration_windows")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class FitSpec:
+    """What a clustering worker needs to fit a layer: the typed, frozen part of a
+    :class:`ClusterConfig` that travels to the actors."""
+
+    k: int
+    theta: float
+    seed: int
+    init: str
+    batch_size: Optional[int]
+    max_iter: int
+    tol: float
+    backend: str
+    algorithm: str
+    memory_budget_mb: Optional[float]
+    pool_rows: int = 200_000  # rows kept when --pool-layers pools every layer's masks
+
+
+@dataclasses.dataclass(frozen=True)
 class ClusterConfig:
+    # What a clustering directory was fitted with (with the masks' digest).
+    IDENTITY: typing.ClassVar[tuple] = ("k", "theta", "seed", "algorithm", "init", "batch_size",
+                                        "max_iter", "tol", "pool_layers")
+
     masks: Optional[str] = None
     out: Optional[str] = None
     k: Optional[int] = None
@@ -118,8 +147,14 @@ class ClusterConfig:
         if self.layers is not None and not all(isinstance(v, int) for v in self.layers):
             raise UserError("layers must be a list of integers")
 
+    def fit_spec(self) -> FitSpec:
+        return FitSpec(k=self.k, theta=self.theta, seed=self.seed, init=self.init,
+                       batch_size=self.batch_size, max_iter=self.max_iter, tol=self.tol,
+                       backend=self.backend, algorithm=self.algorithm,
+                       memory_budget_mb=self.memory_budget_mb)
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     """Model, corpus and window length default to those the centroids were fitted on."""
 
@@ -197,6 +232,11 @@ class RunConfig:
             if getattr(self, key) is not None and getattr(self, key) < self.seq_len:
                 raise UserError("max_tokens and eval_max_tokens must each hold at least one "
                                 f"window of seq_len {self.seq_len}")
+
+
+def identity(config: Any) -> dict:
+    """The values of ``config``'s IDENTITY keys: what its outputs are made from."""
+    return {k: getattr(config, k) for k in type(config).IDENTITY}
 
 
 def _require(value: Any, key: str, hint: str) -> None:

@@ -28,9 +28,9 @@ def best_of(fn, repeats: int) -> float:
 
 
 def smoke_centroids(root: str) -> str:
-    from actclust.cluster import run_cluster
+    from actclust.clustering.distributed import run_cluster
     from actclust.config import ClusterConfig, ExtractConfig, build
-    from actclust.extract import run_extract
+    from actclust.capture.extract import run_extract
 
     run_extract(build(ExtractConfig, dict(model="tiny:llama", seq_len=64, max_tokens=64 * 32,
                                           out=f"{root}/masks")))
@@ -48,9 +48,9 @@ def main() -> None:
 
     import torch
 
-    from actclust.corpus import load_windows
-    from actclust.evaluate import MODES, Evaluator, load_centroids
-    from actclust.models import load_tokenizer
+    from actclust.io.corpus import load_windows
+    from actclust.evaluation.evaluate import MODES, Evaluator, load_centroids
+    from actclust.io.models import load_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="actclust-bench-")
     if args.smoke_test or not args.centroids:

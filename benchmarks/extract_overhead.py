@@ -24,7 +24,7 @@ from pathlib import Path
 def bare_forward_seconds(model_name: str, windows, batch: int, threads: int) -> float:
     import torch
 
-    from actclust.models import load_model
+    from actclust.io.models import load_model
 
     torch.set_num_threads(threads)
     model = load_model(model_name).model
@@ -47,9 +47,9 @@ def main() -> None:
         args.model, args.tokens, args.seq_len = "tiny:llama", 4096, 64
 
     from actclust.config import ExtractConfig, build
-    from actclust.corpus import load_windows
-    from actclust.extract import run_extract
-    from actclust.models import load_tokenizer
+    from actclust.io.corpus import load_windows
+    from actclust.capture.extract import run_extract
+    from actclust.io.models import load_tokenizer
 
     threads = os.cpu_count() or 1
     windows = load_windows("embedded:pydoc", load_tokenizer(args.model), args.seq_len,

@@ -10,7 +10,7 @@ so that load from other processes affects them alike.
     python benchmarks/hamming_assign.py --n 200000 --k 4096 --d 14336
 
 Real masks from ``actclust extract``: ``--masks DIR --layer L`` reads that
-layer's first --n rows through actclust.store and uses K of them, drawn with
+layer's first --n rows through actclust.io.mask_store and uses K of them, drawn with
 --seed, as centroids:
 
     python benchmarks/hamming_assign.py --masks runs/demo/masks --layer 3
@@ -50,7 +50,7 @@ def faiss_searcher(x: np.ndarray, c: np.ndarray):
 
 def real_masks(root: str, layer: int, n: int, k: int, seed: int):
     """First n packed masks of a layer, k of them (seeded) as centroids, and d_ff."""
-    from actclust import store
+    from actclust.io import mask_store as store
 
     manifest = store.read_manifest(root)
     x = store.read_layer(root, manifest, layer)["bits"][:n]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 def one_size(model: str, corpus: str, tokens: int, out: str, workers: int) -> dict:
     from actclust.config import ExtractConfig, build
-    from actclust.extract import run_extract
+    from actclust.capture.extract import run_extract
 
     start = time.perf_counter()
     manifest = run_extract(build(ExtractConfig, dict(

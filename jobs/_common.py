@@ -47,9 +47,9 @@ def build_from(cls, data: dict, args: argparse.Namespace):
 
 def smoke_inputs(with_centroids: bool) -> dict:
     """Tiny masks (and centroids) in a temporary directory for a smoke test."""
-    from actclust.cluster import run_cluster
+    from actclust.clustering.distributed import run_cluster
     from actclust.config import ClusterConfig, ExtractConfig, build
-    from actclust.extract import run_extract
+    from actclust.capture.extract import run_extract
 
     root = tempfile.mkdtemp(prefix="actclust-smoke-")
     run_extract(build(ExtractConfig, dict(model="tiny:opt", seq_len=64, max_tokens=64 * 32,

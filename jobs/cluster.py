@@ -5,7 +5,7 @@
 
 import _common
 
-from actclust.cluster import run_cluster
+from actclust.clustering.distributed import run_cluster
 from actclust.config import ClusterConfig
 
 

@@ -8,7 +8,7 @@ import json
 import _common
 
 from actclust.config import EvaluateConfig
-from actclust.evaluate import run_evaluate
+from actclust.evaluation.evaluate import run_evaluate
 
 
 def job() -> int:

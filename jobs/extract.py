@@ -6,7 +6,7 @@
 import _common
 
 from actclust.config import ExtractConfig
-from actclust.extract import run_extract
+from actclust.capture.extract import run_extract
 
 SMOKE = dict(model="tiny:opt", corpus="embedded:pydoc", seq_len=64, max_tokens=64 * 32, workers=1)
 

@@ -6,7 +6,7 @@
 import _common
 
 from actclust.config import RunConfig, build
-from actclust.pipeline import run_pipeline
+from actclust.orchestration.pipeline import run_pipeline
 
 
 def job() -> int:

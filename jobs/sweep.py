@@ -5,7 +5,7 @@
 
 import _common
 
-from actclust.sweep import run_sweep
+from actclust.orchestration.sweep import run_sweep
 
 
 def job() -> int:

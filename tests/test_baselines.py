@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actclust import baselines, hamming
+from actclust import hamming, kernels
+from actclust.clustering import activation_aware as aware
+from actclust.clustering import baselines
 
 D = 256
 
@@ -78,14 +80,14 @@ def test_miss_counts_match_boolean_brute_force():
     c = rng.random((11, d)) < 0.6
     pack = lambda a: np.packbits(a, axis=1, bitorder="little")  # noqa: E731
     want = (m[:, None, :] & ~c[None, :, :]).sum(axis=2)  # (37, 11): active bits the centroid misses
-    got = baselines.miss_counts(pack(m), pack(c), block_rows=5)
+    got = aware.miss_counts(pack(m), pack(c), block_rows=5)
     assert got.dtype == np.int32
     assert np.array_equal(got, want)
-    labels, misses = baselines.assign_miss(pack(m), pack(c), block_rows=4)
+    labels, misses = aware.assign_miss(pack(m), pack(c), block_rows=4)
     assert np.array_equal(labels, want.argmin(axis=1))  # ties: lowest index, as numpy
     assert np.array_equal(misses, want.min(axis=1))
     # Asymmetric: a superset centroid misses nothing.
-    assert baselines.miss_counts(pack(m[:1]), pack(np.ones((1, d), bool)))[0, 0] == 0
+    assert aware.miss_counts(pack(m[:1]), pack(np.ones((1, d), bool)))[0, 0] == 0
 
 
 # --------------------------------------------------------------------------
@@ -117,13 +119,13 @@ def test_capacity_assignment_matches_reference(clean, order):
     rng = np.random.default_rng(2)
     x = x[:150]
     c = np.packbits(rng.random((7, D)) < 0.6, axis=1, bitorder="little")
-    dist = baselines.miss_counts(x, c)
+    dist = aware.miss_counts(x, c)
     cap = 25  # 7 * 25 >= 150, and tight enough that clusters overflow
-    mc = baselines._MissCounter.from_packed(c)
+    mc = kernels.MissCounter.from_packed(c)
     if order == "cluster":
-        got, want = baselines._assign_by_cluster(x, mc, cap), _ref_by_cluster(dist, cap)
+        got, want = aware._assign_by_cluster(x, mc, cap), _ref_by_cluster(dist, cap)
     else:
-        got, want = baselines._assign_by_token(x, mc, cap), _ref_by_token(dist, cap)
+        got, want = aware._assign_by_token(x, mc, cap), _ref_by_token(dist, cap)
     assert got.tolist() == want
     assert np.bincount(got, minlength=7).max() == cap
 
@@ -132,16 +134,16 @@ def test_capacity_assignment_matches_reference(clean, order):
 def test_activation_aware_respects_capacity(clean, order):
     x, _, _ = clean
     n, k = x.shape[0], 8
-    res = baselines.activation_aware(x, k=k, d=D, seed=0, capacity_factor=1.125, order=order)
+    res = aware.activation_aware(x, k=k, d=D, seed=0, capacity_factor=1.125, order=order)
     assert res.labels.min() >= 0 and res.labels.max() < k  # every row placed
     assert res.sizes.sum() == n and res.sizes.max() <= 225  # ceil(1.125 * 1600 / 8)
     assert np.array_equal(res.sizes, np.bincount(res.labels, minlength=k))
     # capacity_factor = 1 with k dividing N: every cluster is filled to exactly N / k.
-    tight = baselines.activation_aware(x, k=k, d=D, seed=0, capacity_factor=1.0, order=order)
+    tight = aware.activation_aware(x, k=k, d=D, seed=0, capacity_factor=1.0, order=order)
     assert tight.sizes.tolist() == [n // k] * k
     # A capacity that cannot place every row is refused.
     with pytest.raises(ValueError, match="capacity_factor"):
-        baselines.activation_aware(x, k=k, d=D, capacity_factor=0.5)
+        aware.activation_aware(x, k=k, d=D, capacity_factor=0.5)
 
 
 # --------------------------------------------------------------------------
@@ -155,7 +157,7 @@ def _quantile_binarise(values, q):
 
 def test_centroids_are_member_frequency_above_own_quantile(clean):
     x, _, _ = clean
-    res = baselines.activation_aware(x, k=8, d=D, seed=0, running_average=False)
+    res = aware.activation_aware(x, k=8, d=D, seed=0, running_average=False)
     m = unpack(x)
     freq = np.stack([m[res.labels == j].mean(axis=0) for j in range(8)])  # (8, d)
     assert np.array_equal(unpack(res.centroids), _quantile_binarise(freq, 0.4))
@@ -166,8 +168,8 @@ def test_centroids_are_member_frequency_above_own_quantile(clean):
 
 def test_running_average_blends_with_previous_centroid(clean):
     x, _, _ = clean
-    first = baselines.activation_aware(x, k=8, d=D, seed=4, max_iter=1)
-    second = baselines.activation_aware(x, k=8, d=D, seed=4, max_iter=2)
+    first = aware.activation_aware(x, k=8, d=D, seed=4, max_iter=1)
+    second = aware.activation_aware(x, k=8, d=D, seed=4, max_iter=2)
     assert first.iterations == 1 and second.iterations == 2
     m = unpack(x)
     freq = np.stack([m[second.labels == j].mean(axis=0) for j in range(8)])
@@ -181,7 +183,7 @@ def test_running_average_blends_with_previous_centroid(clean):
 @pytest.mark.parametrize("quantile", [0.25, 0.7])
 def test_quantile_sets_density(clean, quantile):
     x, _, _ = clean
-    res = baselines.activation_aware(x, k=8, d=D, seed=0, quantile=quantile, running_average=False)
+    res = aware.activation_aware(x, k=8, d=D, seed=0, quantile=quantile, running_average=False)
     density = hamming.popcount(res.centroids) / D
     assert np.all(density <= 1 - quantile + 1 / D)
     assert np.all(density >= 1 - quantile - 0.1)
@@ -196,13 +198,13 @@ def test_initial_centroids_meet_sparsity_floor():
     density = rng.choice([0.3, 0.8], size=(500, 1))  # 80%-dense rows never qualify at floor 0.4
     bits = rng.random((500, D)) < density
     x = np.packbits(bits, axis=1, bitorder="little")
-    init = baselines._initial_centroids(x, 40, D, np.random.default_rng(0), 0.4, 100)
+    init = aware._initial_centroids(x, 40, D, np.random.default_rng(0), 0.4, 100)
     assert (D - hamming.popcount(init)).min() >= 0.4 * D
     rows = {bytes(r) for r in x}
     assert all(bytes(r) in rows for r in init)  # qualifying rows exist nearby: real rows
 
     dense = np.packbits(rng.random((60, D)) < 0.8, axis=1, bitorder="little")  # no row qualifies
-    thin = baselines._initial_centroids(dense, 6, D, np.random.default_rng(0), 0.4, 100)
+    thin = aware._initial_centroids(dense, 6, D, np.random.default_rng(0), 0.4, 100)
     ones = hamming.popcount(thin)
     assert ones.max() <= 0.6 * D and ones.min() >= 0.6 * D - 1  # thinned just to the floor
     assert all((unpack(thin[j:j + 1]) & ~unpack(dense)).sum(axis=1).min() == 0 for j in range(6))
@@ -214,9 +216,9 @@ def test_initial_centroids_meet_sparsity_floor():
 
 def test_activation_aware_is_deterministic(clean):
     x, _, _ = clean
-    a = baselines.activation_aware(x, k=8, d=D, seed=7)
-    b = baselines.activation_aware(x, k=8, d=D, seed=7)
-    c = baselines.activation_aware(x, k=8, d=D, seed=8)
+    a = aware.activation_aware(x, k=8, d=D, seed=7)
+    b = aware.activation_aware(x, k=8, d=D, seed=7)
+    c = aware.activation_aware(x, k=8, d=D, seed=8)
     assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.labels, b.labels)
     assert a.cost == b.cost and a.iterations == b.iterations
     assert not np.array_equal(a.centroids, c.centroids)
@@ -224,7 +226,7 @@ def test_activation_aware_is_deterministic(clean):
     assert a.cost == pytest.approx(dist.mean())
 
 
-@pytest.mark.parametrize("fit", [baselines.brb_kmeans, baselines.activation_aware])
+@pytest.mark.parametrize("fit", [baselines.brb_kmeans, aware.activation_aware])
 def test_bad_input_is_rejected(clean, fit):
     x, _, _ = clean
     with pytest.raises(ValueError, match="uint8"):
@@ -242,7 +244,7 @@ def test_activation_aware_parameter_checks(clean):
     for kwargs, fragment in [({"quantile": 1.0}, "quantile"), ({"sparsity_floor": -0.1}, "sparsity_floor"),
                              ({"order": "random"}, "order"), ({"max_iter": 0}, "max_iter")]:
         with pytest.raises(ValueError, match=fragment):
-            baselines.activation_aware(x, k=4, d=D, **kwargs)
+            aware.activation_aware(x, k=4, d=D, **kwargs)
 
 
 # --------------------------------------------------------------------------
@@ -282,7 +284,7 @@ def test_activation_aware_trades_precision_for_recall():
     """
     x, _, _ = planted(n_centers=32, n_per=50, seed=0)
     brb = baselines.brb_kmeans(x, k=8, d=D, seed=0)
-    aa = baselines.activation_aware(x, k=8, d=D, seed=0)
+    aa = aware.activation_aware(x, k=8, d=D, seed=0)
     brb_recall, brb_precision = recall_precision(x, brb.centroids)
     aa_recall, aa_precision = recall_precision(x, aa.centroids)
     brb_density = hamming.popcount(brb.centroids).mean() / D

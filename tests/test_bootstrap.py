@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from actclust.bootstrap import paired_ppl_intervals, resample_indices
+from actclust.evaluation.bootstrap import paired_ppl_intervals, resample_indices
 
 
 def direct(nll, tokens, resamples, seed):

@@ -9,11 +9,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from actclust import kmeans, store
-from actclust.cluster import run_cluster, split_shards
+from actclust import kmeans
+from actclust.io import mask_store as store
+from actclust.clustering.distributed import run_cluster, split_shards
 from actclust.config import ClusterConfig, ExtractConfig, build
-from actclust.extract import run_extract
+from actclust.capture.extract import run_extract
 from conftest import assert_user_error, run_cli
+from fault_injection import CrashOnce
 
 
 @pytest.fixture(scope="module")
@@ -61,20 +63,12 @@ def test_distributed_equals_local_fit_and_outputs_follow_the_contract(masks, tmp
     assert on_disk["model"] == "tiny:llama" and on_disk["d_ff"] == 192
 
 
-def test_worker_killed_mid_fit_resumes_from_checkpoint(masks, tmp_path, monkeypatch):
+def test_worker_killed_mid_fit_resumes_from_checkpoint(masks, tmp_path):
     reference = cluster(masks, tmp_path / "ref", workers=2, layers=[1])
     marker = tmp_path / "fault-fired"
-    # Ray actors inherit the driver's environment at creation.
-    monkeypatch.setenv("ACTCLUST_FAULT_KMEANS", f"1:1:3:{marker}")
-    import ray
-    ray.shutdown()  # restart so new worker processes see the variable
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"ACTCLUST_FAULT_KMEANS": f"1:1:3:{marker}"}})
-    try:
-        faulted = cluster(masks, tmp_path / "faulted", workers=2, layers=[1])
-    finally:
-        ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    faulted = run_cluster(build(ClusterConfig, dict(masks=masks, out=str(tmp_path / "faulted"),
+                                                    k=8, workers=2, max_iter=15, layers=[1])),
+                          faults=CrashOnce(rank=1, layer=1, iteration=3, marker=marker))
     assert marker.exists(), "the fault was not injected"
     assert centroids(tmp_path / "ref").equals(centroids(tmp_path / "faulted"))
     assert faulted["iterations"] == reference["iterations"]

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from actclust.corpus import in_split, load_windows, read_texts
+from actclust.io.corpus import in_split, load_windows, read_texts
 from actclust.errors import UserError
-from actclust.models import ByteTokenizer
+from actclust.io.models import ByteTokenizer
 
 TOK = ByteTokenizer()
 

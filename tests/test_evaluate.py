@@ -9,13 +9,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actclust import store
-from actclust.cluster import run_cluster
+from actclust.io import mask_store as store
+from actclust.clustering.distributed import run_cluster
 from actclust.config import ClusterConfig, EvaluateConfig, ExtractConfig, build
-from actclust.corpus import load_windows
-from actclust.evaluate import assignment_stats, metric_values, run_evaluate
-from actclust.extract import run_extract
-from actclust.models import ByteTokenizer, load_model
+from actclust.io.corpus import load_windows
+from actclust.evaluation.evaluate import run_evaluate
+from actclust.evaluation.metrics import metric_values
+from actclust.kernels import assignment_stats
+from actclust.capture.extract import run_extract
+from actclust.io.models import ByteTokenizer, load_model
 from conftest import assert_user_error, run_cli
 
 SEQ = 64
@@ -174,17 +176,18 @@ def test_centroids_of_another_width_are_refused(fitted, tmp_path):
 def test_in_pass_assignment_matches_the_hamming_kernels(fitted):
     """The evaluator's GEMM-form assignment equals hamming.assign, ties included."""
     from actclust import hamming
-    from actclust.evaluate import Evaluator
+    from actclust.evaluation.evaluate import Evaluator
 
     name, root = fitted
     ev = Evaluator(name, str(root / "c"))
-    d = ev.centroids[0].shape[1]
+    rows = ev.centroids[0].rows.numpy()
+    d = rows.shape[1]
     rng = np.random.default_rng(1)
-    centroids_packed = store.pack(ev.centroids[0].numpy().astype(bool))
+    centroids_packed = store.pack(rows.astype(bool))
     m = rng.random((400, d)) < 0.5
-    m[:50] = ev.centroids[0].numpy()[rng.integers(0, len(centroids_packed), 50)] > 0  # exact hits
-    labels, overlap = ev.nearest(0, torch.from_numpy(m))
+    m[:50] = rows[rng.integers(0, len(centroids_packed), 50)] > 0  # exact hits
+    labels, overlap = ev.centroids[0].nearest(torch.from_numpy(m))
     ref_labels, ref_dist = hamming.assign(store.pack(m), centroids_packed, backend="numpy")
     np.testing.assert_array_equal(labels.numpy(), ref_labels)
-    cent = ev.centroids[0].numpy()[ref_labels] > 0
+    cent = rows[ref_labels] > 0
     np.testing.assert_array_equal(overlap.numpy(), (m & cent).sum(1))

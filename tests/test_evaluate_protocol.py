@@ -10,14 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from actclust import hamming, store
-from actclust.cluster import run_cluster
+from actclust import hamming
+from actclust.capture.extract import run_extract
+from actclust.capture.hooks import captured, masking
+from actclust.clustering.distributed import run_cluster
 from actclust.config import ClusterConfig, EvaluateConfig, ExtractConfig, build
-from actclust.corpus import load_windows
-from actclust.evaluate import run_evaluate
-from actclust.extract import run_extract
-from actclust.masks import captured, masking
-from actclust.models import ByteTokenizer, load_model
+from actclust.evaluation.evaluate import run_evaluate
+from actclust.io import mask_store as store
+from actclust.io.corpus import load_windows
+from actclust.io.models import ByteTokenizer, load_model
 from conftest import assert_user_error, run_cli
 
 SEQ = 32

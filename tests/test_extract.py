@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from actclust import store
+from actclust.io import mask_store as store
 from actclust.config import ExtractConfig, build
-from actclust.corpus import load_windows
-from actclust.extract import run_extract
-from actclust.models import ByteTokenizer, ffn_sites, load_model
-from actclust.verify import verify
+from actclust.io.corpus import load_windows
+from actclust.capture.extract import run_extract
+from actclust.io.models import ByteTokenizer, ffn_sites, load_model
+from actclust.capture.verify import verify
 from conftest import REPO, assert_user_error, run_cli
 
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actclust import hamming
+from actclust.kernels import torch_backend
 
 BACKENDS = hamming.available_backends()  # cupy only where a GPU works
 WIDTHS = [1, 7, 8, 63, 64, 65, 200, 1536, 3000]
@@ -98,7 +99,7 @@ def test_torch_float_fallback_is_exact():
     try:
         for precision in ("highest", "medium"):  # medium -> float64 GEMM
             torch.set_float32_matmul_precision(precision)
-            gemm = hamming._TorchGemm(c, torch.device("cpu"), int_mm=False)
+            gemm = torch_backend._TorchGemm(c, torch.device("cpu"), int_mm=False)
             val, idx = gemm.nearest(x, gemm.scratch(len(x)))
             np.testing.assert_array_equal(idx, want_labels)
             np.testing.assert_array_equal(val + hamming.popcount(x), want_dist)
@@ -109,13 +110,13 @@ def test_torch_float_fallback_is_exact():
 @pytest.mark.parametrize("int_mm", [True, False])
 def test_torch_centroid_chunks_and_tensor_input(int_mm):
     torch = pytest.importorskip("torch")
-    if int_mm and not hamming._torch_int_mm_works("cpu"):
+    if int_mm and not torch_backend.int_mm_works("cpu"):
         pytest.skip("torch._int_mm does not work on this CPU")
     rng = np.random.default_rng(5)
     x, c = random_set(rng, 50, 38, 100)  # chunks of 16, 16 and 6 (a narrower last one)
     c[35] = c[2]  # a tie across chunks: the earlier chunk must win
     want_labels, want_dist = reference(x, c, 100)
-    gemm = hamming._TorchGemm(c, torch.device("cpu"), int_mm=int_mm, chunk_bytes=16 * 130)  # 16 per chunk
+    gemm = torch_backend._TorchGemm(c, torch.device("cpu"), int_mm=int_mm, chunk_bytes=16 * 130)  # 16 per chunk
     assert len(gemm.chunks) == 3
     for xb in (x, torch.from_numpy(x)):  # numpy unpack and tensor (device-style) unpack
         val, idx = gemm.nearest(xb, gemm.scratch(len(x)))
@@ -149,7 +150,7 @@ def test_bit_sums_matches_reference(backend, d):
         np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
         assert sums.dtype == np.int64 and counts.dtype == np.int64
     if backend == "torch":  # the index_add_ kernel used on CUDA devices, run on CPU
-        sums, _ = hamming._bit_sums_torch(x, labels, k, 64, "cpu")
+        sums, _ = torch_backend.bit_sums(x, labels, k, 64, "cpu")
         np.testing.assert_array_equal(sums, want)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from actclust.errors import UserError
-from actclust.models import TINY_FAMILIES, ffn_sites, load_model, load_tokenizer, site_width
+from actclust.io.models import TINY_FAMILIES, ffn_sites, load_model, load_tokenizer, site_width
 
 D_FF = {"opt": 256, "llama": 192, "gpt2": 256, "gpt-neox": 256}
 
@@ -51,8 +51,8 @@ def test_unknown_model_ids_are_user_errors(name):
 
 @pytest.mark.slow
 def test_embedded_model_dense_perplexity_matches_transformers_loss():
-    from actclust.corpus import load_windows
-    from actclust.evaluate import window_nll
+    from actclust.io.corpus import load_windows
+    from actclust.evaluation.metrics import window_nll
 
     loaded = load_model("embedded:smollm2-135m")
     assert loaded.model.config.num_hidden_layers == 30

@@ -65,7 +65,7 @@ def test_run_shares_one_baseline_and_reports_intervals(run_dir):
 
 def test_theta_free_algorithms_run_once_per_k():
     from actclust import config as C
-    from actclust.pipeline import trial_grid
+    from actclust.orchestration.pipeline import trial_grid
 
     cfg = C.build(C.RunConfig, dict(k=[16, 64], theta=[0.5, 0.3],
                                     algorithm=["hamming-kmeans", "brb-kmeans"]))

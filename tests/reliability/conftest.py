@@ -45,10 +45,7 @@ def nodes():
     ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
     cluster = Nodes()
-    # Tiny models take milliseconds a chunk and a k-means iteration: slow each down so a
-    # node can be lost while the work is in flight.
-    ray.init(address=cluster.cluster.address, logging_level="WARNING",
-             runtime_env={"env_vars": {"ACTCLUST_FAULT_DELAY_S": "0.15"}})
+    ray.init(address=cluster.cluster.address, logging_level="WARNING")
     yield cluster
     ray.shutdown()
     cluster.cluster.shutdown()

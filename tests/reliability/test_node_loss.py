@@ -8,14 +8,20 @@ import logging
 import pyarrow.parquet as pq
 import pytest
 
-from actclust import store
-from actclust.cluster import run_cluster
+from actclust.io import mask_store as store
+from actclust.clustering.distributed import run_cluster
 from actclust.config import ClusterConfig, EvaluateConfig, ExtractConfig, build
-from actclust.evaluate import run_evaluate
-from actclust.extract import run_extract
-from actclust.verify import verify
+from actclust.evaluation.evaluate import run_evaluate
+from actclust.capture.extract import run_extract
+from actclust.capture.verify import verify
+
+from fault_injection import Delay
 
 from .conftest import in_background, wait_for
+
+# Tiny models take milliseconds a chunk and a k-means iteration: slow each down so a
+# node can be lost while the work is in flight.
+SLOW = Delay(0.15)
 
 EXTRACT = dict(model="tiny:opt", corpus="embedded:pydoc", seq_len=32, max_tokens=32 * 80,
                shard_windows=2, workers=2)
@@ -61,9 +67,9 @@ def masks(nodes, tmp_path_factory):
 
 def test_kmeans_survives_a_lost_node(nodes, masks, tmp_path, caplog):
     values = dict(masks=masks, k=16, workers=2, max_iter=40, tol=0.0)
-    reference = run_cluster(build(ClusterConfig, {**values, "out": str(tmp_path / "ref")}))
+    reference = run_cluster(build(ClusterConfig, {**values, "out": str(tmp_path / "ref")}), SLOW)
     out = tmp_path / "faulted"
-    join = in_background(run_cluster, build(ClusterConfig, {**values, "out": str(out)}))
+    join = in_background(run_cluster, build(ClusterConfig, {**values, "out": str(out)}), SLOW)
     wait_for(lambda: (out / "checkpoints" / "layer=0.npz").exists(), what="a k-means checkpoint")
     assert join.running()
     nodes.kill_worker()
@@ -80,10 +86,12 @@ def test_kmeans_survives_a_lost_node(nodes, masks, tmp_path, caplog):
 def test_evaluation_survives_a_lost_node(nodes, masks, tmp_path, caplog):
     run_cluster(build(ClusterConfig, dict(masks=masks, k=8, workers=2, out=str(tmp_path / "c"))))
     values = dict(centroids=str(tmp_path / "c"), max_tokens=32 * 60, workers=2, batch_windows=1)
-    reference = run_evaluate(build(EvaluateConfig, {**values, "out": str(tmp_path / "ref")}))
-    caplog.set_level(logging.DEBUG, logger="actclust.pool")
+    reference = run_evaluate(build(EvaluateConfig, {**values, "out": str(tmp_path / "ref")}),
+                             SLOW)
+    caplog.set_level(logging.DEBUG, logger="actclust.orchestration.actors")
     join = in_background(run_evaluate, build(EvaluateConfig, {**values,
-                                                              "out": str(tmp_path / "faulted")}))
+                                                              "out": str(tmp_path / "faulted")}),
+                         SLOW)
     # Both actors working: each has finished some chunks (the pool logs every result).
     wait_for(lambda: sum("task done" in r.getMessage() for r in caplog.records) >= 6,
              what="evaluation chunks")

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actclust import store
+from actclust.io import mask_store as store
 
 
 @settings(max_examples=60, deadline=None)

@@ -8,7 +8,7 @@ import pytest
 
 from actclust import config as C
 from actclust.errors import UserError
-from actclust.models import load_model
+from actclust.io.models import load_model
 
 
 def test_trust_remote_code_is_off_by_default():

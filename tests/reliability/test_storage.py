@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from actclust import store
-from actclust.verify import verify
+from actclust.io import mask_store as store
+from actclust.capture.verify import verify
 from conftest import assert_user_error, run_cli
 
 ARGS = ["extract", "--model", "tiny:opt", "--corpus", "embedded:pydoc", "--seq-len", "32",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actclust import store
+from actclust.io import mask_store
 
 
 def verify(root: str) -> list[str]:
@@ -13,23 +13,23 @@ def verify(root: str) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    manifest = store.read_manifest(root)
+    manifest = mask_store.read_manifest(root)
     problems: list[str] = []
-    pending = [s["name"] for s in manifest["shards"] if s.get("status") != store.COMPLETE]
+    pending = [s["name"] for s in manifest["shards"] if s.get("status") != mask_store.COMPLETE]
     if pending:
         problems.append(f"{len(pending)} shard(s) not complete: {', '.join(pending[:5])}"
                         f"{' ...' if len(pending) > 5 else ''}")
-    expected_schema = store.mask_schema(manifest["d_ff"])
+    expected_schema = mask_store.mask_schema(manifest["d_ff"])
     seq_len = manifest["seq_len"]
-    for shard in store.complete_shards(manifest):
+    for shard in mask_store.complete_shards(manifest):
         digests = shard.get("file_sha256") or []
         for i, layer in enumerate(manifest["layers"]):
-            path = store.shard_path(root, layer, shard["name"])
+            path = mask_store.shard_path(root, layer, shard["name"])
             where = f"{path.relative_to(root)}"
             if not path.is_file():
                 problems.append(f"{where}: missing")
                 continue
-            if i < len(digests) and store.sha256_file(path) != digests[i]:
+            if i < len(digests) and mask_store.sha256_file(path) != digests[i]:
                 problems.append(f"{where}: sha256 differs from the manifest (file changed or corrupt)")
             try:
                 table = pq.read_table(path)
@@ -51,12 +51,12 @@ def verify(root: str) -> list[str]:
                 problems.append(f"{where}: (seq, pos) rows do not cover {shard['windows']} "
                                 f"windows x {seq_len} positions in order")
     seen = {}
-    for shard in store.complete_shards(manifest):
+    for shard in mask_store.complete_shards(manifest):
         key = (shard.get("seq_first"), shard.get("seq_last"))
         if key in seen:
             problems.append(f"shards {seen[key]} and {shard['name']} cover the same windows")
         seen[key] = shard["name"]
-    rows = sum(s["rows"] for s in store.complete_shards(manifest))
+    rows = sum(s["rows"] for s in mask_store.complete_shards(manifest))
     if not pending and rows != manifest["tokens"]:
         problems.append(f"complete shards hold {rows} rows per layer, manifest says {manifest['tokens']}")
     return problems

@@ -15,12 +15,12 @@ run started and reuses what it finished.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from actclust import config as C
-from actclust import store
+from actclust.io import centroid_store, eval_store, mask_store
+from actclust.io.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +49,28 @@ def trial_grid(cfg: C.RunConfig) -> list[tuple[int, float, str]]:
 
 
 def extract_stage(cfg: C.RunConfig) -> str:
-    from actclust.extract import run_extract
+    from actclust.capture.extract import run_extract
 
     masks = str(Path(cfg.out) / "masks")
-    manifest_path = Path(masks) / store.MANIFEST
+    manifest_path = Path(masks) / mask_store.MANIFEST
     if manifest_path.is_file():
-        manifest = store.read_manifest(masks)
-        if all(s["status"] == store.COMPLETE for s in manifest["shards"]):
+        manifest = mask_store.read_manifest(masks)
+        if all(s["status"] == mask_store.COMPLETE for s in manifest["shards"]):
             log.info("masks already extracted in %s", masks)
             return masks
     ecfg = C.build(C.ExtractConfig, dict(
         model=cfg.model, corpus=cfg.corpus, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens,
-        heldout_every=cfg.heldout_every, sparsity=cfg.sparsity, threshold=cfg.threshold, workers=cfg.workers, out=masks))
+        heldout_every=cfg.heldout_every, sparsity=cfg.sparsity, threshold=cfg.threshold,
+        workers=cfg.workers, out=masks))
     run_extract(ecfg)
     return masks
 
 
 def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float, algorithm: str) -> str:
-    from actclust.cluster import run_cluster
+    from actclust.clustering.distributed import run_cluster
 
     out = Path(cfg.out) / "clusters" / trial_name(k, theta, algorithm)
-    if (out / "cluster.json").is_file():
+    if centroid_store.is_finished(out):
         return str(out)
     ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, seed=cfg.seed,
                                          workers=cfg.workers, algorithm=algorithm, out=str(out)))
@@ -78,11 +79,12 @@ def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float, algorithm:
 
 
 def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
-    from actclust.evaluate import run_evaluate
+    from actclust.evaluation.evaluate import run_evaluate
 
     out = Path(cfg.out) / "eval" / name
-    if (out / "eval.json").is_file():
-        return json.loads((out / "eval.json").read_text())
+    finished = eval_store.read_eval(out)
+    if finished is not None:
+        return finished
     return run_evaluate(_evaluate_config(cfg, centroids, str(out)))
 
 
@@ -95,9 +97,9 @@ def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None):
 
 def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
     """The dense and oracle passes of the run, computed once for every trial."""
-    from actclust.evaluate import run_baseline
+    from actclust.evaluation.evaluate import run_baseline
 
-    manifest = store.read_manifest(masks)
+    manifest = mask_store.read_manifest(masks)
     meta = {key: manifest[key] for key in ("model", "corpus", "seq_len", "heldout_every",
                                            "split", "sites", "layers", "thresholds", "d_ff")}
     meta["text_column"] = manifest.get("identity", {}).get("text_column", "text")
@@ -115,7 +117,7 @@ def result_row(report: dict, cluster_meta: dict) -> dict:
 
 def run_identity(cfg: C.RunConfig, masks: str) -> dict:
     """What a results table was computed from (shown in the report)."""
-    manifest = store.read_manifest(masks)
+    manifest = mask_store.read_manifest(masks)
     return {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
             "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
             "heldout_every": cfg.heldout_every, "dense_prefix": cfg.dense_prefix,
@@ -136,12 +138,12 @@ def write_results(rows: list[dict], out: Path, identity: dict) -> None:
     tmp = out / ".results.csv.tmp"
     tmp.write_text(buffer.getvalue())
     tmp.replace(out / "results.csv")
-    store.write_json_atomic({"identity": identity, "rows": rows}, out / "results.json")
+    write_json_atomic({"identity": identity, "rows": rows}, out / "results.json")
 
 
 def run_pipeline(cfg: C.RunConfig) -> Path:
     """Run every stage; returns the path of report.html."""
-    from actclust.report import write_report
+    from actclust.evaluation.report import write_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,7 @@ def run_pipeline(cfg: C.RunConfig) -> Path:
         name = trial_name(k, theta, algorithm)
         centroids = cluster_stage(cfg, masks, k, theta, algorithm)
         report = evaluate_stage(cfg, centroids, name)
-        meta = json.loads((Path(centroids) / "cluster.json").read_text())
+        meta = centroid_store.read_meta(centroids)
         rows.append(result_row(report, meta))
         log.info("K=%d theta=%g %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
                  "density %.3f, recall %.3f, weighted recall %.3f", k, theta, algorithm,

@@ -1,4 +1,4 @@
-"""Activation masks: the pure threshold function and the hooks that read or mask `a`.
+"""Mask capture: the pure threshold function and the hooks that read or mask `a`.
 
 Hooks are registered inside context managers that always remove them.
 Site ``intermediate`` reads the *input* of the FFN output projection (the `a`
@@ -13,7 +13,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from actclust.models import ffn_sites
+from actclust.devices import model_input, to_host
+from actclust.io.models import ffn_sites
 
 
 def mask_of(a, tau):
@@ -82,34 +83,36 @@ def masking(model, mask_fn: MaskFn, site: str = "intermediate") -> Iterator[None
             h.remove()
 
 
-def calibrate_thresholds(model, ids: np.ndarray, sparsity: float, site: str = "intermediate",
-                         batch_windows: int = 4) -> list[float]:
-    """Per-layer ``tau_l``: the ``sparsity``-quantile of ``|a|`` over the tokens of ``ids``."""
+def per_layer_on_host(model, ids: np.ndarray, site: str, batch_windows: int,
+                      transform: Callable) -> list[list[np.ndarray]]:
+    """Forward ``ids`` (W, T) a batch of windows at a time on the model's device;
+    ``transform(layer, a)`` of each layer's activation, brought to the host, one
+    list of batches per layer."""
     import torch
 
     per_layer: list[list[np.ndarray]] = []
     with torch.inference_mode(), captured(model, site) as acts:
         for start in range(0, len(ids), batch_windows):
-            model(torch.tensor(ids[start:start + batch_windows]))
+            model(model_input(model, ids[start:start + batch_windows]))
             if not per_layer:
                 per_layer = [[] for _ in acts]
             for layer, a in enumerate(acts):
-                per_layer[layer].append(a.abs().reshape(-1).float().numpy())
+                per_layer[layer].append(to_host(transform(layer, a)))
+    return per_layer
+
+
+def calibrate_thresholds(model, ids: np.ndarray, sparsity: float, site: str = "intermediate",
+                         batch_windows: int = 4) -> list[float]:
+    """Per-layer ``tau_l``: the ``sparsity``-quantile of ``|a|`` over the tokens of ``ids``."""
+    per_layer = per_layer_on_host(model, ids, site, batch_windows,
+                                  lambda layer, a: a.abs().reshape(-1).float())
     return [float(np.quantile(np.concatenate(chunks), sparsity)) for chunks in per_layer]
 
 
 def layer_masks(model, ids: np.ndarray, thresholds: list[float], site: str = "intermediate",
                 batch_windows: int = 4) -> list[np.ndarray]:
     """Bool masks of every layer for windows ``ids`` (W, T): a list of (W*T, width) arrays."""
-    import torch
-
-    chunks: list[list[np.ndarray]] = []
-    with torch.inference_mode(), captured(model, site) as acts:
-        for start in range(0, len(ids), batch_windows):
-            model(torch.tensor(ids[start:start + batch_windows]))
-            if not chunks:
-                chunks = [[] for _ in acts]
-            for layer, a in enumerate(acts):
-                m = mask_of(a, thresholds[layer])
-                chunks[layer].append(m.reshape(-1, m.shape[-1]).numpy())
-    return [np.concatenate(c) for c in chunks]
+    per_layer = per_layer_on_host(model, ids, site, batch_windows,
+                                  lambda layer, a: mask_of(a, thresholds[layer])
+                                  .reshape(-1, a.shape[-1]))
+    return [np.concatenate(chunks) for chunks in per_layer]

@@ -22,67 +22,21 @@ on the centroids and are computed once per run when a baseline directory is give
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 
-from actclust import store
 from actclust.errors import UserError
-from actclust.evalsummary import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
-                                  empty_stats, metric_values, read_baseline, summarize,
-                                  write_baseline)
+from actclust.evaluation.metrics import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
+                                        empty_stats, summarize, window_nll)
+from actclust.io import centroid_store, eval_store, mask_store
+from actclust.io.centroid_store import load_centroids
+from actclust.orchestration.actors import FaultHooks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "STAT_FIELDS", "Evaluator", "assignment_stats", "load_centroids",
-           "metric_values", "run_baseline", "run_evaluate", "window_nll"]
-
-
-def window_nll(logits, ids) -> np.ndarray:
-    """Per-window sum of next-token NLL: logits (W, T, V), ids (W, T) -> (W,) float64."""
-    import torch
-
-    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return nll.sum(dim=1).numpy()
-
-
-def assignment_stats(bits: np.ndarray, centroids: np.ndarray, backend: str) -> np.ndarray:
-    """STAT_FIELDS sums (cluster-pass counts only) for packed masks (N, B) against (K, B)."""
-    from actclust import hamming
-
-    labels, dist = hamming.assign(bits, centroids, backend=backend)
-    true_bits = hamming.popcount(bits).astype(np.int64)
-    cent_bits = hamming.popcount(centroids).astype(np.int64)[labels]
-    overlap = (true_bits + cent_bits - dist.astype(np.int64)) // 2
-    stats = empty_stats(1)[0]
-    stats[[F["tokens"], F["true_bits"], F["centroid_bits"], F["hamming"], F["overlap"],
-           F["kept_bits"]]] = [len(bits), true_bits.sum(), cent_bits.sum(),
-                               dist.astype(np.int64).sum(), overlap.sum(), cent_bits.sum()]
-    return stats
-
-
-def _injected_delay() -> None:
-    """Latency injection for the reliability tests (ACTCLUST_FAULT_DELAY_S), off by default."""
-    delay = float(os.environ.get("ACTCLUST_FAULT_DELAY_S", "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
-
-
-def torch_float32():
-    import torch
-
-    return torch.float32
-
-
-def torch_float64():
-    import torch
-
-    return torch.float64
+__all__ = ["MODES", "STAT_FIELDS", "Evaluator", "load_centroids", "run_baseline", "run_evaluate"]
 
 
 class Evaluator:
@@ -94,19 +48,20 @@ class Evaluator:
 
     def __init__(self, model: str, centroids_dir: str | None = None, num_cpus: float = 1,
                  seed: int = 0, trust_remote_code: bool = False, use_gpu: bool = False,
-                 dense_prefix: int = 1, mask_mode: str = "replace", meta: dict | None = None):
-        import torch
-
-        from actclust.models import load_model
-        from actclust.raycluster import set_threads
+                 faults: FaultHooks | None = None, dense_prefix: int = 1,
+                 mask_mode: str = "replace", meta: dict | None = None):
+        from actclust import kernels
+        from actclust.devices import place_model
+        from actclust.io.models import load_model
+        from actclust.orchestration.raycluster import set_threads
 
         set_threads(num_cpus)
         centroids = None
         if centroids_dir is not None:
             meta, centroids = load_centroids(centroids_dir)
         self.model = load_model(model, trust_remote_code=trust_remote_code).model
-        self.device = "cuda" if use_gpu else "cpu"
-        self.model.to(self.device)
+        self.device = place_model(self.model, use_gpu)
+        self.faults = faults or FaultHooks()
         self.site = meta["sites"]
         # Model layer -> its position in the clustered layers (others stay unmasked).
         self.slot = {layer: i for i, layer in enumerate(meta["layers"])}
@@ -115,32 +70,29 @@ class Evaluator:
         self.dense_prefix = dense_prefix
         self.mask_mode = mask_mode
         self.shape = (0, 0)  # (windows, seq_len) of the chunk in flight
-        self.centroids, self.norms = [], []
-        if centroids is not None:
-            # Centroids unpacked once, as 0/1 float32 (K, d): the GEMM form of the
-            # Hamming distance, |m| + |c| - 2 m.c, is exact in float32 below 2**24 bits.
-            self.centroids = [torch.from_numpy(store.unpack(c, meta["d_ff"]).astype(np.float32))
-                              .to(self.device) for c in centroids]
-            self.norms = [c.sum(dim=1) for c in self.centroids]
+        # Unpacked once onto the model's device, where the masks are made.
+        self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device)
+                          for c in centroids or []]
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
         """Per-window NLL sums (W,) per mode, tokens per window (W,), STAT_FIELDS (L, F)."""
         import torch
 
-        from actclust.masks import masking
+        from actclust.capture.hooks import masking
+        from actclust.devices import model_input
 
-        _injected_delay()
+        self.faults.evaluation_chunk(chunk)
         if "random" in modes and modes.index("random") < modes.index("cluster"):
             raise ValueError("the random pass takes its bit counts from the cluster pass")
         self.shape = ids.shape
-        ids_t = torch.tensor(ids, device=self.device)
+        ids_t = model_input(self.model, ids)
         out = {"nll": {}, "tokens": np.full(len(ids), ids.shape[1] - 1, dtype=np.int64)}
         stats = empty_stats(len(self.slot))
         for mode in modes:
             fn = self._mask_fn(mode, chunk, stats)
             with torch.inference_mode(), masking(self.model, fn, self.site):
                 logits = self.model(ids_t).logits
-            out["nll"][mode] = window_nll(logits.cpu(), ids_t.cpu())
+            out["nll"][mode] = window_nll(logits, ids_t)
         out["stats"] = stats
         return out
 
@@ -163,40 +115,34 @@ class Evaluator:
         return full.reshape(a.shape)
 
     def _true_mask(self, slot: int, a):
-        from actclust.masks import mask_of
+        from actclust.capture.hooks import mask_of
 
         return mask_of(a, self.thresholds[slot])
 
-    def nearest(self, slot: int, m):
-        """Nearest centroid (Hamming; ties to the lowest index) of bool masks m (N, d).
-
-        Returns (labels (N,) int64, overlap |m AND c| (N,) float32) as tensors.
-        """
-        mf = m.to(torch_float32())
-        dot = mf @ self.centroids[slot].T  # (N, K) = |m AND c_j|
-        labels = (self.norms[slot][None, :] - 2 * dot).argmin(dim=1)  # |m| is constant per row
-        return labels, dot.gather(1, labels[:, None]).squeeze(1)
-
     def _cluster_mask(self, slot: int, body, stats: np.ndarray):
         """Centroid (or m AND centroid) rows for masked positions; records the metrics."""
+        import torch
+
         m = self._true_mask(slot, body)
-        labels, overlap = self.nearest(slot, m)
-        c = self.centroids[slot][labels]  # (N, d) 0/1 float32
+        centroids = self.centroids[slot]
+        labels, overlap = centroids.nearest(m)
+        c = centroids.rows[labels]  # (N, d) 0/1
         kept = c * m if self.mask_mode == "and" else c
         mf = m.to(c.dtype)
         mass = body.abs().to(c.dtype) * mf
-        true_bits = mf.sum(dtype=torch_float64())
-        cent_bits = self.norms[slot][labels].sum(dtype=torch_float64())
-        inter = overlap.sum(dtype=torch_float64())
+        f64 = torch.float64
+        true_bits = mf.sum(dtype=f64)
+        cent_bits = centroids.norms[labels].sum(dtype=f64)
+        inter = overlap.sum(dtype=f64)
         row = stats[slot]
         row[F["tokens"]] += len(m)
         row[F["true_bits"]] += float(true_bits)
         row[F["centroid_bits"]] += float(cent_bits)
         row[F["hamming"]] += float(true_bits + cent_bits - 2 * inter)
         row[F["overlap"]] += float(inter)
-        row[F["kept_bits"]] += float(kept.sum(dtype=torch_float64()))
-        row[F["true_mass"]] += float(mass.sum(dtype=torch_float64()))
-        row[F["kept_mass"]] += float((mass * c).sum(dtype=torch_float64()))
+        row[F["kept_bits"]] += float(kept.sum(dtype=f64))
+        row[F["true_mass"]] += float(mass.sum(dtype=f64))
+        row[F["kept_mass"]] += float((mass * c).sum(dtype=f64))
         return kept
 
     def _random_mask(self, slot: int, body, chunk: int, stats: np.ndarray):
@@ -207,7 +153,7 @@ class Evaluator:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk * 1009 + slot)
         flat = torch.zeros(body.numel(), dtype=torch.bool)
         flat[torch.randperm(body.numel(), generator=gen)[:bits]] = True
-        r = flat.reshape(body.shape).to(body.device)
+        r = flat.reshape(body.shape).to(body.device)  # drawn on the host: same on every device
         if self.mask_mode == "and":
             r = r & self._true_mask(slot, body)
         stats[slot, F["random_bits"]] += bits
@@ -238,51 +184,24 @@ class Evaluator:
         return by_layer
 
 
-def load_centroids(root: str | Path) -> tuple[dict, list[np.ndarray]]:
-    """cluster.json and the per-layer (K, B) centroids of a clustering directory."""
-    import pyarrow.parquet as pq
-
-    root = Path(root)
-    meta_path = root / "cluster.json"
-    if not meta_path.is_file() or not (root / "centroids.parquet").is_file():
-        raise UserError(f"{root} is not a clustering directory (cluster.json and "
-                        "centroids.parquet expected; create them with actclust cluster)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
-    table = pq.read_table(root / "centroids.parquet")
-    layer_col = table.column("layer").to_numpy()
-    cluster_col = table.column("cluster").to_numpy()
-    bits = store.bits_to_numpy(table.column("bits"))
-    per_layer = []
-    for layer in meta["layers"]:
-        key = -1 if meta.get("pooled") else layer
-        rows = np.flatnonzero(layer_col == key)
-        rows = rows[np.argsort(cluster_col[rows], kind="stable")]
-        if len(rows) == 0:
-            raise UserError(f"{root}/centroids.parquet has no centroids for layer {layer}")
-        per_layer.append(bits[rows])
-    return meta, per_layer
-
-
 def fitted_split(meta: dict) -> str | None:
     """The split of the masks the centroids were fitted on (older cluster.json: the manifest)."""
     if meta.get("split"):
         return meta["split"]
     masks = meta.get("masks")
-    if masks and (Path(masks) / store.MANIFEST).is_file():
-        return store.read_manifest(masks).get("split")
+    if masks and (Path(masks) / mask_store.MANIFEST).is_file():
+        return mask_store.read_manifest(masks).get("split")
     return None
 
 
 def _resolve(cfg, meta: dict):
     """Fill the evaluation config from the centroids' identity; refuse a mismatch."""
+    import dataclasses
+
     where = f"centroids in {cfg.centroids}"
-    for key in ("model", "corpus", "seq_len", "text_column", "heldout_every"):
-        given = getattr(cfg, key)
-        if given is None:
-            setattr(cfg, key, meta[key])
+    cfg = dataclasses.replace(cfg, **{key: meta[key] for key in
+                                      ("model", "corpus", "seq_len", "text_column",
+                                       "heldout_every") if getattr(cfg, key) is None})
     if cfg.model != meta["model"]:
         raise UserError(f"{where} were fitted on masks of model "
                         f"{meta['model']!r}, not {cfg.model!r}; pass --model {meta['model']} "
@@ -314,8 +233,8 @@ def _resolve(cfg, meta: dict):
 
 
 def _load_windows(cfg):
-    from actclust.corpus import load_windows
-    from actclust.models import load_tokenizer
+    from actclust.io.corpus import load_windows
+    from actclust.io.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     return load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
@@ -332,30 +251,31 @@ def baseline_identity(cfg, meta: dict) -> dict:
             "dense_prefix": cfg.dense_prefix, "batch_windows": cfg.batch_windows}
 
 
-def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes) -> list:
-    """Evaluate ``modes`` on every chunk of ``windows`` with a pool of actors, in order."""
+def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
+                faults: FaultHooks | None = None) -> list:
+    """Evaluate ``modes`` on every chunk of ``windows`` with a group of actors, in order."""
     import ray
 
-    from actclust.pool import ActorPool
-    from actclust.raycluster import actor_options, init_ray
+    from actclust.orchestration.actors import ActorGroup
+    from actclust.orchestration.raycluster import actor_options, init_ray
 
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
     meta_fields = {k: meta[k] for k in ("sites", "layers", "thresholds", "d_ff")}
-    pool = ActorPool(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"], cfg.seed,
-                                          cfg.trust_remote_code, "num_gpus" in options,
-                                          cfg.dense_prefix, cfg.mask_mode, meta_fields),
-                     cfg.workers)
+    group = ActorGroup(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"],
+                                            cfg.seed, cfg.trust_remote_code,
+                                            "num_gpus" in options, faults, cfg.dense_prefix,
+                                            cfg.mask_mode, meta_fields), cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
     try:
-        pool.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]],
-                                                                   modes),
-                 lambda task, result: results.__setitem__(task[0], result))
+        group.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]],
+                                                                    modes),
+                  lambda task, result: results.__setitem__(task[0], result))
     finally:
-        pool.shutdown()
+        group.shutdown()
     return [results[c] for c, _ in chunks]
 
 
@@ -365,52 +285,48 @@ def run_baseline(cfg, meta: dict) -> dict:
     ``meta`` needs cluster.json's model, corpus, seq_len, text_column, heldout_every,
     split, sites, layers, thresholds and d_ff (a mask manifest has them all).
     """
-    cfg = _resolve(cfg, {**meta, "k": None, "theta": None})
+    cfg = _resolve(cfg, meta)
     windows = _load_windows(cfg)
     ident = baseline_identity(cfg, meta)
-    cached = read_baseline(cfg.baseline, ident, windows)
+    cached = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])
     if cached is not None:
         return cached
     results = _run_chunks(cfg, meta, None, windows, BASELINE_MODES)
     baseline = baseline_from(results, windows, ident)
-    write_baseline(cfg.baseline, baseline)
+    eval_store.write_baseline(cfg.baseline, baseline)
     return baseline
 
 
-def run_evaluate(cfg) -> dict:
-    """Evaluate centroids on held-out windows; writes and returns eval.json's content."""
+def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
+    """Evaluate centroids on held-out windows; writes and returns eval.json's content.
+
+    ``faults``: fault-injection hooks handed to the actors (tests only).
+    """
     meta, centroids = load_centroids(cfg.centroids)
     cfg = _resolve(cfg, meta)
     windows = _load_windows(cfg)
-    _check_width(cfg, meta, centroids)
+    centroid_store.check_width(meta, centroids)
     ident = baseline_identity(cfg, meta)
-    baseline = read_baseline(cfg.baseline, ident, windows)
+    baseline = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])
     modes = ("cluster", "random") if baseline is not None else MODES
     centroids_dir = str(Path(cfg.centroids).resolve())
-    results = _run_chunks(cfg, meta, centroids_dir, windows, modes)
+    results = _run_chunks(cfg, meta, centroids_dir, windows, modes, faults)
     if baseline is None:
         baseline = baseline_from(results, windows, ident)
         if cfg.baseline is not None:
-            write_baseline(cfg.baseline, baseline)
+            eval_store.write_baseline(cfg.baseline, baseline)
     else:
         log.info("dense and oracle passes reused from %s", cfg.baseline)
     report = summarize(results, baseline, meta, windows, dense_prefix=cfg.dense_prefix,
                        mask_mode=cfg.mask_mode, resamples=cfg.bootstrap_resamples,
                        seed=cfg.seed)
     report.update(identity=_identity(cfg, meta, windows))
-    store.write_json_atomic(report, Path(cfg.out) / "eval.json")
+    eval_store.write_eval(report, cfg.out)
     return report
 
 
-def _check_width(cfg, meta: dict, centroids: list[np.ndarray]) -> None:
-    expect = store.row_bytes(meta["d_ff"])
-    for layer, c in zip(meta["layers"], centroids):
-        if c.shape[1] != expect:
-            raise UserError(f"centroids of layer {layer} are {c.shape[1] * 8} bits wide, but "
-                            f"cluster.json says d_ff {meta['d_ff']}")
-
-
 def _identity(cfg, meta: dict, windows) -> dict:
+    """What eval.json was computed from."""
     return {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "seq_len": cfg.seq_len,
             "max_tokens": cfg.max_tokens, "heldout_every": cfg.heldout_every,
             "fitted_split": fitted_split(meta), "sites": meta["sites"],

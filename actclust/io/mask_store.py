@@ -1,5 +1,5 @@
-"""On-disk mask store (DESIGN.md format version 1): the one place that knows
-the Parquet schema and the bit order.
+"""The mask store (DESIGN.md format version 1): the one place that knows the mask
+Parquet schema and the bit order, both ways (write and read), and the manifest.
 
 Layout of an extraction directory::
 
@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from actclust.errors import UserError
+from actclust.io.files import sha256_file, write_json_atomic, write_table_atomic  # noqa: F401
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -97,48 +97,6 @@ def layer_dir(root: str | os.PathLike, layer: int) -> Path:
 
 def shard_path(root, layer: int, shard: str) -> Path:
     return layer_dir(root, layer) / f"{shard}.parquet"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_table_atomic(table, path: Path) -> str:
-    """Write Parquet under a temporary name, fsync, rename; returns the file's sha256."""
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=["seq", "pos", "token"])
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
-
-
-def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_shard(root, shard: str, seq: np.ndarray, token_ids: np.ndarray,
@@ -234,3 +192,37 @@ def iter_layer_batches(root, manifest: dict, layer: int, batch_rows: int,
         pf = pq.ParquetFile(shard_path(root, layer, name))
         for batch in pf.iter_batches(batch_size=batch_rows, columns=["bits"]):
             yield bits_to_numpy(batch.column(0))
+
+
+def read_shards(root, layer: int, names: list[str], width: int) -> np.ndarray:
+    """Packed masks (N, B) of one layer from the named shard files, in order."""
+    import pyarrow.parquet as pq
+
+    parts = [bits_to_numpy(pq.read_table(shard_path(root, layer, n), columns=["bits"])
+                           .column("bits")) for n in names]
+    return np.concatenate(parts) if parts else np.zeros((0, row_bytes(width)), np.uint8)
+
+
+def mask_width(manifest: dict) -> int:
+    """Bits per mask: d_ff at the FFN sites, d_model at ``down_out`` (stored as ``d_ff``)."""
+    return int(manifest["d_ff"])
+
+
+def masks_digest(manifest: dict) -> str:
+    """A short digest of the complete shards' contents (the masks' identity)."""
+    return hashlib.sha256("".join(s.get("sha256") or "" for s in manifest["shards"])
+                          .encode()).hexdigest()[:16]
+
+
+def verify_layers(root: str, manifest: dict, layers: list[int]) -> None:
+    """Refuse corrupt inputs before using them: each file must match its sha256."""
+    index = {layer: i for i, layer in enumerate(manifest["layers"])}
+    for shard in complete_shards(manifest):
+        digests = shard.get("file_sha256") or []
+        for layer in layers:
+            path = shard_path(root, layer, shard["name"])
+            if not path.is_file():
+                raise UserError(f"{path} is missing; run actclust verify {root}")
+            if digests and sha256_file(path) != digests[index[layer]]:
+                raise UserError(f"{path} does not match its sha256 in the manifest (corrupt or "
+                                f"changed); run actclust verify {root} and re-extract")

@@ -16,20 +16,28 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+import typing
 from typing import Optional
 
 from actclust import config as C
-from actclust import store
 from actclust.errors import UserError
-from actclust.pipeline import (RESULT_COLUMNS, baseline_stage, cluster_stage, evaluate_stage,
-                               extract_stage, result_row, run_identity, trial_grid, trial_name,
-                               write_results)
+from actclust.io import centroid_store, outdir
+from actclust.io.files import write_table_atomic
+from actclust.orchestration.pipeline import (RESULT_COLUMNS, baseline_stage, cluster_stage,
+                                             evaluate_stage, extract_stage, result_row,
+                                             run_identity, trial_grid, trial_name, write_results)
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class SweepConfig(C.RunConfig):
+    # What a sweep directory holds: rerun with other values is refused.
+    IDENTITY: typing.ClassVar[tuple] = (
+        "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
+        "sparsity", "threshold", "k", "theta", "algorithm", "seed", "workers", "dense_prefix",
+        "mask_mode")
+
     out: str = "runs/sweep"
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
     workers: int = 1
@@ -54,7 +62,7 @@ def trial(config: dict) -> None:
     name = trial_name(k, theta, algorithm)
     centroids = cluster_stage(cfg, config["masks"], k, theta, algorithm)
     report = evaluate_stage(cfg, centroids, name)
-    meta = json.loads((Path(centroids) / "cluster.json").read_text())
+    meta = centroid_store.read_meta(centroids)
     row = result_row(report, meta)
     tune.report({key: row[key] for key in RESULT_COLUMNS if row.get(key) is not None}
                 | {"per_layer_recall": row["per_layer_recall"], "trial": name})
@@ -64,8 +72,8 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     """Run (or resume) the sweep described by ``values``; returns report.html."""
     from ray import tune
 
-    from actclust.raycluster import init_ray
-    from actclust.report import write_report
+    from actclust.orchestration.raycluster import init_ray
+    from actclust.evaluation.report import write_report
 
     cfg = C.build(SweepConfig, values, overrides, source)
     out = Path(cfg.out).resolve()
@@ -111,19 +119,8 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
 
 def _check_identity(out: Path, cfg: SweepConfig) -> None:
     """Refuse a directory that holds another sweep (same contract as extract)."""
-    keys = ("model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
-            "sparsity", "threshold", "k", "theta", "algorithm", "seed", "workers", "dense_prefix",
-            "mask_mode")
-    ident = {k: getattr(cfg, k) for k in keys}
-    marker = out / "sweep_config.json"
-    if marker.is_file():
-        previous = json.loads(marker.read_text())
-        changed = [k for k in keys if previous.get(k) != ident[k]]
-        if changed:
-            raise UserError(f"{out} holds a sweep with other settings ({', '.join(changed)}); "
-                            "use a new out directory")
-    else:
-        store.write_json_atomic(ident, marker)
+    outdir.open_output(out, "sweep_config.json", C.identity(cfg), "a sweep with other settings",
+                       fresh_only=False, hint="use a new out directory")
 
 
 def _write_table(rows: list[dict], out: Path, masks: str, cfg: SweepConfig) -> None:
@@ -134,4 +131,4 @@ def _write_table(rows: list[dict], out: Path, masks: str, cfg: SweepConfig) -> N
     (out / "results.csv").replace(out / "sweep.csv")
     table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_COLUMNS} for r in rows])
     table = table.replace_schema_metadata({"actclust.identity": json.dumps(identity)})
-    store.write_table_atomic(table, out / "sweep.parquet")
+    write_table_atomic(table, out / "sweep.parquet")

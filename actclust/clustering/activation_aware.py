@@ -1,20 +1,5 @@
-"""Clustering baselines that return packed centroids, like :mod:`actclust.kmeans`.
-
-Two algorithms, both on ``(N, B)`` uint8 packed masks (bit order as in
-:mod:`actclust.hamming`), both returning a :class:`BaselineResult` whose
-``.cost`` is the mean Hamming distance of each mask to its *nearest* centroid,
-so they are scored exactly like our Hamming k-means:
-
-- :func:`brb_kmeans` -- BRB-KMeans ("bits to reals, k-means, binarise"), the
-  standard binary-clustering baseline: unpack to float32 0/1, run
-  scikit-learn's ``KMeans`` (or ``MiniBatchKMeans``), then set a centroid bit
-  iff its real coordinate is ``>= 0.5``. (The artifact's own
-  ``brbkmeans_same_k.py`` instead rounds the centroids inside every Lloyd
-  step with ``torch.round``, which sends 0.5 to 0; we binarise once, at the
-  end, as the BRB-KMeans method is usually stated.)
-- :func:`activation_aware` -- the clustering of arXiv 2507.14179 ("A Sparsity
-  Predicting Approach for Large Language Models via Activation Pattern
-  Clustering", Euro-Par 2025).
+"""Activation-aware clustering of arXiv 2507.14179 ("A Sparsity Predicting Approach
+for Large Language Models via Activation Pattern Clustering", Euro-Par 2025).
 
 The activation-aware clustering follows the public artifact's source,
 ``github.com/nobeldhar/Activation-Aware-Clustering`` at commit d08b3c6:
@@ -72,157 +57,22 @@ batch of chunks takes the bit-wise majority (mean ``>= 0.5``) of the 8 GPUs'
 centroids; here one process sees all rows at once, where that vote is the
 identity. Pool the layers first with :func:`pool_layers` for its "one centroid
 set for all 32 layers" setting.
-
-Example::
-
-    x = pool_layers([masks_l0, masks_l1, ...], max_rows=200_000, seed=0)
-    aa = activation_aware(x, k=256, d=1536, seed=0)
-    brb = brb_kmeans(x, k=256, d=1536, seed=0)
-    aa.centroids, aa.labels, aa.cost, brb.cost
-    labels, misses = assign_miss(x, aa.centroids)      # the artifact's evaluation rule
 """
 from __future__ import annotations
 
 import logging
 import math
-import numbers
-from dataclasses import dataclass
 
 import numpy as np
 
-from actclust import hamming
+from actclust import kernels
+from actclust.clustering.baselines import BaselineResult, _check_int, _check_masks, _result
+from actclust.kernels import MissCounter
 
 logger = logging.getLogger(__name__)
 
 ORDERS = ("cluster", "token")
-# Elements (float32) of one unpacked row block or one distance tile: 64 MiB.
-_BLOCK_ELEMS = 2**24
-
-
-@dataclass
-class BaselineResult:
-    """A baseline's fit.
-
-    Attributes:
-        centroids: (k, B) uint8 packed binary centroids.
-        labels: (N,) int64 cluster of every row under the algorithm's own
-            assignment (Euclidean for BRB-KMeans, capacity-limited miss count
-            for activation-aware), not necessarily the nearest in Hamming.
-        cost: mean Hamming distance of each row to its nearest centroid.
-        sizes: (k,) int64 members per cluster under ``labels``.
-        iterations: iterations run.
-        converged: the assignment stopped changing before ``max_iter``.
-    """
-
-    centroids: np.ndarray
-    labels: np.ndarray
-    cost: float
-    sizes: np.ndarray
-    iterations: int
-    converged: bool
-
-
-# --------------------------------------------------------------------------
-# validation
-
-
-def _check_int(value, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
-    return int(value)
-
-
-def _check_masks(x, k, d) -> tuple[np.ndarray, int, int]:
-    """Validate packed masks, k and d; returns (x, k, d)."""
-    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.uint8:
-        raise ValueError("x must be a 2-D numpy uint8 array of packed masks (rows, bytes), "
-                         f"got {type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}".rstrip())
-    n, b = x.shape
-    if n == 0 or b == 0:
-        raise ValueError(f"x must hold at least one row and one byte, got shape {x.shape}")
-    d = _check_int(d, "d", 1)
-    if -(-d // 8) != b:
-        raise ValueError(f"d={d} bits need {-(-d // 8)} bytes per row, but x has {b}")
-    if d % 8 and np.any(x[:, -1] >> np.uint8(d % 8)):
-        raise ValueError(f"x has bits set at positions >= d={d}; padding bits must be zero")
-    k = _check_int(k, "k", 1, n)
-    return x, k, d
-
-
-def _unpack(x: np.ndarray, d: int | None = None) -> np.ndarray:
-    """(m, B) packed -> (m, d or 8B) float32 0/1."""
-    return np.unpackbits(x, axis=1, count=d, bitorder="little").astype(np.float32)
-
-
-def _result(x, centroids, labels, k, iterations, converged) -> BaselineResult:
-    _, dist = hamming.assign(x, centroids)
-    return BaselineResult(
-        centroids=centroids,
-        labels=labels.astype(np.int64, copy=False),
-        cost=float(dist.mean(dtype=np.float64)),
-        sizes=np.bincount(labels, minlength=k).astype(np.int64),
-        iterations=int(iterations),
-        converged=bool(converged),
-    )
-
-
-# --------------------------------------------------------------------------
-# BRB-KMeans
-
-
-# scikit-learn's own cap: BRB-KMeans runs to scikit-learn's convergence tolerance.
-BRB_MAX_ITER = 300
-
-
-def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = BRB_MAX_ITER,
-               batch_size: int | None = None) -> BaselineResult:
-    """BRB-KMeans: bits to reals, k-means, binarise at 0.5.
-
-    Args:
-        x: (N, B) uint8 packed masks, ``B = ceil(d / 8)``.
-        k: clusters, 1 <= k <= N.
-        d: bits per mask.
-        seed: ``random_state`` of the scikit-learn estimator (k-means++ init).
-        max_iter: Lloyd iterations (epochs for mini-batch).
-        batch_size: None for ``KMeans`` (full batch, ``n_init=1``); an integer
-            for ``MiniBatchKMeans`` with that batch size.
-    Returns:
-        BaselineResult; ``labels`` are scikit-learn's (Euclidean nearest real
-        centroid), ``iterations`` its ``n_iter_``.
-
-    Holds the (N, d) float32 unpacked matrix in memory (scikit-learn needs it).
-    """
-    x, k, d = _check_masks(x, k, d)
-    seed = _check_int(seed, "seed", 0)
-    max_iter = _check_int(max_iter, "max_iter", 1)
-    if batch_size is not None:
-        batch_size = _check_int(batch_size, "batch_size", 1)
-    try:
-        from sklearn.cluster import KMeans, MiniBatchKMeans
-    except ImportError as err:  # a dev extra, not a runtime dependency
-        raise ImportError("brb_kmeans needs scikit-learn: pip install scikit-learn") from err
-
-    reals = _unpack(x, d)  # (N, d) float32 0/1
-    if batch_size is None:
-        est = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=max_iter)
-    else:
-        est = MiniBatchKMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=max_iter,
-                              batch_size=batch_size)
-    est.fit(reals)
-    bits = np.zeros((k, 8 * x.shape[1]), dtype=np.uint8)
-    bits[:, :d] = est.cluster_centers_ >= 0.5
-    centroids = np.packbits(bits, axis=1, bitorder="little")
-    labels = np.asarray(est.labels_, dtype=np.int64)
-    n_iter = int(est.n_iter_)
-    logger.info("brb_kmeans: N=%d k=%d d=%d, %d iterations", x.shape[0], k, d, n_iter)
-    return _result(x, centroids, labels, k, n_iter, n_iter < max_iter)
-
-
-# --------------------------------------------------------------------------
-# activation-aware clustering
+_BLOCK_ELEMS = 2**24  # int32 elements of one distance tile: 64 MiB
 
 
 def miss_counts(x: np.ndarray, c: np.ndarray, block_rows: int | None = None) -> np.ndarray:
@@ -239,7 +89,7 @@ def miss_counts(x: np.ndarray, c: np.ndarray, block_rows: int | None = None) -> 
     Returns:
         (N, K) int32.
     """
-    mc = _MissCounter.from_packed(c)
+    mc = MissCounter.from_packed(c)
     _check_rows(x, c)
     out = np.empty((x.shape[0], c.shape[0]), dtype=np.int32)
     rows = mc.default_rows() if block_rows is None else _check_int(block_rows, "block_rows", 1)
@@ -259,7 +109,7 @@ def assign_miss(x: np.ndarray, c: np.ndarray, block_rows: int | None = None) -> 
         labels: (N,) int64 (ties: lowest centroid index).
         misses: (N,) int32 miss count to that centroid.
     """
-    mc = _MissCounter.from_packed(c)
+    mc = MissCounter.from_packed(c)
     _check_rows(x, c)
     labels = np.empty(x.shape[0], dtype=np.int64)
     misses = np.empty(x.shape[0], dtype=np.int32)
@@ -277,40 +127,11 @@ def _check_rows(x, c) -> None:
                          f"{getattr(x, 'dtype', '')} {getattr(x, 'shape', type(x).__name__)}")
 
 
-class _MissCounter:
-    """Centroids unpacked once as a (D, K) float32 matrix for the miss-count GEMM."""
-
-    def __init__(self, ct: np.ndarray):
-        self.ct = ct  # (D, K) float32 0/1
-        self.k = ct.shape[1]
-
-    @classmethod
-    def from_packed(cls, c: np.ndarray) -> "_MissCounter":
-        """From (K, B) uint8 packed centroids."""
-        if not isinstance(c, np.ndarray) or c.ndim != 2 or c.dtype != np.uint8 or c.shape[0] < 1:
-            raise ValueError(f"c must be a (K >= 1, B) numpy uint8 array, got {getattr(c, 'dtype', '')} "
-                             f"{getattr(c, 'shape', type(c).__name__)}")
-        if 8 * c.shape[1] >= 2**24:
-            raise ValueError("masks of 2**24 bits or more are not exact in float32")
-        return cls(np.ascontiguousarray(_unpack(c).T))
-
-    def columns(self, c0: int, c1: int) -> "_MissCounter":
-        """The counter of centroids c0..c1-1."""
-        return _MissCounter(np.ascontiguousarray(self.ct[:, c0:c1]))
-
-    def default_rows(self) -> int:
-        return max(1, _BLOCK_ELEMS // max(self.ct.shape[0], self.k))
-
-    def __call__(self, xb: np.ndarray) -> np.ndarray:
-        """(m, B) packed rows -> (m, K) int32 miss counts."""
-        hits = _unpack(xb) @ self.ct  # (m, K) float32, exact integers
-        return hamming.popcount(xb)[:, None] - hits.astype(np.int32)
-
 
 def _initial_centroids(x, k, d, rng, sparsity_floor, init_window) -> np.ndarray:
     """k initial centroids with at least ``sparsity_floor`` of their d bits clear."""
     n = x.shape[0]
-    ones = hamming.popcount(x).astype(np.int64)
+    ones = kernels.popcount(x).astype(np.int64)
     ok = (d - ones) / d >= sparsity_floor  # (N,) rows that meet the floor
     starts = np.sort(rng.choice(n, size=k, replace=False))
     # next_ok[i]: first qualifying row at or after i (n if none).
@@ -344,7 +165,7 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
     return np.sort(np.concatenate([below, tied]))
 
 
-def _assign_by_cluster(x, mc: _MissCounter, cap: int) -> np.ndarray:
+def _assign_by_cluster(x, mc: MissCounter, cap: int) -> np.ndarray:
     """The artifact's order: cluster 0, 1, ... each takes its cap closest unassigned rows."""
     n, k = x.shape[0], mc.k
     labels = np.full(n, -1, dtype=np.int64)
@@ -369,7 +190,7 @@ def _assign_by_cluster(x, mc: _MissCounter, cap: int) -> np.ndarray:
     return labels
 
 
-def _assign_by_token(x, mc: _MissCounter, cap: int) -> np.ndarray:
+def _assign_by_token(x, mc: MissCounter, cap: int) -> np.ndarray:
     """Rows in order of their best miss count each take the closest cluster with room."""
     n, k = x.shape[0], mc.k
     best = np.empty(n, dtype=np.int64)
@@ -399,7 +220,7 @@ def _assign_by_token(x, mc: _MissCounter, cap: int) -> np.ndarray:
 
 def _update(x, labels, k, d, old: np.ndarray, t: int, quantile: float, running_average: bool) -> np.ndarray:
     """Member frequency (blended with the old centroid) binarised at its own quantile."""
-    sums, counts = hamming.bit_sums(x, labels, k)  # (k, 8B) int64, (k,) int64
+    sums, counts = kernels.bit_sums(x, labels, k)  # (k, 8B) int64, (k,) int64
     live = counts > 0
     values = sums[live, :d] / counts[live, None]  # (live, d) member frequency
     if running_average:
@@ -464,57 +285,15 @@ def activation_aware(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int
     labels = None
     converged = False
     for t in range(1, max_iter + 1):
-        new_labels = assign(x, _MissCounter.from_packed(centroids), cap)
+        new_labels = assign(x, MissCounter.from_packed(centroids), cap)
         centroids = _update(x, new_labels, k, d, centroids, t, quantile, running_average)
         converged = labels is not None and np.array_equal(labels, new_labels)
         labels = new_labels
         logger.debug("activation_aware: iteration %d, density %.4f", t,
-                     hamming.popcount(centroids).mean() / d)
+                     kernels.popcount(centroids).mean() / d)
         if converged:
             break
     logger.info("activation_aware: N=%d k=%d d=%d cap=%d order=%s, %d iterations%s", n, k, d, cap,
                 order, t, " (converged)" if converged else "")
     return _result(x, centroids, labels, k, t, converged)
 
-
-# --------------------------------------------------------------------------
-# pooling
-
-
-def pool_layers(per_layer: list[np.ndarray], max_rows: int, seed: int) -> np.ndarray:
-    """Pool several layers' masks into one set (the artifact's one centroid set for all layers).
-
-    Rows are concatenated layer after layer; if there are more than
-    ``max_rows`` a seeded uniform sample of ``max_rows`` of them is kept,
-    in pooled order.
-
-    Args:
-        per_layer: list of (N_l, B) uint8 packed masks, the same B for all.
-        max_rows: at most this many rows are returned.
-        seed: seeds the subsample.
-    Returns:
-        (min(sum N_l, max_rows), B) uint8.
-    """
-    if not isinstance(per_layer, (list, tuple)) or not per_layer:
-        raise ValueError("per_layer must be a non-empty list of (rows, bytes) uint8 arrays")
-    for i, a in enumerate(per_layer):
-        if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype != np.uint8:
-            raise ValueError(f"per_layer[{i}] must be a 2-D numpy uint8 array, got "
-                             f"{type(a).__name__} {getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}".rstrip())
-        if a.shape[1] != per_layer[0].shape[1]:
-            raise ValueError(f"per_layer[{i}] has {a.shape[1]} bytes per row, per_layer[0] has "
-                             f"{per_layer[0].shape[1]}; all layers must have the same width")
-    max_rows = _check_int(max_rows, "max_rows", 1)
-    seed = _check_int(seed, "seed", 0)
-    sizes = np.array([a.shape[0] for a in per_layer], dtype=np.int64)
-    total = int(sizes.sum())
-    if total <= max_rows:
-        return np.concatenate(per_layer, axis=0)
-    keep = np.sort(np.random.default_rng(seed).choice(total, size=max_rows, replace=False))
-    layer = np.searchsorted(np.cumsum(sizes), keep, side="right")  # layer of each kept row
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    out = np.empty((max_rows, per_layer[0].shape[1]), dtype=np.uint8)
-    for i, a in enumerate(per_layer):
-        sel = layer == i
-        out[sel] = a[keep[sel] - offsets[i]]
-    return out

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from actclust import store
-from actclust.config import ExtractConfig
-from actclust.corpus import Windows, load_windows
+from actclust.config import ExtractConfig, identity
 from actclust.errors import UserError
+from actclust.io import mask_store, outdir
+from actclust.io.corpus import Windows, load_windows
 
 log = logging.getLogger(__name__)
-
-IDENTITY_KEYS = ("model", "corpus", "text_column", "seq_len", "sites", "split", "heldout_every",
-                 "max_tokens", "sparsity", "threshold", "shard_windows", "calibration_windows")
-
 
 class MaskExtractor:
     """Loads the model once; computes and writes one shard per call.
@@ -34,8 +30,9 @@ class MaskExtractor:
 
     def __init__(self, model: str, site: str, num_cpus: float = 1, use_gpu: bool = False,
                  trust_remote_code: bool = False):
-        from actclust.models import ffn_sites, load_model, site_width
-        from actclust.raycluster import set_threads
+        from actclust.devices import place_model
+        from actclust.io.models import ffn_sites, load_model, site_width
+        from actclust.orchestration.raycluster import set_threads
 
         set_threads(num_cpus)
         self.error = None
@@ -46,9 +43,7 @@ class MaskExtractor:
             self.error = exc
             return
         self.site = site
-        self.device = "cuda" if use_gpu else "cpu"
-        if use_gpu:
-            self.loaded.model.to("cuda")
+        self.device = place_model(self.loaded.model, use_gpu)
         self.layers = list(range(len(modules)))
         self.width = site_width(modules[0], site)
 
@@ -59,18 +54,18 @@ class MaskExtractor:
                 "family": self.loaded.family}
 
     def calibrate(self, ids: np.ndarray, sparsity: float, batch_windows: int) -> list[float]:
-        from actclust.masks import calibrate_thresholds
+        from actclust.capture.hooks import calibrate_thresholds
 
         return calibrate_thresholds(self.loaded.model, ids, sparsity, self.site, batch_windows)
 
     def extract(self, root: str, shard: str, seq: np.ndarray, ids: np.ndarray,
                 thresholds: list[float], batch_windows: int) -> dict:
-        from actclust.masks import layer_masks
+        from actclust.capture.hooks import layer_masks
 
         start = time.perf_counter()
         masks = layer_masks(self.loaded.model, ids, thresholds, self.site, batch_windows)
-        packed = [store.pack(m) for m in masks]
-        entry = store.write_shard(root, shard, seq, ids, packed, self.layers, self.width)
+        packed = [mask_store.pack(m) for m in masks]
+        entry = mask_store.write_shard(root, shard, seq, ids, packed, self.layers, self.width)
         entry["seconds"] = round(time.perf_counter() - start, 3)
         entry["peak_rss_mb"] = _peak_rss_mb()
         return entry
@@ -83,10 +78,6 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def identity(cfg: ExtractConfig) -> dict:
-    return {k: getattr(cfg, k) for k in IDENTITY_KEYS}
-
-
 def plan_shards(windows: Windows, shard_windows: int) -> list[tuple[str, slice]]:
     n = len(windows)
     return [(f"shard-{i // shard_windows:05d}", slice(i, min(i + shard_windows, n)))
@@ -95,18 +86,13 @@ def plan_shards(windows: Windows, shard_windows: int) -> list[tuple[str, slice]]
 
 def _open_manifest(out: Path, cfg: ExtractConfig) -> dict | None:
     """The existing manifest of ``out`` if it belongs to the same run; refuse a foreign one."""
-    if not (out / store.MANIFEST).exists():
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"output directory {out} exists, is not empty and has no "
-                            f"{store.MANIFEST}; choose an empty or new --out")
+    if not (out / mask_store.MANIFEST).exists():
+        outdir.refuse_foreign(out, mask_store.MANIFEST)
         return None
-    manifest = store.read_manifest(out)
-    previous = manifest.get("identity", {})
-    changed = [k for k in IDENTITY_KEYS if previous.get(k) != identity(cfg).get(k)]
-    if changed:
-        diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {identity(cfg).get(k)!r}" for k in changed)
-        raise UserError(f"{out} holds masks of a different configuration ({diffs}); "
-                        "use a new --out or repeat the original command to resume")
+    manifest = mask_store.read_manifest(out)
+    outdir.refuse_changed(out, manifest.get("identity", {}), identity(cfg),
+                          "masks of a different configuration", values=True,
+                          hint="use a new --out or repeat the original command to resume")
     return manifest
 
 
@@ -119,9 +105,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
     """Extract masks per ``cfg``; returns the final manifest. Resumable."""
     import ray
 
-    from actclust.models import load_tokenizer
-    from actclust.pool import ActorPool
-    from actclust.raycluster import actor_options, init_ray
+    from actclust.io.models import load_tokenizer
+    from actclust.orchestration.actors import ActorGroup
+    from actclust.orchestration.raycluster import actor_options, init_ray
 
     out = Path(cfg.out)
     manifest = _open_manifest(out, cfg)
@@ -135,7 +121,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     options = actor_options(cfg.workers)
     use_gpu = "num_gpus" in options
     Actor = ray.remote(MaskExtractor).options(max_restarts=0, **options)
-    pool = ActorPool(lambda: Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
+    pool = ActorGroup(lambda: Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
                                           cfg.trust_remote_code), cfg.workers)
     try:
         first = pool.first_actor()
@@ -145,13 +131,13 @@ def run_extract(cfg: ExtractConfig) -> dict:
             manifest["thresholds"], manifest["sparsity_target"] = _thresholds(cfg, info, windows,
                                                                               first)
             out.mkdir(parents=True, exist_ok=True)
-            store.write_manifest(out, manifest)
+            mask_store.write_manifest(out, manifest)
         else:
             log.info("resuming %s: %d of %d shards complete", out,
-                     len(store.complete_shards(manifest)), len(manifest["shards"]))
+                     len(mask_store.complete_shards(manifest)), len(manifest["shards"]))
         _clean_temporaries(out)
         todo = [(name, sl) for (name, sl), entry in zip(shards, manifest["shards"])
-                if entry.get("status") != store.COMPLETE]
+                if entry.get("status") != mask_store.COMPLETE]
         _run_shards(pool, todo, windows, manifest, out, cfg)
     finally:
         pool.shutdown()
@@ -160,7 +146,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
 def _new_manifest(cfg: ExtractConfig, info: dict, windows: Windows, shards) -> dict:
     return {
-        "format_version": store.FORMAT_VERSION,
+        "format_version": mask_store.FORMAT_VERSION,
         "model": cfg.model,
         "corpus": cfg.corpus,
         "seq_len": cfg.seq_len,
@@ -176,7 +162,7 @@ def _new_manifest(cfg: ExtractConfig, info: dict, windows: Windows, shards) -> d
         "identity": identity(cfg),
         "shards": [{"name": name, "windows": sl.stop - sl.start,
                     "rows": (sl.stop - sl.start) * cfg.seq_len, "sha256": None,
-                    "status": store.PENDING} for name, sl in shards],
+                    "status": mask_store.PENDING} for name, sl in shards],
     }
 
 
@@ -213,7 +199,7 @@ def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: Path,
 
     def done(task, entry):
         manifest["shards"][index[task[0]]] = entry
-        store.write_manifest(out, manifest)
+        mask_store.write_manifest(out, manifest)
         progress.update(entry["rows"], total_steps=len(todo))
 
     pool.run(todo, submit, done)

@@ -1,25 +1,23 @@
-"""eval.json from per-chunk evaluation results: metrics, intervals, the shared baseline.
+"""Evaluation metrics: next-token NLL per window, clustering metrics from per-layer sums,
+and the eval.json summary of per-chunk results.
 
 Per-layer sums are kept in one float64 row per layer, indexed by STAT_FIELDS
-(integer counts stay exact below 2**53). Every count is taken over the
-*masked* positions of each window (positions >= dense_prefix); the prefix
-tokens enter only ``*effective_density``, where they count as fully dense.
+(integer counts stay exact below 2**53); the first five are the kernels'
+:data:`actclust.kernels.STAT_FIELDS`. Every count is taken over the *masked*
+positions of each window (positions >= dense_prefix); the prefix tokens enter
+only ``*effective_density``, where they count as fully dense. Chunks are added
+in window order, so any number of workers gives the same numbers.
 
 The dense and oracle passes do not depend on the centroids. Their per-window
 NLL sums and the oracle's kept bits form the *baseline*, which a run computes
-once and every trial of that run reuses (``baseline.json``), keyed by
-everything the two passes depend on.
+once and every trial of that run reuses (:mod:`actclust.io.eval_store`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
-
-from actclust import store
 
 MODES = ("dense", "oracle", "cluster", "random")
 BASELINE_MODES = ("dense", "oracle")
@@ -28,8 +26,18 @@ BASELINE_MODES = ("dense", "oracle")
 # Random pass: bits kept. Oracle pass: bits kept (|m|).
 STAT_FIELDS = ("tokens", "true_bits", "centroid_bits", "hamming", "overlap", "kept_bits",
                "true_mass", "kept_mass", "random_bits", "random_kept_bits", "oracle_bits")
-F = {name: i for i, name in enumerate(STAT_FIELDS)}
-BASELINE_FILE = "baseline.json"
+F = {name: i for i, name in enumerate(STAT_FIELDS)}  # the first five: kernels.STAT_FIELDS
+
+
+def window_nll(logits, ids) -> np.ndarray:
+    """Per-window sum of next-token NLL: logits (W, T, V), ids (W, T) -> (W,) float64."""
+    import torch
+
+    from actclust.devices import to_host
+
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return to_host(nll.sum(dim=1))
 
 
 def empty_stats(layers: int) -> np.ndarray:
@@ -42,7 +50,8 @@ def metric_values(stats: np.ndarray, width: int, prefix_tokens: int = 0) -> dict
     ``prefix_tokens``: (token, layer) pairs of the dense prefix behind these sums, counted at
     density 1.0 in the effective densities.
     """
-    s = {name: float(stats[i]) for name, i in F.items()}
+    # The kernels' assignment_stats give the first five fields only; the rest count as 0.
+    s = {name: float(stats[i]) if i < len(stats) else 0.0 for name, i in F.items()}
     precision = s["overlap"] / s["centroid_bits"] if s["centroid_bits"] else 0.0
     recall = s["overlap"] / s["true_bits"] if s["true_bits"] else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -79,27 +88,10 @@ def baseline_from(results: list, windows, identity: dict) -> dict:
             "oracle_bits": [float(v) for v in stats[:, F["oracle_bits"]]]}
 
 
-def read_baseline(directory: str | None, identity: dict, windows) -> dict | None:
-    """The cached baseline of ``directory`` if it was computed for exactly these settings."""
-    if directory is None:
-        return None
-    path = Path(directory) / BASELINE_FILE
-    if not path.is_file():
-        return None
-    cached = json.loads(path.read_text(encoding="utf-8"))
-    if cached.get("identity") != identity or cached.get("seq") != [int(s) for s in windows.seq]:
-        return None
-    return cached
-
-
-def write_baseline(directory: str, baseline: dict) -> None:
-    store.write_json_atomic(baseline, Path(directory) / BASELINE_FILE)
-
-
 def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefix: int,
               mask_mode: str, resamples: int = 1000, seed: int = 0) -> dict:
     """eval.json content from per-chunk results (window order) and the baseline."""
-    from actclust.bootstrap import paired_ppl_intervals
+    from actclust.evaluation.bootstrap import paired_ppl_intervals
 
     per_window_tokens = np.concatenate([r["tokens"] for r in results]).astype(np.float64)
     nll = {m: np.asarray(baseline["nll"][m], dtype=np.float64) for m in BASELINE_MODES}

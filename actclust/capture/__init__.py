@@ -1,0 +1,1 @@
+"""Mask capture: the activation hooks, distributed extraction, and verification."""

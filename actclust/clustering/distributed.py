@@ -1,0 +1,286 @@
+"""Distributed per-layer clustering of a mask directory: the driver and its workers.
+
+For the default ``hamming-kmeans`` algorithm, W :class:`ClusterWorker` actors
+form one ``ray.util.collective`` group (gloo on CPU, NCCL on GPU). For each
+layer every worker reads only its contiguous block of that layer's shard files
+and runs the same :func:`actclust.clustering.kmeans.fit` loop; per-cluster bit
+sums, counts and costs are all-reduced after every (mini-)batch, so all workers
+hold identical centroids.
+
+Rank 0 checkpoints the k-means state every iteration and each finished layer's
+centroids (:mod:`actclust.io.kmeans_state`); a rerun (or a rebuilt group after
+a worker died) resumes from them. Baseline algorithms (``brb-kmeans``,
+``activation-aware``) run in one worker on the same masks and write the same
+outputs (:mod:`actclust.io.centroid_store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from actclust.config import ClusterConfig, FitSpec, identity
+from actclust.errors import UserError
+from actclust.io import centroid_store, kmeans_state, mask_store, outdir
+from actclust.orchestration.actors import FaultHooks
+
+log = logging.getLogger(__name__)
+
+RUN_MARKER = "cluster_run.json"
+
+
+class ClusterWorker:
+    """One rank of the clustering group; also fits the baselines (as a group of one).
+
+    A plain class: ``ray.remote`` is applied where it starts. ``faults`` are the
+    test's fault-injection hooks (none by default).
+    """
+
+    def __init__(self, num_cpus: float = 1, faults: FaultHooks | None = None):
+        from actclust.orchestration.raycluster import set_threads
+
+        set_threads(num_cpus)
+        self.faults = faults or FaultHooks()
+        self.configure(0, 1, "local")
+
+    def configure(self, rank: int, world_size: int, group: str) -> None:
+        """Give this worker its place once the group's size is known."""
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def join(self, backend: str = "gloo") -> int:
+        import ray.util.collective as col
+
+        if self.world_size > 1:
+            col.init_collective_group(self.world_size, self.rank, backend=backend,
+                                      group_name=self.group)
+        return self.rank
+
+    def _allreduce(self, array: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return array
+        import torch
+        import ray.util.collective as col
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64).copy())
+        col.allreduce(tensor, group_name=self.group)
+        return tensor.numpy()
+
+    def fit_layer(self, root: str, layer: int, shards: list[str], width: int, spec: FitSpec,
+                  checkpoint: str | None, rows: list[int], global_offset: int = 0) -> dict:
+        from actclust.clustering import kmeans
+        from actclust.clustering.datasets import open_layer_dataset
+
+        dataset = open_layer_dataset(root, layer, shards, rows, width, global_offset,
+                                     spec.memory_budget_mb)
+        resume = kmeans_state.load_state(Path(checkpoint)) if checkpoint else None
+        save = None
+        if checkpoint and self.rank == 0:
+            save = lambda state: kmeans_state.save_state(state, Path(checkpoint))  # noqa: E731
+
+        def progress(iteration, cost, changed):
+            self.faults.kmeans_iteration(self.rank, layer, iteration)
+
+        start = time.perf_counter()
+        result = kmeans.fit(None, spec.k, theta=spec.theta, seed=spec.seed, init=spec.init,
+                            batch_size=spec.batch_size, max_iter=spec.max_iter, tol=spec.tol,
+                            backend=spec.backend, dataset=dataset, allreduce=self._allreduce,
+                            checkpoint=save, resume=resume, progress=progress, rank=self.rank,
+                            world_size=self.world_size, layer=layer)
+        return {"rank": self.rank, "centroids": result.centroids, "sizes": result.sizes,
+                "cost": result.cost, "iterations": result.iterations,
+                "converged": result.converged, "rows": int(dataset.count()),
+                "seconds": time.perf_counter() - start}
+
+    def fit_baseline(self, root: str, layers: list[int], shards: list[str], width: int,
+                     spec: FitSpec) -> dict:
+        from actclust.clustering import activation_aware, baselines
+
+        per_layer = [mask_store.read_shards(root, layer, shards, width) for layer in layers]
+        x = baselines.pool_layers(per_layer, spec.pool_rows, spec.seed) \
+            if len(per_layer) > 1 else per_layer[0]
+        start = time.perf_counter()
+        if spec.algorithm == "brb-kmeans":
+            # BRB-KMeans stops on scikit-learn's own tolerance, not the Hamming k-means cap.
+            res = baselines.brb_kmeans(x, spec.k, width, seed=spec.seed,
+                                       max_iter=baselines.BRB_MAX_ITER,
+                                       batch_size=spec.batch_size)
+        else:
+            res = activation_aware.activation_aware(x, spec.k, width, seed=spec.seed,
+                                                    max_iter=spec.max_iter)
+        return {"centroids": res.centroids, "sizes": np.asarray(res.sizes), "cost": res.cost,
+                "iterations": res.iterations, "converged": res.converged, "rows": int(len(x)),
+                "seconds": time.perf_counter() - start}
+
+
+def split_shards(shards: list[dict], world_size: int) -> list[list[str]]:
+    """Contiguous, row-balanced blocks of shard names, one per rank."""
+    rows = np.cumsum([s["rows"] for s in shards])
+    total = rows[-1] if len(rows) else 0
+    blocks: list[list[str]] = [[] for _ in range(world_size)]
+    for shard, end in zip(shards, rows):
+        rank = min(int((end - shard["rows"]) * world_size // max(total, 1)), world_size - 1)
+        blocks[rank].append(shard["name"])
+    return blocks
+
+
+def run_cluster(cfg: ClusterConfig, faults: FaultHooks | None = None) -> dict:
+    """Cluster every requested layer; writes centroids.parquet and cluster.json.
+
+    ``faults``: fault-injection hooks handed to the workers (tests only).
+    """
+    from actclust.orchestration.raycluster import init_ray
+
+    manifest = mask_store.read_manifest(cfg.masks)
+    mask_store.require_complete(manifest, cfg.masks)
+    layers = _layers(cfg, manifest)
+    total_rows = sum(s["rows"] for s in manifest["shards"])
+    if cfg.k > total_rows:
+        raise UserError(f"k ({cfg.k}) is larger than the number of masks per layer "
+                        f"({total_rows}); lower --k or extract more tokens")
+    if cfg.verify:
+        mask_store.verify_layers(cfg.masks, manifest, layers)
+    out = Path(cfg.out)
+    outdir.open_output(out, RUN_MARKER,
+                       {**identity(cfg), "masks_sha": mask_store.masks_digest(manifest)},
+                       "clustering results of another configuration")
+    init_ray()
+    if cfg.algorithm == "hamming-kmeans" and not cfg.pool_layers:
+        results = _fit_kmeans(cfg, manifest, layers, out, faults)
+    else:
+        results = _fit_baseline(cfg, manifest, layers, faults)
+    return centroid_store.write_centroids(cfg, manifest, layers, results, out)
+
+
+def _layers(cfg: ClusterConfig, manifest: dict) -> list[int]:
+    layers = cfg.layers if cfg.layers is not None else manifest["layers"]
+    missing = sorted(set(layers) - set(manifest["layers"]))
+    if missing:
+        raise UserError(f"layers {missing} are not in {cfg.masks} (it has layers "
+                        f"{manifest['layers'][0]}..{manifest['layers'][-1]})")
+    return list(layers)
+
+
+def _start_group(cfg: ClusterConfig, world_size: int, faults, grace_s: float = 10.0):
+    """Start up to ``world_size`` workers and join those that could be placed.
+
+    After the first worker is up, the others get ``grace_s`` seconds; a worker
+    that cannot be placed (a lost node) is dropped and the group is smaller.
+    Full-batch and mini-batch results do not depend on the group's size.
+    """
+    import ray
+
+    from actclust.orchestration.actors import ActorGroup
+    from actclust.orchestration.raycluster import actor_options, cluster_gpus
+
+    options = actor_options(world_size)
+    Worker = ray.remote(ClusterWorker).options(max_restarts=0, **options)
+    group = ActorGroup(lambda: Worker.remote(options["num_cpus"], faults), world_size,
+                       max_replacements=3 * world_size)
+    workers = group.started(grace_s, what="k-means worker")
+    if len(workers) < world_size:
+        log.warning("continuing with %d of %d k-means workers", len(workers), world_size)
+    name = f"actclust-{uuid.uuid4().hex[:8]}"
+    ray.get([w.configure.remote(rank, len(workers), name) for rank, w in enumerate(workers)])
+    backend = "nccl" if cluster_gpus() > 0 and cfg.backend in ("auto", "cupy") else "gloo"
+    ray.get([w.join.remote(backend) for w in workers])
+    return group
+
+
+def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path,
+                faults) -> dict:
+    """Fit each layer with the worker group; rebuild the group if a worker dies."""
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    from actclust.progress import Progress
+
+    shards = mask_store.complete_shards(manifest)
+    world_size = max(1, min(cfg.workers, len(shards)))
+    width = mask_store.mask_width(manifest)
+    spec = cfg.fit_spec()
+    rows = {s["name"]: s["rows"] for s in shards}
+    results: dict = {}
+    progress = Progress(len(layers), "cluster", unit="layers")
+    group = None
+    attempts = 0
+    for layer in layers:
+        done_path = kmeans_state.finished_path(out, layer)
+        finished = kmeans_state.load_state(done_path)
+        if finished is not None:
+            results[layer] = finished
+            progress.update(1)
+            continue
+        ckpt = kmeans_state.checkpoint_path(out, layer)
+        while True:
+            if group is None:
+                group = _start_group(cfg, world_size, faults)
+            workers = group.actors()
+            blocks = split_shards(shards, len(workers))
+            state = kmeans_state.load_state(ckpt)
+            if state is not None:
+                log.info("layer %d: resuming k-means from its checkpoint at iteration %d",
+                         layer, state["iteration"])
+            offsets = np.cumsum([0] + [sum(rows[n] for n in b) for b in blocks])
+            refs = [w.fit_layer.remote(cfg.masks, layer, blocks[r], width, spec, str(ckpt),
+                                       [rows[n] for n in blocks[r]], int(offsets[r]))
+                    for r, w in enumerate(workers)]
+            try:
+                outs = _gather(refs)
+                break
+            except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+                attempts += 1
+                if isinstance(exc, RayTaskError) and isinstance(exc.cause, (UserError, ValueError)):
+                    raise
+                if attempts > 3:
+                    raise
+                log.warning("a k-means worker failed on layer %d (%s); rebuilding the group and "
+                            "resuming from the checkpoint", layer, type(exc).__name__)
+                group.shutdown()
+                group = None
+        res = next(o for o in outs if o["rank"] == 0)
+        res["seconds"] = max(o["seconds"] for o in outs)
+        kmeans_state.save_state({k: v for k, v in res.items() if k != "rank"}, done_path)
+        ckpt.unlink(missing_ok=True)
+        results[layer] = res
+        progress.update(1)
+    progress.close()
+    if group is not None:
+        group.shutdown()
+    return results
+
+
+def _gather(refs: list) -> list:
+    """Results of all ranks; raises as soon as any rank fails (the others may be
+    blocked in an all-reduce waiting for it)."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done[0])
+    return ray.get(refs)
+
+
+def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int], faults) -> dict:
+    import ray
+
+    from actclust.orchestration.raycluster import actor_options
+
+    if cfg.algorithm == "hamming-kmeans":
+        raise UserError("--pool-layers needs --algorithm brb-kmeans or activation-aware")
+    options = actor_options(1)
+    Worker = ray.remote(ClusterWorker).options(max_restarts=1, max_task_retries=1, **options)
+    worker = Worker.remote(options["num_cpus"], faults)
+    names = [s["name"] for s in mask_store.complete_shards(manifest)]
+    width = mask_store.mask_width(manifest)
+    spec = cfg.fit_spec()
+    try:
+        if cfg.pool_layers:
+            return {-1: ray.get(worker.fit_baseline.remote(cfg.masks, layers, names, width, spec))}
+        return {layer: ray.get(worker.fit_baseline.remote(cfg.masks, [layer], names, width, spec))
+                for layer in layers}
+    finally:
+        ray.kill(worker)

@@ -1,0 +1,1 @@
+"""Evaluation: masked perplexity and clustering metrics, and the report."""

@@ -1,0 +1,119 @@
+"""The centroid store: ``centroids.parquet`` (layer, cluster, bits, size) and
+``cluster.json`` (fit settings, costs and the identity of the masks), both ways.
+
+Layout of a clustering directory::
+
+    OUT/centroids.parquet    layer int32 (-1: pooled), cluster int32,
+                             bits fixed_size_binary(B), size int64
+    OUT/cluster.json         settings, per-layer iterations, cost and sizes,
+                             and the masks' model, corpus, site, thresholds
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from actclust.errors import UserError
+from actclust.io import mask_store
+from actclust.io.files import read_json, write_json_atomic, write_table_atomic
+
+CENTROIDS_FILE = "centroids.parquet"
+META_FILE = "cluster.json"
+
+
+def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out: Path) -> dict:
+    """centroids.parquet and cluster.json of per-layer fit results (key -1: pooled layers)."""
+    import pyarrow as pa
+
+    keys = sorted(results)
+    tables = []
+    for key in keys:
+        c = np.asarray(results[key]["centroids"], dtype=np.uint8)
+        tables.append(pa.table({
+            "layer": pa.array(np.full(len(c), key, np.int32)),
+            "cluster": pa.array(np.arange(len(c), dtype=np.int32)),
+            "bits": mask_store.bits_array(c),
+            "size": pa.array(np.asarray(results[key]["sizes"], np.int64)),
+        }))
+    table = pa.concat_tables(tables)
+    write_table_atomic(table, out / CENTROIDS_FILE)
+    costs = {str(k): float(results[k]["cost"]) for k in keys}
+    meta = {
+        "k": cfg.k, "theta": cfg.theta, "seed": cfg.seed, "algorithm": cfg.algorithm,
+        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": _max_iter(cfg), "tol": cfg.tol,
+        "workers": cfg.workers, "pooled": bool(cfg.pool_layers),
+        "iterations": {str(k): int(results[k]["iterations"]) for k in keys},
+        "converged": {str(k): bool(results[k]["converged"]) for k in keys},
+        "cost": costs,
+        "mean_cost": float(np.mean(list(costs.values()))),
+        "sizes": {str(k): np.asarray(results[k]["sizes"]).tolist() for k in keys},
+        "fit_seconds": float(sum(float(results[k].get("seconds", 0.0)) for k in keys)),
+        # Identity of the masks the centroids were fitted on (checked by evaluate).
+        "masks": str(cfg.masks),
+        "model": manifest["model"], "corpus": manifest["corpus"],
+        "seq_len": manifest["seq_len"], "sites": manifest.get("sites", "intermediate"),
+        "text_column": manifest.get("identity", {}).get("text_column", "text"),
+        "heldout_every": manifest.get("heldout_every", 10),
+        "split": manifest.get("split"),
+        "layers": layers, "d_ff": manifest["d_ff"],
+        "thresholds": [manifest["thresholds"][manifest["layers"].index(l)] for l in layers],
+        "tokens": manifest["tokens"],
+    }
+    write_json_atomic(meta, out / META_FILE)
+    return meta
+
+
+def _max_iter(cfg) -> int:
+    """The iteration cap the fit actually ran under."""
+    from actclust.clustering.baselines import BRB_MAX_ITER
+
+    return BRB_MAX_ITER if cfg.algorithm == "brb-kmeans" else cfg.max_iter
+
+
+def read_meta(root) -> dict:
+    """cluster.json of a finished clustering directory."""
+    return read_json(Path(root) / META_FILE)
+
+
+def is_finished(root) -> bool:
+    return (Path(root) / META_FILE).is_file()
+
+
+def load_centroids(root: str | Path) -> tuple[dict, list[np.ndarray]]:
+    """cluster.json and the per-layer (K, B) centroids of a clustering directory."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    meta_path = root / META_FILE
+    if not meta_path.is_file() or not (root / CENTROIDS_FILE).is_file():
+        raise UserError(f"{root} is not a clustering directory (cluster.json and "
+                        "centroids.parquet expected; create them with actclust cluster)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
+    table = pq.read_table(root / CENTROIDS_FILE)
+    layer_col = table.column("layer").to_numpy()
+    cluster_col = table.column("cluster").to_numpy()
+    bits = mask_store.bits_to_numpy(table.column("bits"))
+    per_layer = []
+    for layer in meta["layers"]:
+        key = -1 if meta.get("pooled") else layer
+        rows = np.flatnonzero(layer_col == key)
+        rows = rows[np.argsort(cluster_col[rows], kind="stable")]
+        if len(rows) == 0:
+            raise UserError(f"{root}/centroids.parquet has no centroids for layer {layer}")
+        per_layer.append(bits[rows])
+    return meta, per_layer
+
+
+def check_width(meta: dict, centroids: list[np.ndarray]) -> None:
+    """Refuse centroids whose width disagrees with cluster.json."""
+    expect = mask_store.row_bytes(meta["d_ff"])
+    for layer, c in zip(meta["layers"], centroids):
+        if c.shape[1] != expect:
+            raise UserError(f"centroids of layer {layer} are {c.shape[1] * 8} bits wide, but "
+                            f"cluster.json says d_ff {meta['d_ff']}")

@@ -1,0 +1,45 @@
+"""The evaluation store: ``OUT/eval.json``, written atomically, read back as a dict, and
+a run's shared baseline ``baseline.json`` (the centroid-free dense and oracle passes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from actclust.io.files import read_json, write_json_atomic
+
+EVAL_FILE = "eval.json"
+BASELINE_FILE = "baseline.json"
+
+
+def eval_path(out) -> Path:
+    return Path(out) / EVAL_FILE
+
+
+def write_eval(report: dict, out) -> Path:
+    path = eval_path(out)
+    write_json_atomic(report, path)
+    return path
+
+
+def read_eval(out) -> dict | None:
+    """eval.json of ``out``, or None if the evaluation has not finished there."""
+    path = eval_path(out)
+    return read_json(path) if path.is_file() else None
+
+
+def read_baseline(directory, identity: dict, seq: list[int]) -> dict | None:
+    """The cached baseline of ``directory`` if it was computed for exactly these settings
+    and windows (``seq``, in order)."""
+    if directory is None:
+        return None
+    path = Path(directory) / BASELINE_FILE
+    if not path.is_file():
+        return None
+    cached = read_json(path)
+    if cached.get("identity") != identity or cached.get("seq") != list(seq):
+        return None
+    return cached
+
+
+def write_baseline(directory, baseline: dict) -> None:
+    write_json_atomic(baseline, Path(directory) / BASELINE_FILE)

@@ -1,0 +1,280 @@
+"""The torch backend: the GEMM form ``|x| + |c| - 2 x.c`` on unpacked 0/1 matrices.
+
+The exact int8 GEMM ``torch._int_mm`` (int32 accumulation) where it works, else
+a float GEMM in chunks small enough to stay exact, in float64 whenever float32
+matmul precision is relaxed (TF32, bf16 passes): :func:`exact_float_dtype` is the
+precision guard every float GEMM here goes through. Runs on CPU or CUDA.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+from actclust.kernels.packed import _is_torch, _to_numpy, popcount
+
+logger = logging.getLogger(__name__)
+
+# Float32 GEMM is exact on integers below 2**24; the GEMM multiplies by -2,
+# so keep each reduction chunk at 2**22 bits (|partial| <= 2**23).
+_FLOAT_CHUNK_BITS = 2**22
+# Padded centroid columns get this norm so they never win the argmin.
+_SENTINEL = 2**30
+
+
+@functools.lru_cache(maxsize=None)
+def int_mm_works(device: str = "cpu") -> bool:
+    """True if ``torch._int_mm`` runs and is exact on ``device``."""
+    try:
+        import torch
+
+        rng = np.random.default_rng(0)
+        a = rng.integers(0, 2, (32, 64), dtype=np.int8)
+        b = rng.integers(0, 2, (64, 16), dtype=np.int8)
+        a_dtype = torch.uint8 if device == "cpu" else torch.int8
+        got = torch._int_mm(torch.from_numpy(a).to(device, a_dtype), torch.from_numpy(b).to(device))
+        return bool(np.array_equal(got.cpu().numpy(), a.astype(np.int32) @ b.astype(np.int32)))
+    except Exception as err:  # noqa: BLE001 - any failure means "not usable"
+        logger.debug("torch._int_mm unusable on %s: %s", device, err)
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+
+def exact_float_dtype(device):
+    """float32 where float32 matmul is exact on ``device``, else float64.
+
+    Reduced-precision float32 matmul (TF32 on Ampere and later, bf16 passes)
+    silently rounds; the GEMMs here hold integers and must not round.
+    """
+    import torch
+
+    relaxed = torch.get_float32_matmul_precision() != "highest"
+    if torch.device(device).type == "cuda":
+        relaxed = relaxed or torch.backends.cuda.matmul.allow_tf32
+    return torch.float64 if relaxed else torch.float32
+
+
+def assign(x, c, block_rows, device):
+    """GEMM form on unpacked bits: argmin_j (|c_j| - 2 x.c_j), then + |x|."""
+    dev = torch_device(x, device)
+    n = x.shape[0]
+    gemm = _TorchGemm(_to_numpy(c), dev)
+    rows = min(n, block_rows or gemm.default_rows())
+    buf = gemm.scratch(rows)
+    labels = np.empty(n, dtype=np.int64)
+    dists = np.empty(n, dtype=np.int32)
+    for lo in range(0, n, rows):
+        xb = x[lo:lo + rows]
+        val, idx = gemm.nearest(xb, buf)  # (m,) int32 |c|-2x.c and int64 index
+        labels[lo:lo + rows] = idx
+        dists[lo:lo + rows] = val + popcount(_to_numpy(xb))
+    return labels, dists
+
+
+def torch_device(x, device):
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return x.device if _is_torch(x) else torch.device("cpu")
+
+
+class _TorchGemm:
+    """Unpacked centroids, prepared once per call, for the torch GEMM form.
+
+    The score of a row x against centroid j is ``s_j = |c_j| - 2 x.c_j``:
+    ``d(x, c_j) = |x| + s_j``, so the argmin of s is the nearest centroid.
+    Centroids are split into chunks of at most ``_CHUNK_BYTES`` unpacked
+    bytes, each a (D + E, kc) matrix, kc a multiple of 8. Rows 0..D-1 hold
+    ``-2 * bits(c_j)``. With the int8 GEMM, E "bias" rows hold int8 pieces
+    summing to ``|c_j|`` and every unpacked x row ends in E ones, so the GEMM
+    yields s directly; padded centroid columns score above any real one.
+    The float fallback (``int_mm=False``, or no working ``torch._int_mm``)
+    has no bias rows and adds ``|c|`` after the GEMM.
+    """
+
+    _CHUNK_BYTES = 2**28
+
+    def __init__(self, c: np.ndarray, dev, int_mm: bool | None = None, chunk_bytes: int | None = None):
+        self.dev = dev
+        self.cuda = dev.type == "cuda"
+        if int_mm is None:  # probe once per device
+            int_mm = int_mm_works(str(dev) if self.cuda else "cpu")
+        self.int_mm = int_mm
+        self.k, self.b = c.shape
+        self.d = 8 * self.b
+        # CUDA's _int_mm wants k > 16 and multiples of 8; pad the bit axis.
+        self.d_pad = max(self.d, 32) if self.cuda else self.d
+        self.bias = 8 * -(-(self.d_pad // 127 + 1) // 8) if int_mm else 0  # E, 127 E > D
+        # Packed bytes appended to every x row: zero padding, then E ones.
+        self.tail = np.r_[np.zeros((self.d_pad - self.d) // 8, np.uint8),
+                          np.full(self.bias // 8, 255, np.uint8)]
+        self._packed = None  # (rows, B + tail) scratch for unpack()
+        self.float_dtype = self._float_dtype()
+        kc = max(8, ((chunk_bytes or self._CHUNK_BYTES) // (self.d_pad + self.bias)) // 8 * 8)
+        self.chunks = [self._chunk(c0, c[c0:c0 + kc]) for c0 in range(0, self.k, kc)]
+
+    def _chunk(self, c0: int, part: np.ndarray):
+        """(c0, (D + E, kc) matrix, (kc,) int32 norms or None) for centroids part."""
+        import torch
+
+        n, cols = part.shape[0], -(-part.shape[0] // 8) * 8
+        norm = np.full(cols, _SENTINEL, dtype=np.int64)
+        norm[:n] = popcount(part)
+        mat = np.zeros((self.d_pad + self.bias, cols), dtype=np.int8)
+        mat[: self.d, :n] = np.unpackbits(part, axis=1, bitorder="little").T * np.int8(-2)
+        if self.int_mm:
+            norm[n:] = 127 * self.bias  # padded columns: above any real score
+            pieces = norm[None, :] - 127 * np.arange(self.bias)[:, None]
+            mat[self.d_pad:] = np.clip(pieces, 0, 127)  # (E, kc), sums to norm
+            return c0, torch.from_numpy(mat).to(self.dev), None
+        mat_t = torch.from_numpy(mat).to(self.dev, self.float_dtype)
+        return c0, mat_t, torch.from_numpy(norm.astype(np.int32)).to(self.dev)
+
+    def _float_dtype(self):
+        return exact_float_dtype(self.dev)
+
+    def default_rows(self) -> int:
+        """Rows per block: a (rows, kc) int32 output tile of about 4 MiB."""
+        kc = self.chunks[0][1].shape[1]
+        return int(max(64, min(8192, 2**20 // kc, 2**23 // self.d_pad)))
+
+    def unpack(self, xb):
+        """(m, B) uint8 packed -> (m, D + E) 0/1 tensor: uint8 on CPU, int8 on CUDA."""
+        import torch
+
+        if not self.cuda and not _is_torch(xb):
+            m = xb.shape[0]
+            if len(self.tail):  # write into a reused packed buffer whose tail is preset
+                if self._packed is None or len(self._packed) < m:
+                    self._packed = np.empty((m, self.b + len(self.tail)), dtype=np.uint8)
+                    self._packed[:, self.b:] = self.tail
+                self._packed[:m, : self.b] = xb
+                xb = self._packed[:m]
+            return torch.from_numpy(np.unpackbits(xb, axis=1, bitorder="little"))
+        t = (xb if _is_torch(xb) else torch.from_numpy(np.ascontiguousarray(xb))).to(self.dev)
+        if len(self.tail):
+            tail = torch.from_numpy(self.tail).to(self.dev).expand(t.shape[0], -1)
+            t = torch.cat([t, tail], dim=1)
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.dev)
+        bits = ((t.unsqueeze(-1) >> shifts) & 1).reshape(t.shape[0], -1)
+        return bits.to(torch.int8) if self.cuda else bits
+
+    def _scores(self, bits, mat, norm, buf):
+        """(m, D + E) bits x (D + E, kc) -> (m, kc) int32 |c| - 2 x.c, written to buf."""
+        import torch
+
+        m, kc = bits.shape[0], mat.shape[1]
+        out = buf.view(-1)[: m * kc].view(m, kc)  # contiguous, as _int_mm's out= needs
+        if self.int_mm:
+            if self.cuda and m <= 16:  # CUDA _int_mm needs more than 16 rows
+                padded = torch.nn.functional.pad(bits, (0, 0, 0, 17 - m))
+                out.copy_(torch._int_mm(padded, mat)[:m])
+            else:
+                torch._int_mm(bits, mat, out=out)
+            return out
+        out.zero_()
+        for d0 in range(0, self.d_pad, _FLOAT_CHUNK_BITS):
+            part = bits[:, d0:d0 + _FLOAT_CHUNK_BITS].to(mat.dtype) @ mat[d0:d0 + _FLOAT_CHUNK_BITS]
+            out += part.to(torch.int32)
+        return out.add_(norm)
+
+    def nearest(self, xb, buf):
+        """Best (|c| - 2 x.c) value and lowest index per row of a packed block.
+
+        ``buf`` is a reusable (rows, kc) int32 scratch tensor: reusing it
+        avoids page-faulting a fresh multi-MiB output for every block.
+        Returns (m,) int32 values and (m,) int64 indices as numpy arrays.
+        """
+        bits = self.unpack(xb)
+        best_v = best_i = None
+        for c0, mat, norm in self.chunks:
+            v, i = self._row_min(self._scores(bits, mat, norm, buf))
+            i += c0
+            if best_v is None:
+                best_v, best_i = v, i
+            else:
+                better = v < best_v  # strict: earlier chunks win ties
+                best_v, best_i = np.where(better, v, best_v), np.where(better, i, best_i)
+        return best_v, best_i
+
+    def _row_min(self, scores):
+        """(m, kc) int32 tensor -> per-row min and its first index, as numpy."""
+        if self.cuda:
+            v, i = scores.min(dim=1)  # first index on ties
+            return v.cpu().numpy(), i.cpu().numpy()
+        s = scores.numpy()  # a view; numpy's SIMD argmin beats torch.min here
+        i = s.argmin(axis=1)  # first index on ties
+        return s[np.arange(len(i)), i], i
+
+    def scratch(self, rows: int):
+        """A (rows, kc) int32 output buffer for :meth:`nearest`."""
+        import torch
+
+        kc = self.chunks[0][1].shape[1]
+        return torch.empty((rows, kc), dtype=torch.int32, device=self.dev)
+
+
+
+def bit_sums(x, labels, k, block_rows, device):
+    """index_add_ of unpacked blocks on a (CUDA) torch device."""
+    import torch
+
+    dev = torch_device(x, device)
+    n, b = x.shape
+    d = 8 * b
+    sums = torch.zeros((k, d), dtype=torch.int64, device=dev)
+    shifts = torch.arange(8, dtype=torch.uint8, device=dev)
+    rows = block_rows or max(1, 2**23 // max(d, 1))
+    for lo in range(0, n, rows):
+        xb = x[lo:lo + rows]
+        t = (xb if _is_torch(xb) else torch.from_numpy(np.ascontiguousarray(xb))).to(dev)
+        bits = ((t.unsqueeze(-1) >> shifts) & 1).reshape(t.shape[0], d).to(torch.int64)
+        sums.index_add_(0, torch.from_numpy(labels[lo:lo + rows]).to(dev), bits)
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    return sums.cpu().numpy(), counts
+
+
+
+class UnpackedCentroids:
+    """Packed centroids unpacked once as 0/1 rows on a torch device, for bool masks
+    already there (the evaluation hooks), so nothing crosses to the host per call.
+
+    The GEMM ``m . c_j`` counts overlaps exactly (in float32 below 2**24 bits,
+    float64 where :func:`exact_float_dtype` says float32 would round).
+    """
+
+    def __init__(self, packed: np.ndarray, width: int, device="cpu"):
+        import torch
+
+        self.device = torch.device(device)
+        self.dtype = exact_float_dtype(self.device)
+        bits = np.unpackbits(packed, axis=-1, count=width, bitorder="little")
+        self.rows = torch.from_numpy(bits.astype(np.float32)).to(self.device, self.dtype)  # (K, d)
+        self.norms = self.rows.sum(dim=1)  # (K,) |c_j|
+        self.density = float(self.norms.sum()) / self.rows.numel()
+
+    def nearest(self, m):
+        """Nearest centroid (Hamming; ties to the lowest index) of bool masks m (N, d).
+
+        Returns (labels (N,) int64, overlap |m AND c| (N,)) as tensors on the device.
+        """
+        dot = m.to(self.dtype) @ self.rows.T  # (N, K) = |m AND c_j|
+        labels = (self.norms[None, :] - 2 * dot).argmin(dim=1)  # |m| is constant per row
+        return labels, dot.gather(1, labels[:, None]).squeeze(1)
+
+    def stats(self, m, labels, overlap) -> np.ndarray:
+        """STAT_FIELDS sums of this assignment, brought to the host."""
+        from actclust.kernels import stat_sums
+
+        return stat_sums(m.sum(dim=1), self.norms[labels].round().long(), overlap.round().long())

@@ -1,0 +1,1 @@
+"""Orchestration: the actor lifecycle, Ray setup, the pipeline and the sweep."""
