@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-mode", dest="mask_mode",
                    help="replace (a*c, default) or and (a*m*c, the paper artifact's metric)")
 
+    p = sub.add_parser("generate", help="greedy generation with the sparse FFN (or --dense)")
+    p.add_argument("--config")
+    p.add_argument("--model", help="model id (default: the centroids' model)")
+    p.add_argument("--centroids", help="clustering directory (centroids.parquet)")
+    p.add_argument("--predictor", help="cluster predictor directory")
+    p.add_argument("--prompt")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--dense", action="store_true", default=None, help="the dense model, no sparsity")
+    p.add_argument("--layout", help="auto (default), slab or gather")
+    p.add_argument("--slab-budget-mb", dest="slab_budget_mb", type=float,
+                   help="memory for per-centroid weight slabs, all layers (default 1024)")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                   default=None)
+
     p = sub.add_parser("sweep", help="Ray Tune over K (and theta, algorithm)")
     p.add_argument("--config", required=False)
 
@@ -140,6 +155,17 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from actclust.sparse.generate import GenerateConfig, run_generate
+
+    result = run_generate(_config(GenerateConfig, args))
+    print(result.text)
+    print(f"actclust: {result.mode}: {len(result.tokens)} new tokens in {result.seconds:.2f} s, "
+          f"{result.tokens_per_s:.1f} tokens/s (prompt {result.prompt_tokens} tokens)",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from actclust.orchestration.sweep import run_sweep
 
@@ -192,6 +218,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 
 COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
+            "generate": _cmd_generate,
             "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report}
 
 

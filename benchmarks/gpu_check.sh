@@ -55,4 +55,5 @@ else
     echo "actclust run not checked end to end: ray, transformers, pyarrow, pyyaml or" \
         "safetensors missing (carry them as wheels in .whl/)" | tee "$OUT/run_skipped.txt"
 fi
+timeout 240 python3 benchmarks/sparse_ffn.py --device cuda --dtypes bfloat16 --dims 4096x14336 --prefill-dims 4096x14336 --skip-e2e --calls 50 2>&1 | tee "$OUT/sparse_ffn.log" || status=1
 exit $status

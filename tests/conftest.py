@@ -49,3 +49,23 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert "Traceback" not in proc.stderr, proc.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on 127.0.0.1 (moto server mode) for the whole session."""
+    from objectstore import LoopbackS3
+
+    server = LoopbackS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """``s3://<fresh bucket>``, with this process's environment pointing at the server
+    (CLI subprocesses started by run_cli inherit it)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return f"s3://{s3_server.new_bucket()}"

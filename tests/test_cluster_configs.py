@@ -26,9 +26,19 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster_configs"
-LAUNCHERS = ["aws-gpu.yaml", "gcp-gpu.yaml"]
-KUBERAY = {"kuberay-raycluster.yaml": "RayCluster", "kuberay-rayjob.yaml": "RayJob"}
+NFS_LAUNCHERS = ["aws-gpu.yaml", "gcp-gpu.yaml"]
+# The same clusters with their outputs in S3 / Cloud Storage instead of NFS.
+OBJECT_LAUNCHERS = ["aws-gpu-s3.yaml", "gcp-gpu-gcs.yaml"]
+LAUNCHERS = NFS_LAUNCHERS + OBJECT_LAUNCHERS
+KUBERAY = {"kuberay-raycluster.yaml": "RayCluster", "kuberay-rayjob.yaml": "RayJob",
+           "kuberay-raycluster-object-storage.yaml": "RayCluster"}
+KUBERAY_NFS = ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"]
+KUBERAY_OBJECT = "kuberay-raycluster-object-storage.yaml"
 RUNTIME_ENV = CONFIGS / "runtime_env.yaml"
+RUNTIME_ENV_OBJECT = CONFIGS / "runtime_env_object_storage.yaml"
+# Cloud credentials never belong in these files: every node has its own identity.
+CLOUD_SECRETS = re.compile(r"AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|"
+                           r"GOOGLE_APPLICATION_CREDENTIALS|private_key_id")
 README = CONFIGS / "README.md"
 
 SHARED = "/mnt/shared"
@@ -78,6 +88,15 @@ def env_of(entries: list[dict] | None) -> dict[str, dict]:
     return {e["name"]: e for e in entries or []}
 
 
+def strings_in(value) -> list[str]:
+    """Every string (keys and values) in a parsed YAML document."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*strings_in(k), *strings_in(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_in(v)]
+    return [value] if isinstance(value, str) else []
+
+
 def all_commands(cfg: dict) -> list[str]:
     """Every shell command of a launcher config, node-type specific ones included."""
     keys = ["initialization_commands", "setup_commands", "head_setup_commands",
@@ -106,7 +125,7 @@ def launcher_image() -> str:
 
 def test_the_expected_files_are_there():
     names = {p.name for p in CONFIGS.iterdir() if p.is_file()}
-    assert {*LAUNCHERS, *KUBERAY, RUNTIME_ENV.name, README.name} <= names
+    assert {*LAUNCHERS, *KUBERAY, RUNTIME_ENV.name, RUNTIME_ENV_OBJECT.name, README.name} <= names
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.y*ml")))
@@ -223,7 +242,7 @@ def test_launcher_runs_ray_with_token_auth(name):
     assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
 
 
-@pytest.mark.parametrize("name", LAUNCHERS)
+@pytest.mark.parametrize("name", NFS_LAUNCHERS)
 def test_launcher_mounts_shared_storage_on_every_node(name):
     """The presets write to /mnt/shared from every node; worker types that
     bring their own initialization_commands replace the global list, so they
@@ -296,8 +315,9 @@ def test_kuberay_images_match_the_launchers(name, launcher_image):
     assert "image" not in spec.get("autoscalerOptions", {}), "autoscaler image drifts"
 
 
-def test_raycluster_uses_token_from_the_secret():
-    spec = cluster_spec("kuberay-raycluster.yaml")
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", KUBERAY_OBJECT])
+def test_raycluster_uses_token_from_the_secret(name):
+    spec = cluster_spec(name)
     env_lists = [("autoscaler", spec["autoscalerOptions"].get("env"))]
     env_lists += [(f"{g}/{c['name']}", c.get("env")) for g, c in containers(spec)]
     for where, entries in env_lists:
@@ -318,8 +338,8 @@ def test_rayjob_uses_token_from_the_secret():
         assert env.get("RAY_AUTH_MODE", {}).get("value", "token") == "token", group
 
 
-def test_raycluster_dashboard_stays_on_localhost():
-    name = "kuberay-raycluster.yaml"
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", KUBERAY_OBJECT])
+def test_raycluster_dashboard_stays_on_localhost(name):
     head = cluster_spec(name)["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     assert head.get("serviceType", "ClusterIP") == "ClusterIP"
@@ -384,7 +404,7 @@ def test_rayjob_runtime_env_matches_runtime_env_yaml():
     assert env["env_vars"] == reference["env_vars"]
 
 
-@pytest.mark.parametrize("name", KUBERAY)
+@pytest.mark.parametrize("name", KUBERAY_NFS)
 def test_kuberay_pods_mount_shared_storage(name):
     for group, template in pod_specs(cluster_spec(name)):
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
@@ -393,6 +413,97 @@ def test_kuberay_pods_mount_shared_storage(name):
             assert SHARED in mounts, f"{name}/{group}/{c['name']}"
             claim = volumes[mounts[SHARED]].get("persistentVolumeClaim", {})
             assert claim.get("claimName") == "actclust-shared"
+
+
+# --- object storage instead of a shared file system ---------------------------
+
+
+@pytest.mark.parametrize("name", [*OBJECT_LAUNCHERS, KUBERAY_OBJECT,
+                                  RUNTIME_ENV_OBJECT.name])
+def test_object_storage_configs_need_no_shared_volume_and_hold_no_cloud_secret(name):
+    text = (CONFIGS / name).read_text()
+    values = [v for doc in load_docs(name) for v in strings_in(doc)]
+    assert not [v for v in values if SHARED in v], f"{name} still depends on the shared mount"
+    assert not CLOUD_SECRETS.search(text), f"{name} names a cloud credential"
+
+
+@pytest.mark.parametrize("name", OBJECT_LAUNCHERS)
+def test_object_storage_launcher_gives_every_node_an_identity(name):
+    """Each node reaches the bucket as itself: an IAM instance profile on AWS, an
+    attached service account with the cloud-platform scope on GCP."""
+    cfg = launcher(name)
+    assert "-v" not in " ".join(cfg["docker"]["run_options"]).split()
+    for node_type, node in cfg["available_node_types"].items():
+        node_config = node["node_config"]
+        if cfg["provider"]["type"] == "aws":
+            arn = node_config["IamInstanceProfile"]["Arn"]
+            assert re.fullmatch(r"arn:aws:iam::\w+:instance-profile/[\w+=,.@-]+", arn), arn
+        else:
+            (account,) = node_config["serviceAccounts"]
+            assert account["email"].endswith(".iam.gserviceaccount.com"), node_type
+            assert "https://www.googleapis.com/auth/cloud-platform" in account["scopes"]
+    workers = [n for n in cfg["available_node_types"] if n != cfg["head_node_type"]]
+    assert workers
+
+
+def test_object_storage_launchers_match_their_nfs_twins():
+    """Apart from storage and identity, the S3/GCS clusters are the NFS ones."""
+    for nfs, obj in zip(NFS_LAUNCHERS, OBJECT_LAUNCHERS):
+        a, b = launcher(nfs), launcher(obj)
+        for key in ("max_workers", "idle_timeout_minutes", "docker", "provider",
+                    "head_start_ray_commands", "worker_start_ray_commands", "file_mounts"):
+            if key == "docker":
+                keep = [o for o in a[key]["run_options"] if SHARED not in o]
+                assert b[key]["run_options"] == keep, obj
+                continue
+            assert a[key] == b[key], f"{obj}: {key} differs from {nfs}"
+        for node_type in a["available_node_types"]:
+            na, nb = a["available_node_types"][node_type], b["available_node_types"][node_type]
+            assert na["resources"] == nb["resources"], node_type
+            same = {k: v for k, v in nb["node_config"].items()
+                    if k not in ("IamInstanceProfile", "serviceAccounts")}
+            assert same == na["node_config"], node_type
+
+
+def test_kuberay_object_storage_pods_run_as_the_annotated_service_account():
+    docs = load_docs(KUBERAY_OBJECT)
+    (account,) = [d for d in docs if d.get("kind") == "ServiceAccount"]
+    annotations = account["metadata"]["annotations"]
+    assert re.fullmatch(r"arn:aws:iam::\w+:role/[\w+=,.@-]+",
+                        annotations["eks.amazonaws.com/role-arn"])
+    assert annotations["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    spec = cluster_spec(KUBERAY_OBJECT)
+    for group, template in pod_specs(spec):
+        assert template["spec"]["serviceAccountName"] == account["metadata"]["name"], group
+        for volume in template["spec"].get("volumes", []):
+            assert "persistentVolumeClaim" not in volume, f"{group}: {volume['name']}"
+    assert cluster_spec("kuberay-raycluster.yaml")["workerGroupSpecs"][0]["maxReplicas"] == \
+        spec["workerGroupSpecs"][0]["maxReplicas"]
+    assert kuberay_resource(KUBERAY_OBJECT)["metadata"]["name"] != \
+        kuberay_resource("kuberay-raycluster.yaml")["metadata"]["name"]
+
+
+def test_object_storage_runtime_env_is_runtime_env_without_the_shared_cache():
+    from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
+    from ray.runtime_env import RuntimeEnv
+
+    env = parse_runtime_env_args(runtime_env=str(RUNTIME_ENV_OBJECT), working_dir=".")
+    RuntimeEnv(**env)
+    nfs = yaml.safe_load(RUNTIME_ENV.read_text())
+    obj = yaml.safe_load(RUNTIME_ENV_OBJECT.read_text())
+    assert obj["pip"] == nfs["pip"] and obj["excludes"] == nfs["excludes"]
+    assert obj["working_dir"] == nfs["working_dir"]
+    assert obj["env_vars"] == {k: v for k, v in nfs["env_vars"].items() if k != "HF_HOME"}
+
+
+def test_object_storage_preset_is_the_paper_preset_on_a_bucket():
+    from actclust.io import storage
+
+    paper = yaml.safe_load((ROOT / "jobs/presets/paper_mistral7b.yaml").read_text())
+    on_s3 = yaml.safe_load((ROOT / "jobs/presets/paper_mistral7b_s3.yaml").read_text())
+    assert storage.scheme(on_s3["out"]) == "s3"
+    assert {k: v for k, v in on_s3.items() if k != "out"} == \
+        {k: v for k, v in paper.items() if k != "out"}
 
 
 def test_paper_preset_writes_to_the_shared_mount():
@@ -486,6 +597,17 @@ def test_readme_documents_the_safe_path():
         assert needed in text, needed
     assert re.search(r"ssh\b[^\n`]*-L 8265:localhost:8265", text), "the SSH tunnel"
     assert re.search(r"EFS", text) and re.search(r"Filestore", text) and "NFS" in text
+
+
+def test_readme_documents_object_storage():
+    text = README.read_text()
+    for needed in ("ray up cluster_configs/aws-gpu-s3.yaml",
+                   "ray up cluster_configs/gcp-gpu-gcs.yaml",
+                   "kubectl apply -f cluster_configs/kuberay-raycluster-object-storage.yaml",
+                   "--runtime-env cluster_configs/runtime_env_object_storage.yaml",
+                   "IRSA", "Workload Identity", "instance profile", "AWS_ENDPOINT_URL",
+                   "s3://", "gs://"):
+        assert needed in text, needed
 
 
 def test_readme_paths_exist():

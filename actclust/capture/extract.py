@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
 from actclust.config import ExtractConfig, identity
 from actclust.errors import UserError
-from actclust.io import mask_store, outdir
+from actclust.io import mask_store, outdir, storage
 from actclust.io.corpus import Windows, load_windows
 
 log = logging.getLogger(__name__)
@@ -84,9 +83,9 @@ def plan_shards(windows: Windows, shard_windows: int) -> list[tuple[str, slice]]
             for i in range(0, n, shard_windows)]
 
 
-def _open_manifest(out: Path, cfg: ExtractConfig) -> dict | None:
+def _open_manifest(out: str, cfg: ExtractConfig) -> dict | None:
     """The existing manifest of ``out`` if it belongs to the same run; refuse a foreign one."""
-    if not (out / mask_store.MANIFEST).exists():
+    if not storage.is_file(storage.join(out, mask_store.MANIFEST)):
         outdir.refuse_foreign(out, mask_store.MANIFEST)
         return None
     manifest = mask_store.read_manifest(out)
@@ -94,11 +93,6 @@ def _open_manifest(out: Path, cfg: ExtractConfig) -> dict | None:
                           "masks of a different configuration", values=True,
                           hint="use a new --out or repeat the original command to resume")
     return manifest
-
-
-def _clean_temporaries(out: Path) -> None:
-    for tmp in (out / "masks").glob("layer=*/.*.tmp-*"):
-        tmp.unlink(missing_ok=True)
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
@@ -109,8 +103,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
     from actclust.orchestration.actors import ActorGroup
     from actclust.orchestration.raycluster import actor_options, init_ray
 
-    out = Path(cfg.out)
+    out = storage.normalize(cfg.out)
     manifest = _open_manifest(out, cfg)
+    storage.makedirs(out)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     windows = load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
                            max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
@@ -130,12 +125,11 @@ def run_extract(cfg: ExtractConfig) -> dict:
             manifest = _new_manifest(cfg, info, windows, shards)
             manifest["thresholds"], manifest["sparsity_target"] = _thresholds(cfg, info, windows,
                                                                               first)
-            out.mkdir(parents=True, exist_ok=True)
             mask_store.write_manifest(out, manifest)
         else:
             log.info("resuming %s: %d of %d shards complete", out,
                      len(mask_store.complete_shards(manifest)), len(manifest["shards"]))
-        _clean_temporaries(out)
+        storage.remove_temporaries(storage.join(out, "masks"))
         todo = [(name, sl) for (name, sl), entry in zip(shards, manifest["shards"])
                 if entry.get("status") != mask_store.COMPLETE]
         _run_shards(pool, todo, windows, manifest, out, cfg)
@@ -183,7 +177,7 @@ def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows,
     return ray.get(actor.calibrate.remote(calib, sparsity, cfg.batch_windows)), float(sparsity)
 
 
-def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: Path,
+def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: str,
                 cfg: ExtractConfig) -> None:
     """Extract every pending shard on the pool; record each in the manifest as it lands."""
     from actclust.progress import Progress
@@ -194,7 +188,7 @@ def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: Path,
     def submit(actor, task):
         name, sl = task
         part = windows.take(sl)
-        return actor.extract.remote(str(out), name, part.seq, part.ids, manifest["thresholds"],
+        return actor.extract.remote(out, name, part.seq, part.ids, manifest["thresholds"],
                                     cfg.batch_windows)
 
     def done(task, entry):

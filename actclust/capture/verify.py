@@ -1,17 +1,15 @@
-"""Re-check a mask directory against its manifest."""
+"""Re-check a mask directory (local or object store) against its manifest."""
 
 from __future__ import annotations
 
-
 import numpy as np
 
-from actclust.io import mask_store
+from actclust.io import mask_store, storage
 
 
 def verify(root: str) -> list[str]:
     """Every problem found, as one line each; an empty list means the directory is sound."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     manifest = mask_store.read_manifest(root)
     problems: list[str] = []
@@ -25,14 +23,14 @@ def verify(root: str) -> list[str]:
         digests = shard.get("file_sha256") or []
         for i, layer in enumerate(manifest["layers"]):
             path = mask_store.shard_path(root, layer, shard["name"])
-            where = f"{path.relative_to(root)}"
-            if not path.is_file():
+            where = f"masks/layer={layer}/{shard['name']}.parquet"
+            if not storage.is_file(path):
                 problems.append(f"{where}: missing")
                 continue
             if i < len(digests) and mask_store.sha256_file(path) != digests[i]:
                 problems.append(f"{where}: sha256 differs from the manifest (file changed or corrupt)")
             try:
-                table = pq.read_table(path)
+                table = storage.read_table(path)
             except (pa.ArrowException, OSError) as exc:
                 problems.append(f"{where}: unreadable Parquet ({str(exc).splitlines()[0]})")
                 continue

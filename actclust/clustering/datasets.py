@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from actclust import kernels
-from actclust.io import mask_store
+from actclust.io import mask_store, storage
 
 
 class MaskDataset(Protocol):
@@ -134,7 +134,7 @@ class ParquetDataset:
     """Packed masks of one layer in ``files`` (rows in order), never all in memory.
 
     Args:
-        files: this worker's shard files of the layer, in global row order.
+        files: this worker's shard files of the layer (paths or URIs), in global row order.
         rows_per_file: the row count of each file (from the manifest).
         row_bytes: B, bytes per packed mask.
         global_offset: global index of the first row of ``files[0]``.
@@ -156,24 +156,20 @@ class ParquetDataset:
         return self.bytes
 
     def _batches(self):
-        import pyarrow.parquet as pq
-
         for path in self.files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=self.batch_rows,
-                                                            columns=["bits"]):
+            for batch in storage.parquet_file(path).iter_batches(batch_size=self.batch_rows,
+                                                                 columns=["bits"]):
                 yield mask_store.bits_to_numpy(batch.column(0))
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """(m,) local indices -> (m, B) rows, reading only the files that hold them."""
-        import pyarrow.parquet as pq
-
         indices = np.asarray(indices, dtype=np.int64)
         out = np.zeros((len(indices), self.bytes), dtype=np.uint8)
         which = np.searchsorted(self.starts, indices, side="right") - 1
         for f in np.unique(which):
             pick = np.flatnonzero(which == f)
-            bits = mask_store.bits_to_numpy(pq.read_table(self.files[f], columns=["bits"])
-                                       .column("bits"))
+            bits = mask_store.bits_to_numpy(storage.read_table(self.files[f], columns=["bits"])
+                                            .column("bits"))
             out[pick] = bits[indices[pick] - self.starts[f]]
         return out
 

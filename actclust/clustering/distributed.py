@@ -19,13 +19,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 
 from actclust.config import ClusterConfig, FitSpec, identity
 from actclust.errors import UserError
-from actclust.io import centroid_store, kmeans_state, mask_store, outdir
+from actclust.io import centroid_store, kmeans_state, mask_store, outdir, storage
 from actclust.orchestration.actors import FaultHooks
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,10 @@ class ClusterWorker:
 
         dataset = open_layer_dataset(root, layer, shards, rows, width, global_offset,
                                      spec.memory_budget_mb)
-        resume = kmeans_state.load_state(Path(checkpoint)) if checkpoint else None
+        resume = kmeans_state.load_state(checkpoint) if checkpoint else None
         save = None
         if checkpoint and self.rank == 0:
-            save = lambda state: kmeans_state.save_state(state, Path(checkpoint))  # noqa: E731
+            save = lambda state: kmeans_state.save_state(state, checkpoint)  # noqa: E731
 
         def progress(iteration, cost, changed):
             self.faults.kmeans_iteration(self.rank, layer, iteration)
@@ -143,7 +142,7 @@ def run_cluster(cfg: ClusterConfig, faults: FaultHooks | None = None) -> dict:
                         f"({total_rows}); lower --k or extract more tokens")
     if cfg.verify:
         mask_store.verify_layers(cfg.masks, manifest, layers)
-    out = Path(cfg.out)
+    out = storage.normalize(cfg.out)
     outdir.open_output(out, RUN_MARKER,
                        {**identity(cfg), "masks_sha": mask_store.masks_digest(manifest)},
                        "clustering results of another configuration")
@@ -190,7 +189,7 @@ def _start_group(cfg: ClusterConfig, world_size: int, faults, grace_s: float = 1
     return group
 
 
-def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path,
+def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: str,
                 faults) -> dict:
     """Fit each layer with the worker group; rebuild the group if a worker dies."""
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -224,7 +223,7 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path
                 log.info("layer %d: resuming k-means from its checkpoint at iteration %d",
                          layer, state["iteration"])
             offsets = np.cumsum([0] + [sum(rows[n] for n in b) for b in blocks])
-            refs = [w.fit_layer.remote(cfg.masks, layer, blocks[r], width, spec, str(ckpt),
+            refs = [w.fit_layer.remote(cfg.masks, layer, blocks[r], width, spec, ckpt,
                                        [rows[n] for n in blocks[r]], int(offsets[r]))
                     for r, w in enumerate(workers)]
             try:
@@ -243,7 +242,7 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: Path
         res = next(o for o in outs if o["rank"] == 0)
         res["seconds"] = max(o["seconds"] for o in outs)
         kmeans_state.save_state({k: v for k, v in res.items() if k != "rank"}, done_path)
-        ckpt.unlink(missing_ok=True)
+        kmeans_state.delete_state(ckpt)
         results[layer] = res
         progress.update(1)
     progress.close()

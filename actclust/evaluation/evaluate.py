@@ -23,14 +23,13 @@ on the centroids and are computed once per run when a baseline directory is give
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from actclust.errors import UserError
 from actclust.evaluation.metrics import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
                                         empty_stats, summarize, window_nll)
-from actclust.io import centroid_store, eval_store, mask_store
+from actclust.io import centroid_store, eval_store, mask_store, storage
 from actclust.io.centroid_store import load_centroids
 from actclust.orchestration.actors import FaultHooks
 
@@ -189,7 +188,7 @@ def fitted_split(meta: dict) -> str | None:
     if meta.get("split"):
         return meta["split"]
     masks = meta.get("masks")
-    if masks and (Path(masks) / mask_store.MANIFEST).is_file():
+    if masks and storage.is_file(storage.join(masks, mask_store.MANIFEST)):
         return mask_store.read_manifest(masks).get("split")
     return None
 
@@ -309,7 +308,7 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     ident = baseline_identity(cfg, meta)
     baseline = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])
     modes = ("cluster", "random") if baseline is not None else MODES
-    centroids_dir = str(Path(cfg.centroids).resolve())
+    centroids_dir = storage.normalize(cfg.centroids)
     results = _run_chunks(cfg, meta, centroids_dir, windows, modes, faults)
     if baseline is None:
         baseline = baseline_from(results, windows, ident)

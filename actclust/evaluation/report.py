@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import platform
-from pathlib import Path
 
 from actclust.errors import UserError
+from actclust.io import storage
 
 DEFINITIONS = [
     ("mask m", "m_i = 1 iff |a_i| > tau_l, a = the input of the FFN output projection"),
@@ -57,13 +58,13 @@ def _series(rows: list[dict], algorithm: str, theta: float, key: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def make_plots(rows: list[dict], plots: Path) -> list[Path]:
+def make_plots(rows: list[dict], plots: str) -> list[tuple[str, bytes]]:
+    """PNG plots written under ``plots`` (a directory or URI); returns (name, png bytes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots.mkdir(parents=True, exist_ok=True)
     groups = sorted({(r["algorithm"], r["theta"]) for r in rows})
     paths = []
 
@@ -76,12 +77,16 @@ def make_plots(rows: list[dict], plots: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = plots / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        save(fig, name)
 
-    paths.append(_ppl_vs_effective_density(rows, plots, plt))
+    def save(fig, name):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        storage.write_bytes_atomic(buffer.getbuffer(), storage.join(plots, f"{name}.png"))
+        paths.append((name, buffer.getvalue()))
+
+    _ppl_vs_effective_density(rows, plt, save)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for alg, theta in groups:
@@ -118,14 +123,11 @@ def make_plots(rows: list[dict], plots: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = plots / "per_layer_recall.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, "per_layer_recall")
     return paths
 
 
-def _ppl_vs_effective_density(rows: list[dict], plots: Path, plt) -> Path:
+def _ppl_vs_effective_density(rows: list[dict], plt, save) -> None:
     """Cluster perplexity with its interval against the compute kept, every algorithm and K."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for alg, theta in sorted({(r["algorithm"], r["theta"]) for r in rows}):
@@ -157,10 +159,7 @@ def _ppl_vs_effective_density(rows: list[dict], plots: Path, plt) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = plots / "perplexity_vs_effective_density.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    save(fig, "perplexity_vs_effective_density")
 
 
 def _yerr(series: list[dict], key: str):
@@ -191,20 +190,21 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def write_report(directory: str) -> Path:
-    root = Path(directory)
-    results = root / "results.json"
-    if not results.is_file():
+def write_report(directory: str) -> str:
+    """Write ``directory/report.html`` (and its plots); returns its location."""
+    root = storage.normalize(directory)
+    results = storage.join(root, "results.json")
+    if not storage.is_file(results):
         raise UserError(f"{root} has no results.json; run actclust run or actclust sweep first")
-    data = json.loads(results.read_text())
+    data = storage.read_json(results)
     rows = data["rows"]
     if not rows:
         raise UserError(f"{results} holds no results yet")
-    paths = make_plots(rows, root / "plots")
+    plots = make_plots(rows, storage.join(root, "plots"))
     images = "".join(
-        f'<figure><img alt="{p.stem}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{p.stem}</figcaption></figure>'
-        for p in paths)
+        f'<figure><img alt="{name}" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode()}"><figcaption>{name}</figcaption></figure>'
+        for name, png in plots)
     identity = {**data.get("identity", {}), "versions": _versions()}
     defs = "".join(f"<dt>{html.escape(a)}</dt><dd>{html.escape(b)}</dd>" for a, b in DEFINITIONS)
     page = f"""<!doctype html>
@@ -220,8 +220,6 @@ figure{{display:inline-block;margin:8px}}img{{max-width:600px}}pre{{background:#
 <h2>Run identity</h2><pre>{html.escape(json.dumps(identity, indent=1))}</pre>
 </body></html>
 """
-    out = root / "report.html"
-    tmp = root / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    out = storage.join(root, "report.html")
+    storage.write_bytes_atomic(page.encode("utf-8"), out)
     return out

@@ -12,19 +12,18 @@ Layout of a clustering directory::
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
 from actclust.errors import UserError
-from actclust.io import mask_store
-from actclust.io.files import read_json, write_json_atomic, write_table_atomic
+from actclust.io import mask_store, storage
+from actclust.io.storage import read_json, write_json_atomic, write_table_atomic
 
 CENTROIDS_FILE = "centroids.parquet"
 META_FILE = "cluster.json"
 
 
-def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out: Path) -> dict:
+def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out) -> dict:
     """centroids.parquet and cluster.json of per-layer fit results (key -1: pooled layers)."""
     import pyarrow as pa
 
@@ -39,7 +38,7 @@ def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out: 
             "size": pa.array(np.asarray(results[key]["sizes"], np.int64)),
         }))
     table = pa.concat_tables(tables)
-    write_table_atomic(table, out / CENTROIDS_FILE)
+    write_table_atomic(table, storage.join(out, CENTROIDS_FILE))
     costs = {str(k): float(results[k]["cost"]) for k in keys}
     meta = {
         "k": cfg.k, "theta": cfg.theta, "seed": cfg.seed, "algorithm": cfg.algorithm,
@@ -62,7 +61,7 @@ def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out: 
         "thresholds": [manifest["thresholds"][manifest["layers"].index(l)] for l in layers],
         "tokens": manifest["tokens"],
     }
-    write_json_atomic(meta, out / META_FILE)
+    write_json_atomic(meta, storage.join(out, META_FILE))
     return meta
 
 
@@ -75,27 +74,24 @@ def _max_iter(cfg) -> int:
 
 def read_meta(root) -> dict:
     """cluster.json of a finished clustering directory."""
-    return read_json(Path(root) / META_FILE)
+    return read_json(storage.join(root, META_FILE))
 
 
 def is_finished(root) -> bool:
-    return (Path(root) / META_FILE).is_file()
+    return storage.is_file(storage.join(root, META_FILE))
 
 
-def load_centroids(root: str | Path) -> tuple[dict, list[np.ndarray]]:
+def load_centroids(root) -> tuple[dict, list[np.ndarray]]:
     """cluster.json and the per-layer (K, B) centroids of a clustering directory."""
-    import pyarrow.parquet as pq
-
-    root = Path(root)
-    meta_path = root / META_FILE
-    if not meta_path.is_file() or not (root / CENTROIDS_FILE).is_file():
+    meta_path = storage.join(root, META_FILE)
+    if not storage.is_file(meta_path) or not storage.is_file(storage.join(root, CENTROIDS_FILE)):
         raise UserError(f"{root} is not a clustering directory (cluster.json and "
                         "centroids.parquet expected; create them with actclust cluster)")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        meta = read_json(meta_path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
-    table = pq.read_table(root / CENTROIDS_FILE)
+    table = storage.read_table(storage.join(root, CENTROIDS_FILE))
     layer_col = table.column("layer").to_numpy()
     cluster_col = table.column("cluster").to_numpy()
     bits = mask_store.bits_to_numpy(table.column("bits"))

@@ -2,7 +2,8 @@
 
 A state dict (see :func:`actclust.clustering.kmeans.fit`) holds numpy arrays and
 JSON values; it is written as one .npz without pickle (the JSON part in
-``_meta``) and replaced atomically, so a rerun resumes from the last complete one.
+``_meta``) and written whole (:mod:`actclust.io.storage`: local or object store),
+so a rerun resumes from the last complete one.
 
 Layout under a clustering directory::
 
@@ -14,36 +15,39 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 
-from actclust.io.files import write_bytes_atomic
+from actclust.io import storage
 
 
-def checkpoint_path(out: Path, layer: int) -> Path:
-    return Path(out) / "checkpoints" / f"layer={layer}.npz"
+def checkpoint_path(out, layer: int) -> str:
+    return storage.join(out, "checkpoints", f"layer={layer}.npz")
 
 
-def finished_path(out: Path, layer: int) -> Path:
-    return Path(out) / "layers" / f"layer={layer}.npz"
+def finished_path(out, layer: int) -> str:
+    return storage.join(out, "layers", f"layer={layer}.npz")
 
 
-def save_state(state: dict, path: Path) -> None:
-    """A k-means state dict as one .npz (no pickle), replaced atomically."""
+def save_state(state: dict, path) -> None:
+    """A k-means state dict as one .npz (no pickle), written whole (local or object store)."""
     arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
     meta = {k: v for k, v in state.items() if k not in arrays}
     buffer = io.BytesIO()
     np.savez(buffer, _meta=np.array(json.dumps(meta)), **arrays)
-    write_bytes_atomic(buffer.getvalue(), path)
+    storage.write_bytes_atomic(buffer.getbuffer(), path)
 
 
-def load_state(path: Path) -> dict | None:
+def delete_state(path) -> None:
+    """Remove a checkpoint once its layer is finished (nothing if it is not there)."""
+    storage.delete_file(path)
+
+
+def load_state(path) -> dict | None:
     """The state saved at ``path``, or None if there is none."""
-    path = Path(path)
-    if not path.is_file():
+    if not storage.is_file(path):
         return None
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
         state = json.loads(str(data["_meta"]))
         for key in data.files:
             if key != "_meta":

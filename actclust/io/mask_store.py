@@ -8,23 +8,25 @@ Layout of an extraction directory::
                                            bits fixed_size_binary(ceil(d/8))
 
 Bit order: neuron i is bit ``i % 8`` (least significant first) of byte ``i // 8``.
-Every file is written under a temporary name and renamed into place; the
-manifest is replaced atomically and lists a shard as complete only after all of
-its layer files are in place.
+``DIR`` is a local path or an object-store URI (:mod:`actclust.io.storage`). Every
+file is written whole (local: temporary name and rename; object store: one upload
+to its final key); the manifest is the commit record: it lists a shard as complete
+only after all of its layer files are in place, and files of shards it does not
+list as complete are ignored and overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from actclust.errors import UserError
-from actclust.io.files import sha256_file, write_json_atomic, write_table_atomic  # noqa: F401
+from actclust.io import storage
+from actclust.io.storage import sha256_file, write_json_atomic, write_table_atomic  # noqa: F401
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -91,12 +93,17 @@ def mask_table(seq: np.ndarray, pos: np.ndarray, token: np.ndarray, packed: np.n
     )
 
 
-def layer_dir(root: str | os.PathLike, layer: int) -> Path:
-    return Path(root) / "masks" / f"layer={int(layer)}"
+def _located(location: str):
+    """A ``Path`` for a local location (what callers have always received), else the URI."""
+    return Path(location) if storage.is_local(location) else location
 
 
-def shard_path(root, layer: int, shard: str) -> Path:
-    return layer_dir(root, layer) / f"{shard}.parquet"
+def layer_dir(root, layer: int):
+    return _located(storage.join(root, "masks", f"layer={int(layer)}"))
+
+
+def shard_path(root, layer: int, shard: str):
+    return _located(storage.join(root, "masks", f"layer={int(layer)}", f"{shard}.parquet"))
 
 
 def write_shard(root, shard: str, seq: np.ndarray, token_ids: np.ndarray,
@@ -125,13 +132,13 @@ def write_shard(root, shard: str, seq: np.ndarray, token_ids: np.ndarray,
     }
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
+def read_manifest(root) -> dict:
+    path = storage.join(root, MANIFEST)
+    if not storage.is_file(path):
         raise UserError(f"{root} is not a mask directory: {MANIFEST} is missing "
                         "(create one with actclust extract)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); re-run actclust extract") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
@@ -144,7 +151,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
 
 
 def write_manifest(root, manifest: dict) -> None:
-    write_json_atomic(manifest, Path(root) / MANIFEST)
+    write_json_atomic(manifest, storage.join(root, MANIFEST))
 
 
 def complete_shards(manifest: dict) -> list[dict]:
@@ -158,17 +165,15 @@ def require_complete(manifest: dict, root) -> None:
                         "finished); re-run the same actclust extract command to finish it")
 
 
-def layer_files(root, manifest: dict, layer: int) -> list[Path]:
+def layer_files(root, manifest: dict, layer: int) -> list:
     return [shard_path(root, layer, s["name"]) for s in complete_shards(manifest)]
 
 
 def read_layer(root, manifest: dict, layer: int, columns=("bits",)) -> dict:
     """All complete rows of one layer, in (seq, pos) order: {column: numpy array}."""
-    import pyarrow.parquet as pq
-
     parts: dict[str, list] = {c: [] for c in columns}
     for path in layer_files(root, manifest, layer):
-        table = pq.read_table(path, columns=list(columns))
+        table = storage.read_table(path, columns=columns)
         for c in columns:
             col = table.column(c)
             parts[c].append(bits_to_numpy(col) if c == "bits" else col.to_numpy())
@@ -185,20 +190,16 @@ def read_layer(root, manifest: dict, layer: int, columns=("bits",)) -> dict:
 def iter_layer_batches(root, manifest: dict, layer: int, batch_rows: int,
                        shards: list[str] | None = None) -> Iterator[np.ndarray]:
     """Stream one layer's packed masks as (<=batch_rows, B) uint8 arrays (bounded memory)."""
-    import pyarrow.parquet as pq
-
     names = shards if shards is not None else [s["name"] for s in complete_shards(manifest)]
     for name in names:
-        pf = pq.ParquetFile(shard_path(root, layer, name))
+        pf = storage.parquet_file(shard_path(root, layer, name))
         for batch in pf.iter_batches(batch_size=batch_rows, columns=["bits"]):
             yield bits_to_numpy(batch.column(0))
 
 
 def read_shards(root, layer: int, names: list[str], width: int) -> np.ndarray:
     """Packed masks (N, B) of one layer from the named shard files, in order."""
-    import pyarrow.parquet as pq
-
-    parts = [bits_to_numpy(pq.read_table(shard_path(root, layer, n), columns=["bits"])
+    parts = [bits_to_numpy(storage.read_table(shard_path(root, layer, n), columns=["bits"])
                            .column("bits")) for n in names]
     return np.concatenate(parts) if parts else np.zeros((0, row_bytes(width)), np.uint8)
 
@@ -221,7 +222,7 @@ def verify_layers(root: str, manifest: dict, layers: list[int]) -> None:
         digests = shard.get("file_sha256") or []
         for layer in layers:
             path = shard_path(root, layer, shard["name"])
-            if not path.is_file():
+            if not storage.is_file(path):
                 raise UserError(f"{path} is missing; run actclust verify {root}")
             if digests and sha256_file(path) != digests[index[layer]]:
                 raise UserError(f"{path} does not match its sha256 in the manifest (corrupt or "

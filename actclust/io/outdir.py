@@ -7,10 +7,9 @@ configuration is refused with one line that names what differs.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from actclust.errors import UserError
-from actclust.io.files import read_json, write_json_atomic
+from actclust.io import storage
+from actclust.io.storage import read_json, write_json_atomic
 
 
 def differences(previous: dict, current: dict) -> list[str]:
@@ -35,9 +34,9 @@ def refuse_changed(out, previous: dict, current: dict, holds: str, *, values: bo
     raise UserError(f"{out} holds {holds} ({what}); {hint}")
 
 
-def refuse_foreign(out: Path, marker: str) -> None:
-    """Refuse a directory with contents but without our ``marker`` file."""
-    if out.exists() and any(out.iterdir()):
+def refuse_foreign(out, marker: str) -> None:
+    """Refuse a directory (or object-store prefix) with contents but without our ``marker``."""
+    if not storage.is_empty(out):
         raise UserError(f"output directory {out} exists, is not empty and has no {marker}; "
                         "choose an empty or new --out")
 
@@ -50,12 +49,12 @@ def open_output(out, marker: str, identity: dict, holds: str, *, fresh_only: boo
     marker matches: resumed. Another marker: refused, naming what differs. With
     ``fresh_only``, a non-empty directory without the marker is refused too.
     """
-    out = Path(out)
-    path = out / marker
-    if path.is_file():
+    path = storage.join(out, marker)
+    if storage.is_file(path):
         refuse_changed(out, read_json(path), identity, holds, hint=hint)
         return True
-    if fresh_only and out.exists() and any(out.iterdir()):
+    if fresh_only and not storage.is_empty(out):
         raise UserError(f"output directory {out} exists and is not empty; choose a new --out")
+    storage.makedirs(out)
     write_json_atomic(identity, path)
     return False

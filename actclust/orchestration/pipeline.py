@@ -9,18 +9,18 @@ Layout of ``out``::
     out/results.csv, results.json   one row per (K, theta)
     out/report.html, plots/         actclust report
 
-Every stage is resumable, so rerunning the same command finishes what a killed
-run started and reuses what it finished.
+``out`` is a local directory or an object-store URI (``s3://bucket/run``). Every
+stage is resumable, so rerunning the same command finishes what a killed run
+started and reuses what it finished.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from actclust import config as C
-from actclust.io import centroid_store, eval_store, mask_store
-from actclust.io.files import write_json_atomic
+from actclust.io import centroid_store, eval_store, mask_store, storage
+from actclust.io.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,8 @@ def trial_grid(cfg: C.RunConfig) -> list[tuple[int, float, str]]:
 def extract_stage(cfg: C.RunConfig) -> str:
     from actclust.capture.extract import run_extract
 
-    masks = str(Path(cfg.out) / "masks")
-    manifest_path = Path(masks) / mask_store.MANIFEST
-    if manifest_path.is_file():
+    masks = storage.join(cfg.out, "masks")
+    if storage.is_file(storage.join(masks, mask_store.MANIFEST)):
         manifest = mask_store.read_manifest(masks)
         if all(s["status"] == mask_store.COMPLETE for s in manifest["shards"]):
             log.info("masks already extracted in %s", masks)
@@ -69,30 +68,30 @@ def extract_stage(cfg: C.RunConfig) -> str:
 def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float, algorithm: str) -> str:
     from actclust.clustering.distributed import run_cluster
 
-    out = Path(cfg.out) / "clusters" / trial_name(k, theta, algorithm)
+    out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm))
     if centroid_store.is_finished(out):
-        return str(out)
+        return out
     ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, seed=cfg.seed,
-                                         workers=cfg.workers, algorithm=algorithm, out=str(out)))
+                                         workers=cfg.workers, algorithm=algorithm, out=out))
     run_cluster(ccfg)
-    return str(out)
+    return out
 
 
 def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
     from actclust.evaluation.evaluate import run_evaluate
 
-    out = Path(cfg.out) / "eval" / name
+    out = storage.join(cfg.out, "eval", name)
     finished = eval_store.read_eval(out)
     if finished is not None:
         return finished
-    return run_evaluate(_evaluate_config(cfg, centroids, str(out)))
+    return run_evaluate(_evaluate_config(cfg, centroids, out))
 
 
 def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None):
     return C.build(C.EvaluateConfig, dict(
         centroids=centroids or "-", out=out or "-", max_tokens=cfg.eval_max_tokens,
         workers=cfg.workers, seed=cfg.seed, dense_prefix=cfg.dense_prefix,
-        mask_mode=cfg.mask_mode, baseline=str(Path(cfg.out) / "eval" / "baseline")))
+        mask_mode=cfg.mask_mode, baseline=storage.join(cfg.out, "eval", "baseline")))
 
 
 def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
@@ -126,7 +125,8 @@ def run_identity(cfg: C.RunConfig, masks: str) -> dict:
             "threshold": cfg.threshold, "seed": cfg.seed}
 
 
-def write_results(rows: list[dict], out: Path, identity: dict) -> None:
+def write_results(rows: list[dict], out: str, identity: dict,
+                  csv_name: str = "results.csv") -> None:
     import csv
     import io
 
@@ -135,18 +135,16 @@ def write_results(rows: list[dict], out: Path, identity: dict) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row.get(k) for k in RESULT_COLUMNS})
-    tmp = out / ".results.csv.tmp"
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(out / "results.csv")
-    write_json_atomic({"identity": identity, "rows": rows}, out / "results.json")
+    write_bytes_atomic(buffer.getvalue().encode("utf-8"), storage.join(out, csv_name))
+    write_json_atomic({"identity": identity, "rows": rows}, storage.join(out, "results.json"))
 
 
-def run_pipeline(cfg: C.RunConfig) -> Path:
-    """Run every stage; returns the path of report.html."""
+def run_pipeline(cfg: C.RunConfig) -> str:
+    """Run every stage; returns the location of report.html."""
     from actclust.evaluation.report import write_report
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(cfg.out)
+    storage.makedirs(out)
     masks = extract_stage(cfg)
     baseline_stage(cfg, masks)
     rows = []
@@ -161,6 +159,6 @@ def run_pipeline(cfg: C.RunConfig) -> Path:
                  report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
                  report["effective_density"], report["recall"], report["weighted_recall"])
     write_results(rows, out, run_identity(cfg, masks))
-    path = write_report(str(out))
+    path = write_report(out)
     log.info("report: %s", path)
     return path

@@ -7,7 +7,8 @@ placement group (a small bundle for itself and one bundle per worker actor);
 Tune captures the trial's actors into it, so concurrent trials never
 oversubscribe the cluster. Trial outputs live at fixed paths under ``out``, so a
 retried trial resumes its own checkpoints, and an interrupted sweep resumes with
-``Tuner.restore`` when rerun with the same config.
+``Tuner.restore`` when rerun with the same config. ``out`` may be an object-store
+URI: Tune's experiment state then lives in the same bucket (``out/tune``).
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 import typing
 from typing import Optional
 
 from actclust import config as C
 from actclust.errors import UserError
-from actclust.io import centroid_store, outdir
-from actclust.io.files import write_table_atomic
+from actclust.io import centroid_store, outdir, storage
+from actclust.io.storage import write_table_atomic
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, baseline_stage, cluster_stage,
                                              evaluate_stage, extract_stage, result_row,
                                              run_identity, trial_grid, trial_name, write_results)
@@ -68,7 +68,7 @@ def trial(config: dict) -> None:
                 | {"per_layer_recall": row["per_layer_recall"], "trial": name})
 
 
-def run_sweep(values: dict, source: str = "config", overrides: dict | None = None) -> Path:
+def run_sweep(values: dict, source: str = "config", overrides: dict | None = None) -> str:
     """Run (or resume) the sweep described by ``values``; returns report.html."""
     from ray import tune
 
@@ -76,9 +76,9 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     from actclust.evaluation.report import write_report
 
     cfg = C.build(SweepConfig, values, overrides, source)
-    out = Path(cfg.out).resolve()
-    cfg.out = str(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(cfg.out)
+    cfg.out = out
+    storage.makedirs(out)
     _check_identity(out, cfg)
     masks = extract_stage(cfg)
     init_ray()
@@ -92,17 +92,17 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     resources = tune.PlacementGroupFactory(
         [{"CPU": 0.1}] + [{"CPU": cfg.worker_cpus}] * cfg.workers, strategy="PACK")
     trainable = tune.with_resources(trial, resources)
-    storage = str(out / "tune")
-    if tune.Tuner.can_restore(f"{storage}/sweep"):
-        log.info("resuming the sweep in %s", storage)
-        tuner = tune.Tuner.restore(f"{storage}/sweep", trainable, resume_errored=True,
-                                   restart_errored=False)
+    tune_path, tune_fs = storage.ray_storage(storage.join(out, "tune"))
+    if tune.Tuner.can_restore(f"{tune_path}/sweep", storage_filesystem=tune_fs):
+        log.info("resuming the sweep in %s", storage.join(out, "tune"))
+        tuner = tune.Tuner.restore(f"{tune_path}/sweep", trainable, resume_errored=True,
+                                   restart_errored=False, storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
             run_config=tune.RunConfig(
-                name="sweep", storage_path=storage, verbose=0,
+                name="sweep", storage_path=tune_path, storage_filesystem=tune_fs, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
@@ -112,23 +112,22 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     rows = [{key: row.get(key) for key in (*RESULT_COLUMNS, "per_layer_recall")} for row in rows]
     rows.sort(key=lambda r: (r["algorithm"], r["theta"], r["k"]))
     _write_table(rows, out, masks, cfg)
-    path = write_report(str(out))
+    path = write_report(out)
     log.info("sweep of %d trials done; report: %s", len(rows), path)
     return path
 
 
-def _check_identity(out: Path, cfg: SweepConfig) -> None:
+def _check_identity(out: str, cfg: SweepConfig) -> None:
     """Refuse a directory that holds another sweep (same contract as extract)."""
     outdir.open_output(out, "sweep_config.json", C.identity(cfg), "a sweep with other settings",
                        fresh_only=False, hint="use a new out directory")
 
 
-def _write_table(rows: list[dict], out: Path, masks: str, cfg: SweepConfig) -> None:
+def _write_table(rows: list[dict], out: str, masks: str, cfg: SweepConfig) -> None:
     import pyarrow as pa
 
     identity = run_identity(cfg, masks)
-    write_results(rows, out, identity)
-    (out / "results.csv").replace(out / "sweep.csv")
+    write_results(rows, out, identity, csv_name="sweep.csv")
     table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_COLUMNS} for r in rows])
     table = table.replace_schema_metadata({"actclust.identity": json.dumps(identity)})
-    write_table_atomic(table, out / "sweep.parquet")
+    write_table_atomic(table, storage.join(out, "sweep.parquet"))
