@@ -81,8 +81,9 @@ class Evaluator:
         from actclust.devices import model_input
 
         self.faults.evaluation_chunk(chunk)
-        if "random" in modes and modes.index("random") < modes.index("cluster"):
-            raise ValueError("the random pass takes its bit counts from the cluster pass")
+        if "random" in modes and ("cluster" not in modes
+                                  or modes.index("random") < modes.index("cluster")):
+            raise ValueError("the random pass takes its bit counts from a cluster pass before it")
         self.shape = ids.shape
         ids_t = model_input(self.model, ids)
         out = {"nll": {}, "tokens": np.full(len(ids), ids.shape[1] - 1, dtype=np.int64)}
