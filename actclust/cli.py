@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks")
     p.add_argument("--k", type=int)
     p.add_argument("--out")
-    p.add_argument("--theta", type=float)
+    objective = p.add_mutually_exclusive_group()
+    objective.add_argument("--theta", type=float,
+                           help="centroid bit = member frequency >= theta (default 0.5)")
+    objective.add_argument("--density", type=float,
+                           help="every centroid keeps exactly round(D * d_ff) bits, the most "
+                                "frequent among its members")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--backend")
@@ -84,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions < P of every window are never masked (default 1; 0 = strict)")
     p.add_argument("--mask-mode", dest="mask_mode",
                    help="replace (a*c, default) or and (a*m*c, the paper artifact's metric)")
+    p.add_argument("--predictor", help="predictor directory: adds the mode `predicted`")
+    p.add_argument("--top-m", dest="top_m", type=int,
+                   help="mask with the union of the top-M predicted centroids")
+
+    p = sub.add_parser("train-predictor",
+                       help="train per-layer cluster-id (or neuron) predictors with Ray Train")
+    p.add_argument("--config")
+    p.add_argument("--centroids")
+    p.add_argument("--out")
+    p.add_argument("--kind", help="cluster (default) or neuron")
+    p.add_argument("--rank", type=int, help="bottleneck width (default: 2%% of the FFN's params)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--max-tokens", dest="max_tokens", type=int)
+    p.add_argument("--features", help="feature directory to share between predictors")
+    p.add_argument("--seed", type=int)
 
     p = sub.add_parser("generate", help="greedy generation with the sparse FFN (or --dense)")
     p.add_argument("--config")
@@ -92,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", help="cluster predictor directory")
     p.add_argument("--prompt")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    p.add_argument("--dense", action="store_true", default=None, help="the dense model, no sparsity")
+    p.add_argument("--dense", action="store_true", default=None,
+                   help="the dense model, no sparsity")
     p.add_argument("--layout", help="auto (default), slab or gather")
     p.add_argument("--slab-budget-mb", dest="slab_budget_mb", type=float,
                    help="memory for per-centroid weight slabs, all layers (default 1024)")
@@ -122,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(cls, args: argparse.Namespace, skip=("command", "config", "verbose")):
     file_values = C.load_yaml(args.config) if getattr(args, "config", None) else {}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    for flag, other in (("theta", "density"), ("density", "theta")):
+        if overrides.get(flag) is not None:  # a flag replaces the file's objective
+            file_values.pop(other, None)
     source = f"config file {args.config}" if getattr(args, "config", None) else "arguments"
     return C.build(cls, file_values, overrides, source)
 
@@ -141,7 +166,11 @@ def _cmd_cluster(args) -> int:
 
     cfg = _config(C.ClusterConfig, args)
     result = run_cluster(cfg)
-    log.info("wrote %s/centroids.parquet (mean Hamming cost %.2f)", cfg.out, result["mean_cost"])
+    log.info("wrote %s/centroids.parquet (%s, mean cost %.2f bits)", cfg.out,
+             result["rule"]["kind"], result["mean_cost"])
+    if result["hit_cap"]:
+        log.warning("%d layer(s) stopped at max_iter without converging: %s",
+                    len(result["hit_cap"]), ", ".join(map(str, result["hit_cap"])))
     return 0
 
 
@@ -151,18 +180,30 @@ def _cmd_evaluate(args) -> int:
     cfg = _config(C.EvaluateConfig, args)
     result = run_evaluate(cfg)
     keys = ("dense_ppl", "oracle_ppl", "cluster_ppl", "precision", "recall")
+    if "predicted_ppl" in result:
+        keys += ("predicted_ppl", "predicted_accuracy", "predicted_density")
     print(json.dumps({k: result[k] for k in keys}))
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from actclust.sparse.generate import GenerateConfig, run_generate
+    from actclust.sparse.generate import run_generate
 
-    result = run_generate(_config(GenerateConfig, args))
+    result = run_generate(_config(C.GenerateConfig, args))
     print(result.text)
     print(f"actclust: {result.mode}: {len(result.tokens)} new tokens in {result.seconds:.2f} s, "
           f"{result.tokens_per_s:.1f} tokens/s (prompt {result.prompt_tokens} tokens)",
           file=sys.stderr)
+    return 0
+
+
+def _cmd_train_predictor(args) -> int:
+    from actclust.predict.train import run_train_predictor
+
+    cfg = _config(C.PredictorConfig, args)
+    record = run_train_predictor(cfg)
+    log.info("wrote %s/predictor.json (%s, rank %d, %.2f%% of the FFN's parameters)", cfg.out,
+             record["kind"], record["rank"], 100 * record["params_fraction"])
     return 0
 
 
@@ -218,7 +259,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 
 COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
-            "generate": _cmd_generate,
+            "generate": _cmd_generate, "train-predictor": _cmd_train_predictor,
             "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report}
 
 

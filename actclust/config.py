@@ -24,6 +24,8 @@ SPLITS = ("train", "heldout", "all")
 BACKENDS = ("auto", "numpy", "torch", "cupy")
 ALGORITHMS = ("hamming-kmeans", "brb-kmeans", "activation-aware")
 MASK_MODES = ("replace", "and")
+LAYOUTS = ("auto", "slab", "gather")  # sparse FFN weight layouts
+DEFAULT_SLAB_BUDGET_MB = 1024.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,7 @@ class FitSpec:
     :class:`ClusterConfig` that travels to the actors."""
 
     k: int
-    theta: float
+    theta: Optional[float]
     seed: int
     init: str
     batch_size: Optional[int]
@@ -100,18 +102,20 @@ class FitSpec:
     algorithm: str
     memory_budget_mb: Optional[float]
     pool_rows: int = 200_000  # rows kept when --pool-layers pools every layer's masks
+    density: Optional[float] = None  # fixed-budget centroids instead of theta
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     # What a clustering directory was fitted with (with the masks' digest).
-    IDENTITY: typing.ClassVar[tuple] = ("k", "theta", "seed", "algorithm", "init", "batch_size",
-                                        "max_iter", "tol", "pool_layers")
+    IDENTITY: typing.ClassVar[tuple] = ("k", "theta", "density", "seed", "algorithm", "init",
+                                        "batch_size", "max_iter", "tol", "pool_layers")
 
     masks: Optional[str] = None
     out: Optional[str] = None
     k: Optional[int] = None
-    theta: float = 0.5
+    theta: Optional[float] = None  # 0.5 unless density is given
+    density: Optional[float] = None
     seed: int = 0
     workers: int = 1
     backend: str = "auto"
@@ -131,8 +135,15 @@ class ClusterConfig:
         _require(self.k, "k", "--k K (number of clusters)")
         if self.k < 1:
             raise UserError(f"k must be at least 1, got {self.k}")
-        if not 0.0 < self.theta <= 1.0:
+        if self.theta is not None and self.density is not None:
+            raise UserError("give --theta or --density, not both (theta sets the member frequency "
+                            "that keeps a centroid bit, density the number of bits)")
+        if self.density is None and self.theta is None:
+            object.__setattr__(self, "theta", 0.5)  # the default objective
+        if self.theta is not None and not 0.0 < self.theta <= 1.0:
             raise UserError(f"theta must be in (0, 1], got {self.theta}")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise UserError(f"density must be in (0, 1], got {self.density}")
         _positive(self.workers, "workers")
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.algorithm, ALGORITHMS, "algorithm")
@@ -148,7 +159,8 @@ class ClusterConfig:
             raise UserError("layers must be a list of integers")
 
     def fit_spec(self) -> FitSpec:
-        return FitSpec(k=self.k, theta=self.theta, seed=self.seed, init=self.init,
+        return FitSpec(k=self.k, theta=self.theta, density=self.density, seed=self.seed,
+                       init=self.init,
                        batch_size=self.batch_size, max_iter=self.max_iter, tol=self.tol,
                        backend=self.backend, algorithm=self.algorithm,
                        memory_budget_mb=self.memory_budget_mb)
@@ -175,6 +187,8 @@ class EvaluateConfig:
     mask_mode: str = "replace"
     bootstrap_resamples: int = 1000
     baseline: Optional[str] = None  # directory caching the dense and oracle passes of a run
+    predictor: Optional[str] = None  # adds the mode `predicted` (actclust train-predictor)
+    top_m: int = 1
 
     def validate(self) -> None:
         _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
@@ -184,10 +198,43 @@ class EvaluateConfig:
         if self.dense_prefix < 0:
             raise UserError(f"dense_prefix must be >= 0, got {self.dense_prefix}")
         _positive(self.bootstrap_resamples, "bootstrap_resamples")
+        _positive(self.top_m, "top_m")
         _positive(self.workers, "workers")
         _positive(self.batch_windows, "batch_windows")
         if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"seq_len must be at least 2, got {self.seq_len}")
+
+
+@dataclasses.dataclass
+class PredictorConfig:
+    """A cluster-id or neuron-mask predictor fitted on the centroids' fitting windows."""
+
+    centroids: Optional[str] = None
+    out: Optional[str] = None
+    kind: str = "cluster"
+    rank: Optional[int] = None  # default: the largest rank within 2% of the FFN's parameters
+    epochs: int = 6
+    workers: int = 2
+    max_tokens: Optional[int] = None  # default: as many fitting tokens as the clustering saw
+    batch_tokens: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    shard_windows: int = 8
+    features: Optional[str] = None  # feature directory to share between predictors
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
+        _require(self.out, "out", "--out DIR")
+        _choice(self.kind, ("cluster", "neuron"), "kind")
+        if self.rank is not None:
+            _positive(self.rank, "rank")
+        for key in ("epochs", "workers", "batch_tokens", "shard_windows"):
+            _positive(getattr(self, key), key)
+        if self.max_tokens is not None:
+            _positive(self.max_tokens, "max_tokens")
+        if not 0.0 < self.lr < 1.0:
+            raise UserError(f"lr must be in (0, 1), got {self.lr}")
 
 
 @dataclasses.dataclass
@@ -205,6 +252,7 @@ class RunConfig:
     threshold: Optional[float] = None
     k: list = dataclasses.field(default_factory=lambda: [16, 64, 256])
     theta: list = dataclasses.field(default_factory=lambda: [0.5, 0.3])
+    density: list = dataclasses.field(default_factory=list)  # fixed-budget fits, besides theta
     seed: int = 0
     workers: int = 2
     algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
@@ -214,10 +262,15 @@ class RunConfig:
     def validate(self) -> None:
         if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
             raise UserError(f"k must be a list of positive integers, got {self.k}")
-        if not self.theta or not all(isinstance(t, (int, float)) and 0 < t <= 1
-                                     for t in self.theta):
+        if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.theta):
             raise UserError(f"theta must be a list of values in (0, 1], got {self.theta}")
         self.theta = [float(t) for t in self.theta]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                   for v in self.density):
+            raise UserError(f"density must be a list of values in (0, 1], got {self.density}")
+        self.density = [float(v) for v in self.density]
+        if not self.theta and not self.density:
+            raise UserError("give at least one theta or one density to fit")
         _positive(self.workers, "workers")
         if not self.algorithm:
             raise UserError("algorithm must name at least one of " + ", ".join(ALGORITHMS))
@@ -232,6 +285,36 @@ class RunConfig:
             if getattr(self, key) is not None and getattr(self, key) < self.seq_len:
                 raise UserError("max_tokens and eval_max_tokens must each hold at least one "
                                 f"window of seq_len {self.seq_len}")
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """actclust generate: greedy generation with the sparse FFN (actclust.sparse)."""
+
+    model: Optional[str] = None  # default: the centroids' model
+    centroids: Optional[str] = None
+    predictor: Optional[str] = None
+    prompt: Optional[str] = None
+    max_new_tokens: int = 32
+    dense: bool = False
+    layout: str = "auto"
+    slab_budget_mb: float = DEFAULT_SLAB_BUDGET_MB
+    threads: Optional[int] = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.prompt is None or self.prompt == "":
+            raise UserError("generate needs --prompt TEXT")
+        _positive(self.max_new_tokens, "max_new_tokens")
+        _choice(self.layout, LAYOUTS, "layout")
+        if self.slab_budget_mb < 0:
+            raise UserError(f"slab_budget_mb must be >= 0, got {self.slab_budget_mb}")
+        if not self.dense and (self.centroids is None or self.predictor is None):
+            raise UserError("sparse generation needs --centroids DIR and --predictor DIR "
+                            "(or --dense for the dense model)")
+        if self.dense and self.model is None and self.centroids is None:
+            raise UserError("dense generation needs --model M "
+                            "(or --centroids DIR to take its model)")
 
 
 def identity(config: Any) -> dict:

@@ -8,7 +8,7 @@
 #     -d .whl faiss-cpu==1.13.2 hypothesis sortedcontainers attrs
 # then, through the device tool:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])
 #
-# What it checks: the cupy kernel and torch's CUDA GEMM path give the same labels
+# What it checks: the cupy kernels and torch's CUDA GEMM path give the same labels
 # and distances as numpy (tests), their speed against faiss on the same data, and a
 # k-means fit on the GPU backends, the stage actors' GPU paths against the CPU
 # (benchmarks/gpu_stages.py), and `actclust run` end to end (extraction, clustering,
@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, cupy; print('torch', torch.__version__, torch.cuda.is_available(), 'cupy', cupy.__version__)" | tee -a "$OUT/gpu.txt"
 
 status=0
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_hamming.py tests/test_kmeans.py \
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_hamming.py tests/test_scored.py tests/test_kmeans.py \
     2>&1 | tee "$OUT/tests.log" || status=1
 # Paper scale: Mistral-7B's d_ff = 14336, many masks, thousands of centroids.
 timeout 240 python3 benchmarks/hamming_assign.py --n 200000 --k 4096 --d 14336 --repeats 3 \

@@ -219,7 +219,7 @@ def bench_end_to_end(args) -> list:
     """(b): decode tokens/s of dense, masked dense and sparse; where a step's time goes."""
     import torch
 
-    from actclust.models import load_model
+    from actclust.io.models import load_model
     from actclust.sparse.ffn import sparse_ffns
     from actclust.sparse.generate import build_layouts, centroid_masks, greedy_tokens
     from actclust.sparse.layout import ffn_parts
@@ -256,14 +256,17 @@ def bench_end_to_end(args) -> list:
 
     methods = {f"{mode}:{t}": (lambda mode=mode, t=t: run(mode, t))
                for mode in ("dense", "masked", "sparse") for t in (1, n)}
-    best, _ = interleaved_best(methods, 1, args.repeats, args.device)
+    best, cpu = interleaved_best(methods, 1, args.repeats, args.device)
     rows = []
     for mode in ("dense", "masked", "sparse"):
         step = (best[f"{mode}:{n}"] - best[f"{mode}:1"]) / (n - 1)
+        cpu_step = (cpu[f"{mode}:{n}"] - cpu[f"{mode}:1"]) / (n - 1)
         rows.append({"mode": mode, "decode_tok_s": 1 / step, "step_ms": step * 1e3,
+                     "cpu_step_ms": cpu_step * 1e3,
                      "prefill_plus_first_ms": best[f"{mode}:1"] * 1e3})
     for row in rows:
         row["speedup"] = rows[0]["step_ms"] / row["step_ms"]
+        row["cpu_speedup"] = rows[0]["cpu_step_ms"] / row["cpu_step_ms"]
         print_json("sparse_ffn_e2e", model=args.model, k=k, density=density, **row)
     breakdown = step_breakdown(model, parts, prompt, layouts, choose, n)
     return rows, breakdown, density, k
@@ -336,7 +339,8 @@ def bench_prefill(args) -> list:
             auto = SparseFFN(SparseLayout(weights, masks, "auto", budget), 0, None, part.act)
             ffns["auto"] = auto
             methods = {"dense": lambda: dense_call(part, x)}
-            methods.update({name: (lambda m=m: m.apply_clusters(x, ids)) for name, m in ffns.items()})
+            methods.update({name: (lambda m=m: m.apply_clusters(x, ids))
+                            for name, m in ffns.items()})
             with torch.inference_mode():
                 best, cpu = interleaved_best(methods, max(1, args.calls // 4), args.repeats,
                                              args.device)
@@ -394,13 +398,14 @@ def main() -> None:
     print("\n(a) one FFN, batch-1 decode, ms per token (fastest call of %d x %d, %d threads)"
           % (args.repeats, args.calls, args.threads))
     print_table(single, ["dims", "dtype", "density", "dense_ms", "slab_ms", "gather_ms",
-                         "slab_speedup", "gather_speedup", "ideal", "slab_of_ideal", "cpu_slab_speedup",
-                         "max_abs_err"])
+                         "slab_speedup", "gather_speedup", "ideal", "slab_of_ideal",
+                         "cpu_slab_speedup", "max_abs_err"])
     if not args.skip_e2e:
         e2e, breakdown, density, k = bench_end_to_end(args)
         print(f"\n(b) {args.model}, greedy decode, K={k}, mean centroid density {density:.2f}, "
               f"chooser {'predictor' if args.predictor else f'rank {args.chooser_rank}'}")
-        print_table(e2e, ["mode", "decode_tok_s", "step_ms", "speedup", "prefill_plus_first_ms"])
+        print_table(e2e, ["mode", "decode_tok_s", "step_ms", "speedup", "cpu_step_ms",
+                          "cpu_speedup", "prefill_plus_first_ms"])
         print("\n    where one decode step's time goes (ms, with timing hooks)")
         print_table(breakdown, ["mode", "step_ms", "attention_ms", "ffn_ms",
                                 "of_which_chooser_ms", "other_forward_ms", "outside_forward_ms"])

@@ -1,4 +1,4 @@
-"""Ray job: Ray Tune sweep over K (and theta, algorithm) on one extraction.
+"""Ray job: Ray Tune sweep over K, the objective (theta or density) and the algorithm on one extraction.
 
     ray job submit --working-dir . -- python jobs/sweep.py --config jobs/presets/sweep_default.yaml
 """

@@ -78,7 +78,7 @@ def test_planted_clusters_are_recovered(batch_size):
     for j in range(8):  # every planted cluster lands in a single found cluster
         assert len(np.unique(res.labels[truth == j])) == 1
     assert res.sizes.sum() == len(x) and res.centroids.shape == (8, x.shape[1])
-    assert res.labels.dtype == np.int64 and res.distances.dtype == np.int32
+    assert res.labels.dtype == np.int64 and res.distances.dtype == np.int64
     np.testing.assert_array_equal(hamming.assign(x, res.centroids)[0], res.labels)
 
 

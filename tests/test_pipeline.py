@@ -132,7 +132,7 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming the sweep" in res.stderr
     table = pq.read_table(tmp_path / "s" / "sweep.parquet").to_pylist()
-    assert sorted(r["k"] for r in table) == [4, 8]
+    assert sorted(r["k"] for r in table) == [1, 4, 8]  # K=1: the static-mask floor
     assert first[0].stat().st_mtime_ns == stamp  # the finished trial was not redone
     assert (tmp_path / "s" / "sweep.csv").is_file() and (tmp_path / "s" / "report.html").is_file()
     bad = tmp_path / "bad.yaml"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from actclust.errors import UserError
-from actclust.models import load_model
+from actclust.io.models import load_model
 from actclust.sparse.ffn import SparseFFN, sparse_ffns
 from actclust.sparse.layout import SparseLayout, ffn_parts, neuron_major
 
@@ -144,9 +144,12 @@ def test_full_centroids_give_the_dense_model(loaded):
     parts = ffn_parts(model)
     layouts = {i: SparseLayout(neuron_major(p), torch.ones(2, neuron_major(p).d_ff, dtype=bool))
                for i, p in enumerate(parts)}
+
+    def choose_full(layer, h):
+        return torch.ones(h.shape[:-1], dtype=torch.long)
     with torch.no_grad():
         dense = model(ids).logits
-        with sparse_ffns(model, layouts, lambda layer, h: torch.ones(h.shape[:-1], dtype=torch.long)):
+        with sparse_ffns(model, layouts, choose_full):
             sparse = model(ids).logits
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from actclust import store
-from actclust.masks import masking
-from actclust.models import load_model
+from actclust.io import mask_store
+from actclust.capture.hooks import masking
+from actclust.io.models import load_model
 from actclust.sparse.ffn import sparse_ffns
 from actclust.sparse.generate import (GenerateConfig, build_layouts, centroid_masks, generate,
                                       greedy_tokens, run_generate)
@@ -100,10 +100,10 @@ def write_clustering(directory, model_name: str, masks: dict) -> None:
     d_ff = masks[layers[0]].shape[1]
     tables = []
     for layer in layers:
-        packed = store.pack(masks[layer].numpy())
+        packed = mask_store.pack(masks[layer].numpy())
         tables.append(pa.table({"layer": pa.array(np.full(K, layer, np.int32)),
                                 "cluster": pa.array(np.arange(K, dtype=np.int32)),
-                                "bits": store.bits_array(packed),
+                                "bits": mask_store.bits_array(packed),
                                 "size": pa.array(np.arange(K, dtype=np.int64) + 1)}))
     pq.write_table(pa.concat_tables(tables), directory / "centroids.parquet")
     meta = {"k": K, "theta": 0.5, "model": model_name, "layers": layers, "d_ff": d_ff,
@@ -144,7 +144,8 @@ def test_cli_generate_bad_input(tmp_path):
     assert_user_error(run_cli("generate", "--model", "tiny:llama", "--prompt", "hi"),
                       "--centroids", "--predictor")
     assert_user_error(run_cli("generate", "--model", "tiny:llama", "--dense"), "--prompt")
-    write_clustering(tmp_path / "c", "tiny:llama", random_masks(load_model("tiny:llama").model, 0.5))
+    masks = random_masks(load_model("tiny:llama").model, 0.5)
+    write_clustering(tmp_path / "c", "tiny:llama", masks)
     assert_user_error(run_cli("generate", "--centroids", str(tmp_path / "c"), "--predictor",
                               str(tmp_path / "missing"), "--prompt", "hi"), "predictor")
     assert_user_error(run_cli("generate", "--model", "tiny:opt", "--centroids", str(tmp_path / "c"),

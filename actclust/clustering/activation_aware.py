@@ -66,7 +66,8 @@ import math
 import numpy as np
 
 from actclust import kernels
-from actclust.clustering.baselines import BaselineResult, _check_int, _check_masks, _result
+from actclust.clustering.baselines import (BaselineResult, _check_int, _check_masks, _result,
+                                           top_bits_of)
 from actclust.kernels import MissCounter
 
 logger = logging.getLogger(__name__)
@@ -218,14 +219,20 @@ def _assign_by_token(x, mc: MissCounter, cap: int) -> np.ndarray:
     return labels
 
 
-def _update(x, labels, k, d, old: np.ndarray, t: int, quantile: float, running_average: bool) -> np.ndarray:
-    """Member frequency (blended with the old centroid) binarised at its own quantile."""
+def _update(x, labels, k, d, old: np.ndarray, t: int, quantile: float, running_average: bool,
+            density: float | None = None) -> np.ndarray:
+    """Member frequency (blended with the old centroid) binarised at its own quantile,
+    or, with a density, cut to its n highest values (empty clusters: their own top n)."""
     sums, counts = kernels.bit_sums(x, labels, k)  # (k, 8B) int64, (k,) int64
     live = counts > 0
     values = sums[live, :d] / counts[live, None]  # (live, d) member frequency
     if running_average:
         prev = np.unpackbits(old[live], axis=1, count=d, bitorder="little")
         values = (t * prev + values) / (t + 1)
+    if density is not None:
+        scores = np.unpackbits(old, axis=1, bitorder="little").astype(np.float64)
+        scores[live, :d] = values
+        return top_bits_of(scores, density, d)
     thresholds = np.quantile(values, quantile, axis=1)  # (live,) linear interpolation
     bits = np.unpackbits(old, axis=1, bitorder="little")  # empty clusters keep theirs
     bits[live, :d] = values > thresholds[:, None]
@@ -235,7 +242,7 @@ def _update(x, labels, k, d, old: np.ndarray, t: int, quantile: float, running_a
 def activation_aware(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = 20,
                      sparsity_floor: float = 0.4, capacity_factor: float = 1.0,
                      quantile: float = 0.4, order: str = "cluster", running_average: bool = True,
-                     init_window: int = 100) -> BaselineResult:
+                     init_window: int = 100, density: float | None = None) -> BaselineResult:
     """Activation-aware clustering of arXiv 2507.14179 (see the module docstring).
 
     Args:
@@ -256,6 +263,8 @@ def activation_aware(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int
             centroid, weight t:1 at iteration t (the artifact), or not.
         init_window: rows searched after each sampled row for one that meets
             the sparsity floor.
+        density: instead of the quantile, every centroid keeps exactly its
+            ``round(density * d)`` highest values (the fixed-budget rule).
     Returns:
         BaselineResult; ``labels`` is the capacity-limited assignment from
         which the returned centroids were computed.
@@ -286,7 +295,7 @@ def activation_aware(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int
     converged = False
     for t in range(1, max_iter + 1):
         new_labels = assign(x, MissCounter.from_packed(centroids), cap)
-        centroids = _update(x, new_labels, k, d, centroids, t, quantile, running_average)
+        centroids = _update(x, new_labels, k, d, centroids, t, quantile, running_average, density)
         converged = labels is not None and np.array_equal(labels, new_labels)
         labels = new_labels
         logger.debug("activation_aware: iteration %d, density %.4f", t,
@@ -295,5 +304,5 @@ def activation_aware(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int
             break
     logger.info("activation_aware: N=%d k=%d d=%d cap=%d order=%s, %d iterations%s", n, k, d, cap,
                 order, t, " (converged)" if converged else "")
-    return _result(x, centroids, labels, k, t, converged)
+    return _result(x, centroids, labels, k, t, converged, density)
 

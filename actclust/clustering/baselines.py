@@ -94,8 +94,10 @@ def _check_masks(x, k, d) -> tuple[np.ndarray, int, int]:
 
 
 
-def _result(x, centroids, labels, k, iterations, converged) -> BaselineResult:
-    _, dist = kernels.assign(x, centroids)
+def _result(x, centroids, labels, k, iterations, converged, density=None) -> BaselineResult:
+    """The result, its cost under Hamming distance (with a density: the miss count
+    to the centroid of highest overlap)."""
+    _, dist = kernels.assign_scored(x, centroids, density=density)
     return BaselineResult(
         centroids=centroids,
         labels=labels.astype(np.int64, copy=False),
@@ -115,8 +117,8 @@ BRB_MAX_ITER = 300
 
 
 def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = BRB_MAX_ITER,
-               batch_size: int | None = None) -> BaselineResult:
-    """BRB-KMeans: bits to reals, k-means, binarise at 0.5.
+               batch_size: int | None = None, density: float | None = None) -> BaselineResult:
+    """BRB-KMeans: bits to reals, k-means, binarise at 0.5 (or keep the top bits).
 
     Args:
         x: (N, B) uint8 packed masks, ``B = ceil(d / 8)``.
@@ -126,6 +128,9 @@ def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = BRB
         max_iter: Lloyd iterations (epochs for mini-batch).
         batch_size: None for ``KMeans`` (full batch, ``n_init=1``); an integer
             for ``MiniBatchKMeans`` with that batch size.
+        density: None binarises at 0.5; a fraction in (0, 1] keeps the
+            ``round(density * d)`` largest coordinates of every real centroid
+            (ties: lowest index), the fixed-budget binarisation.
     Returns:
         BaselineResult; ``labels`` are scikit-learn's (Euclidean nearest real
         centroid), ``iterations`` its ``n_iter_``.
@@ -150,12 +155,24 @@ def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = BRB
                               batch_size=batch_size)
     est.fit(reals)
     bits = np.zeros((k, 8 * x.shape[1]), dtype=np.uint8)
-    bits[:, :d] = est.cluster_centers_ >= 0.5
-    centroids = np.packbits(bits, axis=1, bitorder="little")
+    if density is None:
+        bits[:, :d] = est.cluster_centers_ >= 0.5
+        centroids = np.packbits(bits, axis=1, bitorder="little")
+    else:
+        centers = np.zeros(bits.shape)
+        centers[:, :d] = est.cluster_centers_
+        centroids = top_bits_of(centers, density, d)
     labels = np.asarray(est.labels_, dtype=np.int64)
     n_iter = int(est.n_iter_)
     logger.info("brb_kmeans: N=%d k=%d d=%d, %d iterations", x.shape[0], k, d, n_iter)
-    return _result(x, centroids, labels, k, n_iter, n_iter < max_iter)
+    return _result(x, centroids, labels, k, n_iter, n_iter < max_iter, density)
+
+
+def top_bits_of(values: np.ndarray, density: float, d: int) -> np.ndarray:
+    """(k, 8B) values -> packed centroids holding the density rule's n top bits each."""
+    from actclust.kernels.rules import AssignRule, top_bits
+
+    return top_bits(values, AssignRule.from_args(density=density).centroid_bits(d), d)
 
 
 # --------------------------------------------------------------------------

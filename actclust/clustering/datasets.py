@@ -35,13 +35,14 @@ class MaskDataset(Protocol):
         """The rows this worker owns of a global mini-batch of ``size`` indices."""
 
     def batch_stats(self, rng: np.random.Generator, size: int, total: int,
-                    centroids: np.ndarray, k: int, backend: str = "auto"):
+                    centroids: np.ndarray, k: int, backend: str = "auto", rule=None):
         """(sums, counts, cost_sum, rows) of this worker's part of a mini-batch."""
 
-    def assign(self, centroids: np.ndarray, backend: str = "auto"):
-        """Nearest centroid of every local row: (n,) int64 labels, (n,) int32 distances."""
+    def assign(self, centroids: np.ndarray, backend: str = "auto", rule=None):
+        """Assigned centroid of every local row under ``rule`` (None: Hamming):
+        (n,) int64 labels, (n,) int64 integer costs (see kernels.assign_scored)."""
 
-    def assign_stats(self, centroids: np.ndarray, k: int, backend: str = "auto"):
+    def assign_stats(self, centroids: np.ndarray, k: int, backend: str = "auto", rule=None):
         """(sums, counts, cost_sum) of a full pass over the local rows."""
 
 
@@ -55,17 +56,17 @@ def owned_batch(rng: np.random.Generator, size: int, total: int, offset: int,
     return idx[mine] - offset
 
 
-def block_stats(x: np.ndarray, centroids: np.ndarray, k: int, backend: str):
-    """(sums, counts, cost_sum) of packed rows ``x`` against ``centroids``."""
-    labels, dists = kernels.assign(x, centroids, backend=backend)
+def block_stats(x: np.ndarray, centroids: np.ndarray, k: int, backend: str, rule=None):
+    """(sums, counts, cost_sum) of packed rows ``x`` against ``centroids`` under ``rule``."""
+    labels, dists = kernels.assign_scored(x, centroids, rule, backend=backend)
     sums, counts = kernels.bit_sums(x, labels, k, backend=backend)
     return sums, counts, int(dists.sum(dtype=np.int64))
 
 
 def batch_stats(dataset: MaskDataset, rng, size: int, total: int, centroids, k: int,
-                backend: str):
+                backend: str, rule=None):
     xb = dataset.batch(rng, size, total)
-    return (*block_stats(xb, centroids, k, backend), xb.shape[0])
+    return (*block_stats(xb, centroids, k, backend, rule), xb.shape[0])
 
 
 class ArrayDataset:
@@ -110,23 +111,23 @@ class ArrayDataset:
         return self.rows(owned_batch(rng, size, total, self.global_offset, self.count()))
 
     def batch_stats(self, rng: np.random.Generator, size: int, total: int,
-                    centroids: np.ndarray, k: int, backend: str = "auto"):
+                    centroids: np.ndarray, k: int, backend: str = "auto", rule=None):
         """Sums, counts, cost and row count of this shard's part of a mini-batch."""
-        return batch_stats(self, rng, size, total, centroids, k, backend)
+        return batch_stats(self, rng, size, total, centroids, k, backend, rule)
 
-    def assign(self, centroids: np.ndarray, backend: str = "auto"):
-        """Nearest centroid of every local row: (n,) int64 labels, (n,) int32 distances."""
-        return kernels.assign(self.x, centroids, backend=backend)
+    def assign(self, centroids: np.ndarray, backend: str = "auto", rule=None):
+        """Assigned centroid of every local row: (n,) int64 labels, (n,) int64 integer costs."""
+        return kernels.assign_scored(self.x, centroids, rule, backend=backend)
 
-    def assign_stats(self, centroids: np.ndarray, k: int, backend: str = "auto"):
+    def assign_stats(self, centroids: np.ndarray, k: int, backend: str = "auto", rule=None):
         """Assign every local row and sum per cluster.
 
         Returns:
             sums: (k, 8B) int64 set-bit counts per cluster and neuron.
             counts: (k,) int64 members.
-            cost_sum: int, sum of Hamming distances.
+            cost_sum: int, sum of the rows' integer costs under ``rule``.
         """
-        return block_stats(self.x, centroids, k, backend)
+        return block_stats(self.x, centroids, k, backend, rule)
 
 
 
@@ -177,25 +178,25 @@ class ParquetDataset:
         return self.rows(owned_batch(rng, size, total, self.global_offset, self.count()))
 
     def batch_stats(self, rng: np.random.Generator, size: int, total: int,
-                    centroids: np.ndarray, k: int, backend: str = "auto"):
-        return batch_stats(self, rng, size, total, centroids, k, backend)
+                    centroids: np.ndarray, k: int, backend: str = "auto", rule=None):
+        return batch_stats(self, rng, size, total, centroids, k, backend, rule)
 
-    def assign(self, centroids: np.ndarray, backend: str = "auto"):
+    def assign(self, centroids: np.ndarray, backend: str = "auto", rule=None):
         labels, dists = [], []
         for x in self._batches():
-            lab, dist = kernels.assign(x, centroids, backend=backend)
+            lab, dist = kernels.assign_scored(x, centroids, rule, backend=backend)
             labels.append(lab)
             dists.append(dist)
         if not labels:
-            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(labels), np.concatenate(dists)
 
-    def assign_stats(self, centroids: np.ndarray, k: int, backend: str = "auto"):
+    def assign_stats(self, centroids: np.ndarray, k: int, backend: str = "auto", rule=None):
         sums = np.zeros((k, 8 * self.bytes), dtype=np.int64)
         counts = np.zeros(k, dtype=np.int64)
         cost = 0
         for x in self._batches():
-            s, c, d = block_stats(x, centroids, k, backend)
+            s, c, d = block_stats(x, centroids, k, backend, rule)
             sums += s
             counts += c
             cost += d

@@ -84,7 +84,8 @@ class ClusterWorker:
             self.faults.kmeans_iteration(self.rank, layer, iteration)
 
         start = time.perf_counter()
-        result = kmeans.fit(None, spec.k, theta=spec.theta, seed=spec.seed, init=spec.init,
+        result = kmeans.fit(None, spec.k, theta=spec.theta, density=spec.density, width=width,
+                            seed=spec.seed, init=spec.init,
                             batch_size=spec.batch_size, max_iter=spec.max_iter, tol=spec.tol,
                             backend=spec.backend, dataset=dataset, allreduce=self._allreduce,
                             checkpoint=save, resume=resume, progress=progress, rank=self.rank,
@@ -92,6 +93,7 @@ class ClusterWorker:
         return {"rank": self.rank, "centroids": result.centroids, "sizes": result.sizes,
                 "cost": result.cost, "iterations": result.iterations,
                 "converged": result.converged, "rows": int(dataset.count()),
+                "history": [h["cost"] for h in result.history],
                 "seconds": time.perf_counter() - start}
 
     def fit_baseline(self, root: str, layers: list[int], shards: list[str], width: int,
@@ -106,12 +108,13 @@ class ClusterWorker:
             # BRB-KMeans stops on scikit-learn's own tolerance, not the Hamming k-means cap.
             res = baselines.brb_kmeans(x, spec.k, width, seed=spec.seed,
                                        max_iter=baselines.BRB_MAX_ITER,
-                                       batch_size=spec.batch_size)
+                                       batch_size=spec.batch_size, density=spec.density)
         else:
             res = activation_aware.activation_aware(x, spec.k, width, seed=spec.seed,
-                                                    max_iter=spec.max_iter)
+                                                    max_iter=spec.max_iter, density=spec.density)
         return {"centroids": res.centroids, "sizes": np.asarray(res.sizes), "cost": res.cost,
-                "iterations": res.iterations, "converged": res.converged, "rows": int(len(x)),
+                "iterations": res.iterations, "converged": bool(res.converged),
+                "rows": int(len(x)), "history": [],
                 "seconds": time.perf_counter() - start}
 
 

@@ -20,8 +20,11 @@ Algorithm (definitions in DESIGN.md):
    distinct sample rows. If the sample holds fewer than k distinct masks the
    remaining centroids are duplicates drawn uniformly from the sample with the
    same generator (deterministic; duplicates then stay empty, see 4).
-3. Iterate. Full batch: assign every row, allreduce per-cluster bit sums,
-   member counts and cost, centroid bit = member frequency >= theta.
+3. Iterate. Full batch: assign every row under the fit's rule (theta or
+   density, :mod:`actclust.kernels.rules`), allreduce per-cluster bit sums,
+   member counts and cost; new centroids from the rule (bit = member frequency
+   >= theta, or the n most frequent bits), so a full-batch fit is a descent of
+   its own cost.
    Mini-batch (``batch_size=b``): every worker draws the same ``b`` global
    indices (uniform, with replacement, from a generator seeded by seed, layer
    and iteration) and uses the rows it owns, so this mode too gives the same
@@ -43,6 +46,7 @@ Example::
 
     res = fit(x, k=256, theta=0.5, seed=0)             # x: (N, B) uint8
     res.centroids, res.labels, res.cost
+    res = fit(x, k=256, density=0.5, width=1536)       # 768 bits per centroid
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ from typing import Callable
 import numpy as np
 
 from actclust import kernels
+from actclust.kernels.rules import AssignRule
 from actclust.clustering.datasets import ArrayDataset, MaskDataset
 from actclust.clustering.seeding import (init_kmeanspp, init_random, reseed_empty, seeded_rng,
                                          shared_sample)
@@ -72,8 +77,10 @@ class KMeansResult:
 
     centroids: (k, B) uint8 packed centroids.
     labels: (n,) int64 nearest centroid of each local row.
-    distances: (n,) int32 Hamming distance of each local row to it.
-    cost: mean Hamming distance over all rows of all workers.
+    distances: (n,) int64 integer cost of each local row under the rule (the Hamming
+        distance at theta = 0.5); times ``rule.cost_scale`` it is the cost in bits.
+    cost: mean cost in bits over all rows of all workers, under the fit's rule
+        (mean Hamming distance at theta = 0.5, mean miss count in density mode).
     sizes: (k,) int64 members per cluster over all workers.
     iterations: iterations run (resumed ones included).
     converged: True if the changed-bit fraction fell to tol.
@@ -90,6 +97,7 @@ class KMeansResult:
     iterations: int
     converged: bool
     history: list = field(default_factory=list)
+    rule: AssignRule = field(default_factory=AssignRule.hamming)
 
 
 def local_allreduce(array: np.ndarray) -> np.ndarray:
@@ -101,11 +109,9 @@ def local_allreduce(array: np.ndarray) -> np.ndarray:
 # argument checks
 
 
-def _check_args(k, theta, seed, init, batch_size, max_iter, tol, rank, world_size, layer):
+def _check_args(k, seed, init, batch_size, max_iter, tol, rank, world_size, layer):
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not isinstance(theta, numbers.Real) or not 0 < theta <= 1:
-        raise ValueError(f"theta must be in (0, 1], got {theta!r}")
     for name, value in (("seed", seed), ("layer", layer), ("rank", rank), ("max_iter", max_iter)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -154,7 +160,7 @@ def _changed_fraction(old: np.ndarray, new: np.ndarray) -> float:
 def fit(
     x: np.ndarray | None,
     k: int,
-    theta: float = 0.5,
+    theta: float | None = None,
     seed: int = 0,
     init: str = "k-means++",
     batch_size: int | None = None,
@@ -171,13 +177,23 @@ def fit(
     world_size: int = 1,
     layer: int = 0,
     init_sample: int | None = None,
+    density: float | None = None,
+    width: int | None = None,
 ) -> KMeansResult:
-    """Cluster packed masks into k centroids by Hamming k-means.
+    """Cluster packed masks into k centroids by k-means under a theta or density objective.
 
     Args:
         x: (n, B) uint8 packed masks of this worker, or None with ``dataset``.
         k: number of clusters, 1 <= k <= total rows.
-        theta: centroid bit = member frequency >= theta, in (0, 1].
+        theta: theta mode, in (0, 1]: a miss costs 1 - theta, a false alarm
+            theta; centroid bit = member frequency >= theta. None (and no
+            density): 0.5, plain Hamming k-means.
+        density: density mode instead, in (0, 1]: every centroid has exactly
+            ``round(density * width)`` bits, the most frequent among its
+            members; assignment maximises ``m . c``. At most one of theta and
+            density.
+        width: real bits per mask (d_ff); None: 8 B. Bits at positions
+            >= width stay clear in every centroid.
         seed: seed of every random draw (with ``layer``).
         init: "k-means++" or "random".
         batch_size: None for full-batch Lloyd, else the global mini-batch size.
@@ -198,7 +214,8 @@ def fit(
     Returns:
         KMeansResult; labels and distances are for this worker's rows.
     """
-    _check_args(k, theta, seed, init, batch_size, max_iter, tol, rank, world_size, layer)
+    rule = AssignRule.from_args(theta=theta, density=density)
+    _check_args(k, seed, init, batch_size, max_iter, tol, rank, world_size, layer)
     allreduce = allreduce or local_allreduce
     if (x is None) == (dataset is None):
         raise ValueError("give the masks either as x or as dataset (exactly one of them)")
@@ -207,14 +224,20 @@ def fit(
         dataset = ArrayDataset(x, 0)  # validates dtype and shape
         dataset.global_offset = _global_offset(dataset.count(), rank, world_size, allreduce)
     n_total = _global_shape(dataset, k, allreduce)
+    width = 8 * dataset.row_bytes() if width is None else width
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral) \
+            or not 0 < width <= 8 * dataset.row_bytes():
+        raise ValueError(f"width must be an integer in [1, {8 * dataset.row_bytes()}], got {width!r}")
     kernels.resolve_backend(backend)  # fail early; "auto" stays "auto" (small calls go to numpy)
     size = min(n_total, max(init_sample or max(16 * k, 4096), k))
     sample = shared_sample(dataset, n_total, size, seeded_rng(seed, layer, _INIT_SAMPLE), allreduce)
-    params = dict(k=int(k), theta=float(theta), seed=int(seed), layer=int(layer), init=init,
-                  batch_size=batch_size, row_bytes=dataset.row_bytes(), n_total=n_total,
-                  init_sample=size)
-    state = _start_state(params, sample, resume)
-    step = _Step(dataset, params, backend, allreduce, sample, tol)
+    params = dict(k=int(k), theta=None if rule.theta is None else float(rule.theta),
+                  seed=int(seed), layer=int(layer), init=init, batch_size=batch_size,
+                  row_bytes=dataset.row_bytes(), n_total=n_total, init_sample=size)
+    if rule.kind == "density" or width != 8 * dataset.row_bytes():
+        params.update(density=rule.density, width=int(width))  # absent: older checkpoints match
+    state = _start_state(params, sample, resume, rule, width)
+    step = _Step(dataset, params, backend, allreduce, sample, tol, rule, width)
     while state["iteration"] < max_iter and not state["converged"]:
         state = step(state)
         if checkpoint is not None:
@@ -224,10 +247,11 @@ def fit(
             progress(last["iteration"], last["cost"], last["changed"])
         logger.debug("layer %d iteration %d: cost %.4f changed %.5f",
                      layer, last["iteration"], last["cost"], last["changed"])
-    return _final_pass(dataset, state, int(k), n_total, backend, allreduce)
+    return _final_pass(dataset, state, int(k), n_total, backend, allreduce, rule)
 
 
-def _start_state(params: dict, sample: np.ndarray, resume: dict | None) -> dict:
+def _start_state(params: dict, sample: np.ndarray, resume: dict | None, rule: AssignRule,
+                 width: int) -> dict:
     """Initial state from the init rule, or a checked copy of ``resume``."""
     if resume is not None:
         if resume.get("format") != STATE_FORMAT:
@@ -249,7 +273,7 @@ def _start_state(params: dict, sample: np.ndarray, resume: dict | None) -> dict:
         "params": dict(params),
         "iteration": 0,
         "converged": False,
-        "centroids": np.ascontiguousarray(sample[picks]),
+        "centroids": np.ascontiguousarray(rule.centroids_of_rows(sample[picks], width)),
         "sums": np.zeros((k, d_bits), dtype=np.int64) if mini else None,
         "counts": np.zeros(k, dtype=np.int64) if mini else None,
         "history": [],
@@ -269,10 +293,11 @@ def _copy_state(state: dict) -> dict:
 class _Step:
     """One k-means iteration over a dataset; state in, new state out."""
 
-    def __init__(self, dataset, params: dict, backend: str, allreduce, sample: np.ndarray, tol: float):
+    def __init__(self, dataset, params: dict, backend: str, allreduce, sample: np.ndarray, tol: float,
+                 rule: AssignRule, width: int):
         self.dataset, self.params, self.backend = dataset, params, backend
         self.allreduce, self.sample, self.tol = allreduce, sample, tol
-        self.k = params["k"]
+        self.k, self.rule, self.width = params["k"], rule, width
 
     def _reduce(self, sums, counts, cost_sum, n_rows):
         """One allreduce of [sums..., counts..., cost, rows] as int64."""
@@ -285,21 +310,23 @@ class _Step:
         it = state["iteration"]
         old = state["centroids"]
         if self.params["batch_size"] is None:
-            sums, counts, cost = self.dataset.assign_stats(old, self.k, self.backend)
+            sums, counts, cost = self.dataset.assign_stats(old, self.k, self.backend, self.rule)
             sums, counts, cost, rows = self._reduce(sums, counts, cost, self.dataset.count())
         else:
             rng = seeded_rng(self.params["seed"], self.params["layer"], _BATCH, it)
             sums, counts, cost, rows = self.dataset.batch_stats(
-                rng, self.params["batch_size"], self.params["n_total"], old, self.k, self.backend)
+                rng, self.params["batch_size"], self.params["n_total"], old, self.k, self.backend,
+                self.rule)
             sums, counts, cost, rows = self._reduce(sums, counts, cost, rows)
             sums, counts = state["sums"] + sums, state["counts"] + counts
-        new = kernels.centroids_from_counts(sums, counts, self.params["theta"])
+        new = self.rule.centroids(sums, counts, self.width)
         empty = counts == 0
         if empty.any():
-            new = reseed_empty(new, empty, self.sample, self.backend)
+            new = reseed_empty(new, empty, self.sample, self.backend, self.rule, self.width)
         changed = _changed_fraction(old, new)
         out = dict(state)
-        record = {"iteration": it + 1, "cost": cost / max(rows, 1), "changed": changed}
+        record = {"iteration": it + 1, "cost": cost * self.rule.cost_scale / max(rows, 1),
+                  "changed": changed}
         out.update(iteration=it + 1, centroids=new, converged=changed <= self.tol,
                    history=state["history"] + [record])
         if self.params["batch_size"] is not None:
@@ -307,16 +334,18 @@ class _Step:
         return out
 
 
-def _final_pass(dataset, state: dict, k: int, n_total: int, backend: str, allreduce) -> KMeansResult:
-    """Assign every row to the final centroids; global sizes and cost."""
+def _final_pass(dataset, state: dict, k: int, n_total: int, backend: str, allreduce,
+                rule: AssignRule) -> KMeansResult:
+    """Assign every row to the final centroids under the rule; global sizes and cost."""
     centroids = state["centroids"]
-    labels, dists = dataset.assign(centroids, backend)
+    labels, dists = dataset.assign(centroids, backend, rule)
     local = np.r_[np.bincount(labels, minlength=k), dists.sum(dtype=np.int64)].astype(np.int64)
     total = np.asarray(allreduce(local), dtype=np.int64)
-    cost = float(total[k]) / n_total
+    cost = float(total[k]) * rule.cost_scale / n_total
     logger.info("k-means: k=%d, %d iterations, converged=%s, cost %.4f",
                 k, state["iteration"], state["converged"], cost)
     return KMeansResult(
         centroids=centroids, labels=labels, distances=dists, cost=cost, sizes=total[:k],
         iterations=state["iteration"], converged=bool(state["converged"]), history=state["history"],
+        rule=rule,
     )

@@ -78,20 +78,26 @@ def init_random(sample: np.ndarray, k: int, rng) -> np.ndarray:
 
 
 def reseed_empty(centroids: np.ndarray, empty: np.ndarray, sample: np.ndarray,
-                  backend: str) -> np.ndarray:
-    """Give each empty cluster the sample row farthest from the current centroids.
+                 backend: str, rule=None, width: int | None = None) -> np.ndarray:
+    """Give each empty cluster (the rule's centroid of) the sample row of highest cost
+    under the current centroids.
 
     Args:
         centroids: (k, B) uint8, modified copy returned.
         empty: (k,) bool clusters to re-seed.
         sample: (S, B) uint8 shared sample (identical on every worker).
+        rule: the fit's AssignRule (None: Hamming); width: real bits per mask.
     """
+    from actclust.kernels.rules import AssignRule
+
+    rule = rule or AssignRule.hamming()
+    width = width or 8 * sample.shape[1]
     centroids = centroids.copy()
-    _, dist = kernels.assign(sample, centroids[~empty], backend=backend)
-    within = kernels.OneToAll(sample)
+    _, cost = kernels.assign_scored(sample, centroids[~empty], rule, backend=backend)
     for j in np.flatnonzero(empty):
-        p = int(np.argmax(dist))  # farthest; ties -> lowest sample index
-        centroids[j] = sample[p]
-        dist = np.minimum(dist, within.to(p))
+        p = int(np.argmax(cost))  # farthest; ties -> lowest sample index
+        centroids[j] = rule.centroids_of_rows(sample[p:p + 1], width)[0]
+        _, to_new = kernels.assign_scored(sample, centroids[j:j + 1], rule, backend="numpy")
+        cost = np.minimum(cost, to_new)
     logger.debug("re-seeded %d empty clusters", int(empty.sum()))
     return centroids

@@ -47,8 +47,9 @@ class Evaluator:
 
     def __init__(self, model: str, centroids_dir: str | None = None, num_cpus: float = 1,
                  seed: int = 0, trust_remote_code: bool = False, use_gpu: bool = False,
-                 faults: FaultHooks | None = None, dense_prefix: int = 1,
-                 mask_mode: str = "replace", meta: dict | None = None):
+                 faults: FaultHooks | None = None, predictor_dir: str | None = None,
+                 top_m: int = 1, dense_prefix: int = 1, mask_mode: str = "replace",
+                 meta: dict | None = None):
         from actclust import kernels
         from actclust.devices import place_model
         from actclust.io.models import load_model
@@ -69,12 +70,20 @@ class Evaluator:
         self.dense_prefix = dense_prefix
         self.mask_mode = mask_mode
         self.shape = (0, 0)  # (windows, seq_len) of the chunk in flight
-        # Unpacked once onto the model's device, where the masks are made.
-        self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device)
+        # Unpacked once onto the model's device, where the masks are made; masks are
+        # assigned by the rule the centroids were fitted with (absent: Hamming).
+        self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device, meta.get("rule"))
                           for c in centroids or []]
+        self.predicted = None
+        if predictor_dir is not None:
+            from actclust.predict.evaluation import PredictedMasks
+
+            self.predicted = PredictedMasks(predictor_dir, self, top_m)
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
         """Per-window NLL sums (W,) per mode, tokens per window (W,), STAT_FIELDS (L, F)."""
+        import contextlib
+
         import torch
 
         from actclust.capture.hooks import masking
@@ -88,12 +97,18 @@ class Evaluator:
         ids_t = model_input(self.model, ids)
         out = {"nll": {}, "tokens": np.full(len(ids), ids.shape[1] - 1, dtype=np.int64)}
         stats = empty_stats(len(self.slot))
+        if self.predicted is not None:
+            modes = tuple(modes) + ("predicted",)
         for mode in modes:
             fn = self._mask_fn(mode, chunk, stats)
-            with torch.inference_mode(), masking(self.model, fn, self.site):
+            inputs = self.predicted.capturing(self.model) if mode == "predicted" \
+                else contextlib.nullcontext()
+            with torch.inference_mode(), inputs, masking(self.model, fn, self.site):
                 logits = self.model(ids_t).logits
             out["nll"][mode] = window_nll(logits, ids_t)
         out["stats"] = stats
+        if self.predicted is not None:
+            out["predicted_stats"] = self.predicted.take_stats()
         return out
 
     def _body(self, a):
@@ -112,6 +127,15 @@ class Evaluator:
         full = torch.ones((windows, length, a.shape[-1]), dtype=a.dtype, device=a.device)
         full[:, self.dense_prefix:] = body_mask.reshape(windows, length - self.dense_prefix,
                                                         a.shape[-1]).to(a.dtype)
+        return full.reshape(a.shape)
+
+    def _with_dense_prefix(self, a, mask):
+        """``mask`` (shaped like ``a``) with the dense-prefix positions set to 1."""
+        if self.dense_prefix == 0:
+            return mask
+        windows, length = self.shape
+        full = mask.to(a.dtype).reshape(windows, length, a.shape[-1]).clone()
+        full[:, :self.dense_prefix] = 1
         return full.reshape(a.shape)
 
     def _true_mask(self, slot: int, a):
@@ -172,6 +196,9 @@ class Evaluator:
         elif mode == "cluster":
             def fn(slot, a):
                 return self._full(a, self._cluster_mask(slot, self._body(a), stats))
+        elif mode == "predicted":
+            def fn(slot, a):
+                return self._with_dense_prefix(a, self.predicted.mask(slot, a))
         elif mode == "random":
             def fn(slot, a):
                 return self._full(a, self._random_mask(slot, self._body(a), chunk, stats))
@@ -252,7 +279,7 @@ def baseline_identity(cfg, meta: dict) -> dict:
 
 
 def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
-                faults: FaultHooks | None = None) -> list:
+                faults: FaultHooks | None = None, predictor_dir: str | None = None) -> list:
     """Evaluate ``modes`` on every chunk of ``windows`` with a group of actors, in order."""
     import ray
 
@@ -262,11 +289,12 @@ def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
-    meta_fields = {k: meta[k] for k in ("sites", "layers", "thresholds", "d_ff")}
+    meta_fields = {k: meta.get(k) for k in ("sites", "layers", "thresholds", "d_ff", "rule")}
     group = ActorGroup(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"],
                                             cfg.seed, cfg.trust_remote_code,
-                                            "num_gpus" in options, faults, cfg.dense_prefix,
-                                            cfg.mask_mode, meta_fields), cfg.workers)
+                                            "num_gpus" in options, faults, predictor_dir,
+                                            cfg.top_m, cfg.dense_prefix, cfg.mask_mode,
+                                            meta_fields), cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
@@ -306,11 +334,17 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     cfg = _resolve(cfg, meta)
     windows = _load_windows(cfg)
     centroid_store.check_width(meta, centroids)
+    predictor = None
+    if cfg.predictor is not None:
+        from actclust.predict.evaluation import check_predictor
+
+        predictor = check_predictor(cfg.predictor, cfg, meta, windows)
     ident = baseline_identity(cfg, meta)
     baseline = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])
     modes = ("cluster", "random") if baseline is not None else MODES
     centroids_dir = storage.normalize(cfg.centroids)
-    results = _run_chunks(cfg, meta, centroids_dir, windows, modes, faults)
+    predictor_dir = None if predictor is None else storage.normalize(cfg.predictor)
+    results = _run_chunks(cfg, meta, centroids_dir, windows, modes, faults, predictor_dir)
     if baseline is None:
         baseline = baseline_from(results, windows, ident)
         if cfg.baseline is not None:
@@ -320,6 +354,17 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     report = summarize(results, baseline, meta, windows, dense_prefix=cfg.dense_prefix,
                        mask_mode=cfg.mask_mode, resamples=cfg.bootstrap_resamples,
                        seed=cfg.seed)
+    if predictor is not None:
+        from actclust.evaluation.bootstrap import paired_ppl_intervals
+        from actclust.predict.evaluation import add_predicted
+
+        add_predicted(report, results, predictor, meta, cfg.top_m)
+        # The same seed draws the same resampled windows: paired with the other modes.
+        nll = np.concatenate([r["nll"]["predicted"] for r in results])
+        tokens = np.concatenate([r["tokens"] for r in results])
+        report["predicted_ppl_ci95"] = list(paired_ppl_intervals(
+            {"predicted": nll}, tokens, resamples=cfg.bootstrap_resamples,
+            seed=cfg.seed)["predicted"])
     report.update(identity=_identity(cfg, meta, windows))
     eval_store.write_eval(report, cfg.out)
     return report

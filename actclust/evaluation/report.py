@@ -19,7 +19,13 @@ from actclust.io import storage
 
 DEFINITIONS = [
     ("mask m", "m_i = 1 iff |a_i| > tau_l, a = the input of the FFN output projection"),
-    ("centroid c", "bit i set iff at least a fraction theta of the cluster's masks have it"),
+    ("centroid c", "theta mode: bit i set iff at least a fraction theta of the cluster's masks "
+                   "have it; density mode (density=D): the round(D d_ff) bits most frequent "
+                   "among the cluster's masks"),
+    ("assignment", "theta mode: argmin_j (theta |c_j| - m.c_j), plain Hamming at theta 0.5; "
+                   "density mode: argmax_j m.c_j; ties to the lowest j"),
+    ("K = 1", "one static mask per layer: the floor clustering must beat at equal density"),
+    ("hit_cap", "layers whose fit stopped at max_iter before converging (0: all converged)"),
     ("precision", "|m AND c| / |c|, micro-averaged over (token, layer) pairs"),
     ("recall", "|m AND c| / |m|; this is what the paper (arXiv 2507.14179) calls "
                "'clustering precision'"),
@@ -51,9 +57,16 @@ def _versions() -> dict:
     return out
 
 
-def _series(rows: list[dict], algorithm: str, theta: float, key: str):
+def objective(row: dict) -> str:
+    """"theta=0.3" or "density=0.5": the fit objective of a result row."""
+    if row.get("objective"):
+        return row["objective"]
+    return f"theta={row['theta']:g}"
+
+
+def _series(rows: list[dict], algorithm: str, obj: str, key: str):
     pts = sorted((r["k"], r[key]) for r in rows
-                 if r.get("algorithm") == algorithm and r.get("theta") == theta
+                 if r.get("algorithm") == algorithm and objective(r) == obj
                  and r.get(key) is not None)
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -65,7 +78,7 @@ def make_plots(rows: list[dict], plots: str) -> list[tuple[str, bytes]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["algorithm"], r["theta"]) for r in rows})
+    groups = sorted({(r["algorithm"], objective(r)) for r in rows})
     paths = []
 
     def finish(fig, ax, name, ylabel, logy=False):
@@ -89,35 +102,35 @@ def make_plots(rows: list[dict], plots: str) -> list[tuple[str, bytes]]:
     _ppl_vs_effective_density(rows, plt, save)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for alg, theta in groups:
-        ax.plot(*_series(rows, alg, theta, "cluster_ppl"), "o-", label=f"cluster {alg} θ={theta:g}")
+    for alg, obj in groups:
+        ax.plot(*_series(rows, alg, obj, "cluster_ppl"), "o-", label=f"cluster {alg} {obj}")
     ax.axhline(rows[0]["dense_ppl"], color="k", ls="--", label="dense")
     ax.axhline(rows[0]["oracle_ppl"], color="g", ls=":", label="oracle (own mask)")
     finish(fig, ax, "perplexity_vs_k", "perplexity (held-out)", logy=True)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for alg, theta in groups:
-        ax.plot(*_series(rows, alg, theta, "precision"), "o-", label=f"precision {alg} θ={theta:g}")
-        ax.plot(*_series(rows, alg, theta, "recall"), "s--", label=f"recall {alg} θ={theta:g}")
+    for alg, obj in groups:
+        ax.plot(*_series(rows, alg, obj, "precision"), "o-", label=f"precision {alg} {obj}")
+        ax.plot(*_series(rows, alg, obj, "recall"), "s--", label=f"recall {alg} {obj}")
     finish(fig, ax, "precision_recall_vs_k", "micro-averaged precision / recall")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for alg, theta in groups:
-        ax.plot(*_series(rows, alg, theta, "density"), "o-", label=f"centroid {alg} θ={theta:g}")
+    for alg, obj in groups:
+        ax.plot(*_series(rows, alg, obj, "density"), "o-", label=f"centroid {alg} {obj}")
     ax.axhline(rows[0]["true_density"], color="k", ls="--", label="true masks")
     finish(fig, ax, "density_vs_k", "density |c| / d_ff")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for alg, theta in groups:
-        ax.plot(*_series(rows, alg, theta, "cost"), "o-", label=f"{alg} θ={theta:g}")
-    finish(fig, ax, "cost_vs_k", "mean Hamming cost of the fit (elbow)")
+    for alg, obj in groups:
+        ax.plot(*_series(rows, alg, obj, "cost"), "o-", label=f"{alg} {obj}")
+    finish(fig, ax, "cost_vs_k", "mean cost of the fit in bits (its own objective; elbow)")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         per_layer = r.get("per_layer_recall")
         if per_layer:
             ax.plot(range(len(per_layer)), per_layer, ".-",
-                    label=f"K={r['k']} θ={r['theta']:g} {r['algorithm']}")
+                    label=f"K={r['k']} {objective(r)} {r['algorithm']}")
     ax.set_xlabel("layer")
     ax.set_ylabel("recall |m ∧ c| / |m|")
     ax.grid(alpha=0.3)
@@ -130,15 +143,15 @@ def make_plots(rows: list[dict], plots: str) -> list[tuple[str, bytes]]:
 def _ppl_vs_effective_density(rows: list[dict], plt, save) -> None:
     """Cluster perplexity with its interval against the compute kept, every algorithm and K."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for alg, theta in sorted({(r["algorithm"], r["theta"]) for r in rows}):
-        series = sorted((r for r in rows if (r["algorithm"], r["theta"]) == (alg, theta)
+    for alg, obj in sorted({(r["algorithm"], objective(r)) for r in rows}):
+        series = sorted((r for r in rows if (r["algorithm"], objective(r)) == (alg, obj)
                          and r.get("effective_density") is not None), key=lambda r: r["k"])
         if not series:
             continue
         x = [r["effective_density"] for r in series]
         y = [r["cluster_ppl"] for r in series]
         err = _yerr(series, "cluster_ppl")
-        label = alg if alg != "hamming-kmeans" else f"{alg} θ={theta:g}"
+        label = f"{alg} {obj}"
         bars = ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=label)
         for r, xi, yi in zip(series, x, y):
             ax.annotate(f"K={r['k']}", (xi, yi), fontsize=6, xytext=(3, 3),
@@ -179,13 +192,19 @@ def _cell(row: dict, col: str) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = ["k", "theta", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl", "random_ppl",
+    cols = ["k", "objective", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl", "random_ppl",
             "effective_density", "density", "random_density", "precision", "recall",
-            "weighted_recall", "f1", "true_density", "cost", "fit_seconds"]
+            "weighted_recall", "f1", "true_density", "cost", "fit_seconds", "hit_cap"]
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = []
-    for r in sorted(rows, key=lambda r: (r["algorithm"], r["theta"], r["k"])):
-        cells = [_cell(r, c) for c in cols]
+    for r in sorted(rows, key=lambda r: (r["algorithm"], objective(r), r["k"])):
+        cells = []
+        for c in cols:
+            v = objective(r) if c == "objective" else r.get(c)
+            if c == "hit_cap" and v:  # flagged: some layers did not converge
+                cells.append(f'<td style="background:#fdd">{int(v)} at max_iter</td>')
+                continue
+            cells.append(_cell(r, c) if c != "objective" else f"<td>{html.escape(str(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 

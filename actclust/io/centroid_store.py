@@ -23,6 +23,22 @@ CENTROIDS_FILE = "centroids.parquet"
 META_FILE = "cluster.json"
 
 
+def cluster_rule(cfg):
+    """The assignment rule that evaluation must use for centroids fitted with ``cfg``.
+
+    hamming-kmeans fits its own theta or density objective. The baselines' centroids
+    are binarised at 0.5 (BRB) or at their own quantile (activation-aware) and are
+    assigned by Hamming distance, or by highest overlap with ``--density``.
+    """
+    from actclust.kernels.rules import AssignRule
+
+    if cfg.density is not None:
+        return AssignRule.from_args(density=cfg.density)
+    if cfg.algorithm == "hamming-kmeans" and not cfg.pool_layers:
+        return AssignRule.from_args(theta=cfg.theta)
+    return AssignRule.hamming()
+
+
 def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out) -> dict:
     """centroids.parquet and cluster.json of per-layer fit results (key -1: pooled layers)."""
     import pyarrow as pa
@@ -40,12 +56,18 @@ def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out) 
     table = pa.concat_tables(tables)
     write_table_atomic(table, storage.join(out, CENTROIDS_FILE))
     costs = {str(k): float(results[k]["cost"]) for k in keys}
+    converged = {str(k): bool(results[k]["converged"]) for k in keys}
     meta = {
-        "k": cfg.k, "theta": cfg.theta, "seed": cfg.seed, "algorithm": cfg.algorithm,
+        "k": cfg.k, "theta": cfg.theta, "density": cfg.density, "seed": cfg.seed,
+        "algorithm": cfg.algorithm, "rule": cluster_rule(cfg).to_json(),
         "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": _max_iter(cfg), "tol": cfg.tol,
         "workers": cfg.workers, "pooled": bool(cfg.pool_layers),
         "iterations": {str(k): int(results[k]["iterations"]) for k in keys},
-        "converged": {str(k): bool(results[k]["converged"]) for k in keys},
+        "converged": converged,
+        # Layers that stopped at max_iter before their centroids settled.
+        "hit_cap": [k for k in keys if not converged[str(k)]],
+        "history": {str(k): [float(c) for c in np.asarray(results[k].get("history", []))]
+                    for k in keys},
         "cost": costs,
         "mean_cost": float(np.mean(list(costs.values()))),
         "sizes": {str(k): np.asarray(results[k]["sizes"]).tolist() for k in keys},

@@ -33,6 +33,10 @@ _DOWN_PROJ = ("mlp.down_proj", "fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc
               "feed_forward.w2", "mlp.w2")
 _GATE_PROJ = ("mlp.gate_proj", "feed_forward.w1", "mlp.w1")
 _UP_PROJ = ("mlp.up_proj", "feed_forward.w3", "mlp.w3")
+# The FFN itself (its input is the hidden state after the post-attention norm); OPT has
+# no FFN module, so its first projection stands in (same input).
+_FFN_INPUT = ("mlp", "feed_forward", "fc1")
+_FFN_PARTS = {"fc1": ("fc1", "fc2")}
 _LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                 "transformer.layers", "model.language_model.layers")
 _RELU_ACTS = ("relu",)
@@ -300,6 +304,27 @@ def ffn_sites(model, site: str = "intermediate") -> list:
             raise UserError(_unsupported(model, f"no {what} in layer {i}"))
         modules.append(module)
     return modules
+
+
+def ffn_input_modules(model) -> list:
+    """One module per layer whose forward *input* is the FFN input (gate/up or fc1 input)."""
+    modules = []
+    for i, layer in enumerate(decoder_layers(model)):
+        module = _find(layer, _FFN_INPUT)
+        if module is None:
+            raise UserError(_unsupported(model, f"no FFN module in layer {i}"))
+        modules.append(module)
+    return modules
+
+
+def ffn_param_counts(model) -> list[int]:
+    """Parameters of each layer's FFN (all projections and biases)."""
+    counts = []
+    for layer in decoder_layers(model):
+        name = next(n for n in _FFN_INPUT if _get(layer, n) is not None)
+        parts = [_get(layer, p) for p in _FFN_PARTS.get(name, (name,))]
+        counts.append(int(sum(p.numel() for part in parts for p in part.parameters())))
+    return counts
 
 
 def site_width(module, site: str) -> int:

@@ -24,6 +24,10 @@ are always numpy arrays.
 ``import actclust.hamming`` imports numpy only; torch and cupy are imported
 when their backend is first used.
 
+:func:`assign_scored` assigns under any clustering rule (:mod:`actclust.kernels.rules`:
+theta-weighted or fixed-density centroids), one exact kernel for all of them:
+the score ``p |c_j| - q x.c_j`` is a GEMM plus a per-centroid term.
+
 Beyond :func:`assign` and :func:`bit_sums`, what the callers need lives here
 too: :func:`assignment_stats` / :func:`stat_sums` (assignment plus overlap
 counts, the clustering metrics), :func:`device_centroids` (assignment and
@@ -132,6 +136,60 @@ _ASSIGN = {"numpy": numpy_backend.assign, "torch": torch_backend.assign,
 
 
 # --------------------------------------------------------------------------
+# assignment under a clustering rule (theta or density, see kernels.rules)
+
+
+def as_rule(rule=None, theta=None, density=None):
+    """An :class:`~actclust.kernels.rules.AssignRule` from a rule, its ``cluster.json``
+    record, or theta / density."""
+    from actclust.kernels.rules import AssignRule
+
+    if isinstance(rule, AssignRule):
+        if theta is not None or density is not None:
+            raise ValueError("give a rule or theta/density, not both")
+        return rule
+    if isinstance(rule, dict):
+        return AssignRule.from_json(rule)
+    if rule is not None:
+        raise ValueError(f"rule must be an AssignRule or its JSON record, got {type(rule).__name__}")
+    return AssignRule.from_args(theta=theta, density=density)
+
+
+def assign_scored(x, c, rule=None, *, theta=None, density=None, backend: str = "auto",
+                  block_rows: int | None = None, device=None):
+    """Assigned centroid of every row under a rule, and the row's integer cost.
+
+    Args:
+        x: (N, B) uint8 packed masks (numpy; cupy / torch arrays for their backend).
+        c: (K, B) uint8 packed centroids, K >= 1.
+        rule: an :class:`AssignRule` or its ``cluster.json`` record; or give
+            ``theta=`` or ``density=`` instead (nothing: theta = 0.5, Hamming).
+        backend, block_rows, device: as for :func:`assign`.
+    Returns:
+        labels: (N,) int64, ``argmin_j (p |c_j| - q x.c_j)``, ties to the lowest j.
+        costs: (N,) int64, ``(q - p) |x| + min_j s_j``; times ``rule.cost_scale``
+            it is the cost in bits (the Hamming distance at theta = 1/2, the miss
+            count in density mode).
+    """
+    rule = as_rule(rule, theta, density)
+    _check_pair(x, c)
+    small = x.shape[0] * c.shape[0] * -(-x.shape[1] // 8) < _SMALL_WORK and not _is_device_array(x)
+    backend = "numpy" if backend == "auto" and small else resolve_backend(backend)
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    if x.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    p, q = rule.weights
+    labels, best = _SCORED[backend](x, c, p, q, block_rows, device)
+    ones = popcount(_to_numpy(x)).astype(np.int64)
+    return labels, (q - p) * ones + best
+
+
+_SCORED = {"numpy": numpy_backend.scored, "torch": torch_backend.scored,
+           "cupy": cupy_backend.scored}
+
+
+# --------------------------------------------------------------------------
 # per-cluster statistics and centroids
 
 
@@ -224,19 +282,22 @@ def stat_sums(true_bits, centroid_bits, overlap) -> np.ndarray:
     return np.array([len(t), t.sum(), c.sum(), (t + c - 2 * o).sum(), o.sum()], dtype=np.int64)
 
 
-def assignment_stats(bits, centroids, backend: str = "auto") -> np.ndarray:
-    """STAT_FIELDS sums for packed masks (N, B) against packed centroids (K, B)."""
-    labels, dist = assign(bits, centroids, backend=backend)
+def assignment_stats(bits, centroids, backend: str = "auto", rule=None) -> np.ndarray:
+    """STAT_FIELDS sums for packed masks (N, B) against packed centroids (K, B), each mask
+    assigned under ``rule`` (an AssignRule or its cluster.json record; None: Hamming)."""
+    labels, _ = assign_scored(bits, centroids, rule, backend=backend)
     true_bits = popcount(bits).astype(np.int64)
     cent_bits = popcount(centroids).astype(np.int64)[labels]
-    overlap = (true_bits + cent_bits - dist.astype(np.int64)) // 2
+    overlap = popcount(np.bitwise_and(_to_numpy(bits), _to_numpy(centroids)[labels])).astype(np.int64)
     return stat_sums(true_bits, cent_bits, overlap)
 
 
-def device_centroids(packed: np.ndarray, width: int, device="cpu"):
+def device_centroids(packed: np.ndarray, width: int, device="cpu", rule=None):
     """Centroids unpacked once onto a torch ``device``, for masks that live there
-    (the evaluation hooks): see :class:`torch_backend.UnpackedCentroids`."""
-    return torch_backend.UnpackedCentroids(packed, width, device)
+    (the evaluation hooks), assigning under ``rule`` (an AssignRule or its
+    cluster.json record; None: Hamming): see :class:`torch_backend.UnpackedCentroids`."""
+    weights = (1, 2) if rule is None else as_rule(rule).weights
+    return torch_backend.UnpackedCentroids(packed, width, device, weights)
 
 
 def _check_pair(x, c):

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from actclust.kernels.packed import _as_words
+from actclust.kernels.packed import _as_words, _to_numpy, popcount
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,79 @@ def assign(x, c, block_rows, device):
             dists[lo:lo + m] = cupy.asnumpy(dis)
     return labels, dists
 
+
+
+_CUPY_SCORED = r"""
+extern "C" __global__
+void scored_nearest(const unsigned long long* __restrict__ x,
+                    const unsigned long long* __restrict__ c,
+                    const long long* __restrict__ bias, const long long q,
+                    const long long n, const int k, const int w, const int tile,
+                    long long* __restrict__ labels, long long* __restrict__ best_out) {
+    // One thread per row; score_j = bias_j - q * popcount(x & c_j), lowest j on ties.
+    extern __shared__ unsigned long long sc[];
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long* xi = x + (i < n ? i : 0) * (long long)w;
+    long long best = 0x7fffffffffffffffLL;
+    long long arg = 0;
+    const int step = tile > 0 ? tile : k;
+    for (int j0 = 0; j0 < k; j0 += step) {
+        const int nt = min(step, k - j0);
+        const unsigned long long* cb = c + (long long)j0 * w;
+        if (tile > 0) {
+            __syncthreads();
+            for (int t = threadIdx.x; t < nt * w; t += blockDim.x) sc[t] = cb[t];
+            __syncthreads();
+            cb = sc;
+        }
+        if (i < n) {
+            for (int j = 0; j < nt; ++j) {
+                const unsigned long long* cj = cb + (long long)j * w;
+                long long dot = 0;
+                for (int t = 0; t < w; ++t) dot += __popcll(xi[t] & cj[t]);
+                const long long s = bias[j0 + j] - q * dot;
+                if (s < best) { best = s; arg = j0 + j; }  // strict: lowest index wins
+            }
+        }
+    }
+    if (i < n) { labels[i] = arg; best_out[i] = best; }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_scored_kernel():
+    import cupy
+
+    return cupy.RawKernel(_CUPY_SCORED, "scored_nearest")
+
+
+def scored(x, c, p, q, block_rows, device):
+    """argmin_j (p |c_j| - q x.c_j) (ties: lowest j) and its value: AND + __popcll."""
+    import cupy
+
+    with cupy.cuda.Device(device if device is not None else cupy.cuda.runtime.getDevice()):
+        cw = _words(cupy, c)
+        k, w = cw.shape
+        bias = cupy.asarray(p * popcount(_to_numpy(c)).astype(np.int64))
+        tile = min(k, _CUPY_SHARED_BYTES // (8 * w))
+        n = x.shape[0]
+        rows = block_rows or 2**22
+        labels = np.empty(n, dtype=np.int64)
+        best = np.empty(n, dtype=np.int64)
+        for lo in range(0, n, rows):
+            xw = _words(cupy, x[lo:lo + rows])
+            m = xw.shape[0]
+            lab = cupy.empty(m, dtype=cupy.int64)
+            val = cupy.empty(m, dtype=cupy.int64)
+            grid = (-(-m // _CUPY_THREADS),)
+            _cupy_scored_kernel()(grid, (_CUPY_THREADS,),
+                                  (xw, cw, bias, np.int64(q), np.int64(m), np.int32(k),
+                                   np.int32(w), np.int32(tile), lab, val),
+                                  shared_mem=8 * w * tile)
+            labels[lo:lo + m] = cupy.asnumpy(lab)
+            best[lo:lo + m] = cupy.asnumpy(val)
+    return labels, best
 
 
 def bit_sums(x, labels, k, block_rows, device):

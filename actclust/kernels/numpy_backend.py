@@ -35,17 +35,47 @@ def assign(x, c, block_rows, device):
     return labels, dists
 
 
-def _word_distances(xb: np.ndarray, cwt: np.ndarray, acc_dtype) -> np.ndarray:
-    """(m, W) uint64 rows vs (W, kc) uint64 centroid words -> (m, kc) distances."""
+def _word_distances(xb: np.ndarray, cwt: np.ndarray, acc_dtype, op=np.bitwise_xor) -> np.ndarray:
+    """(m, W) uint64 rows vs (W, kc) uint64 centroid words -> (m, kc) popcounts of ``op``.
+
+    ``op`` XOR gives Hamming distances, AND the dot products ``x.c``.
+    """
     m, kc = xb.shape[0], cwt.shape[1]
     acc = np.zeros((m, kc), dtype=acc_dtype)
     tmp = np.empty((m, kc), dtype=np.uint64)
     cnt = np.empty((m, kc), dtype=np.uint8)
     for t in range(cwt.shape[0]):
-        np.bitwise_xor(xb[:, t, None], cwt[t][None, :], out=tmp)
+        op(xb[:, t, None], cwt[t][None, :], out=tmp)
         acc += bitcount(tmp, out=cnt)
     return acc
 
+
+
+def scored(x, c, p, q, block_rows, device):
+    """argmin_j (p |c_j| - q x.c_j) (ties: lowest j) and its value, as (N,) int64 each:
+    AND + popcount over 64-bit words, (rows x centroids) tiles kept in cache."""
+    xw, cw = _as_words(_to_numpy(x)), _as_words(_to_numpy(c))
+    n, k, w = xw.shape[0], cw.shape[0], xw.shape[1]
+    bias = p * popcount(_to_numpy(c)).astype(np.int64)  # (K,)
+    cols = min(k, 4096)
+    rows = block_rows or max(1, 65536 // cols)
+    acc_dtype = np.uint16 if 64 * w < 2**16 else np.int32
+    cwt = np.ascontiguousarray(cw.T)  # (W, K)
+    labels = np.empty(n, dtype=np.int64)
+    best = np.empty(n, dtype=np.int64)
+    for lo in range(0, n, rows):
+        xb = xw[lo:lo + rows]
+        best_v = np.full(xb.shape[0], np.iinfo(np.int64).max, dtype=np.int64)
+        best_i = np.zeros(xb.shape[0], dtype=np.int64)
+        for c0 in range(0, k, cols):
+            dots = _word_distances(xb, cwt[:, c0:c0 + cols], acc_dtype, np.bitwise_and)
+            scores = bias[c0:c0 + cols] - q * dots.astype(np.int64)  # (rows, cols)
+            j = scores.argmin(axis=1)
+            v = scores[np.arange(len(j)), j]
+            better = v < best_v  # strict: earlier centroid blocks win ties
+            best_v[better], best_i[better] = v[better], j[better] + c0
+        labels[lo:lo + rows], best[lo:lo + rows] = best_i, best_v
+    return labels, best
 
 
 def bit_sums(x, labels, k, block_rows):

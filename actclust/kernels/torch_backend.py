@@ -1,4 +1,5 @@
-"""The torch backend: the GEMM form ``|x| + |c| - 2 x.c`` on unpacked 0/1 matrices.
+"""The torch backend: the GEMM form ``|x| + |c| - 2 x.c`` (or any rule's
+``p |c| - q x.c``, :func:`scored`) on unpacked 0/1 matrices.
 
 The exact int8 GEMM ``torch._int_mm`` (int32 accumulation) where it works, else
 a float GEMM in chunks small enough to stay exact, in float64 whenever float32
@@ -16,28 +17,40 @@ from actclust.kernels.packed import _is_torch, _to_numpy, popcount
 
 logger = logging.getLogger(__name__)
 
-# Float32 GEMM is exact on integers below 2**24; the GEMM multiplies by -2,
-# so keep each reduction chunk at 2**22 bits (|partial| <= 2**23).
-_FLOAT_CHUNK_BITS = 2**22
+# Byte v -> a word whose 8 bytes are v's bits, least significant first: looking
+# packed bytes up in it unpacks them (bitorder "little") in one gather.
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                           bitorder="little").view(np.uint64).ravel()
 # Padded centroid columns get this norm so they never win the argmin.
 _SENTINEL = 2**30
 
 
-@functools.lru_cache(maxsize=None)
 def int_mm_works(device: str = "cpu") -> bool:
     """True if ``torch._int_mm`` runs and is exact on ``device``."""
+    return int_mm_lhs(device) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def int_mm_lhs(device: str = "cpu") -> str | None:
+    """The left-operand dtype ("uint8" or "int8") with which ``torch._int_mm`` runs
+    and is exact on ``device``, or None. On CPU uint8 is tried first (the u8 x s8
+    form of VNNI/AMX); some torch builds accept only int8 there."""
     try:
         import torch
-
-        rng = np.random.default_rng(0)
-        a = rng.integers(0, 2, (32, 64), dtype=np.int8)
-        b = rng.integers(0, 2, (64, 16), dtype=np.int8)
-        a_dtype = torch.uint8 if device == "cpu" else torch.int8
-        got = torch._int_mm(torch.from_numpy(a).to(device, a_dtype), torch.from_numpy(b).to(device))
-        return bool(np.array_equal(got.cpu().numpy(), a.astype(np.int32) @ b.astype(np.int32)))
-    except Exception as err:  # noqa: BLE001 - any failure means "not usable"
-        logger.debug("torch._int_mm unusable on %s: %s", device, err)
-        return False
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, (32, 64), dtype=np.int8)
+    b = rng.integers(0, 2, (64, 16), dtype=np.int8)
+    for name in (("uint8", "int8") if device == "cpu" else ("int8",)):
+        try:
+            got = torch._int_mm(torch.from_numpy(a).to(device, getattr(torch, name)),
+                                torch.from_numpy(b).to(device))
+            if np.array_equal(got.cpu().numpy(), a.astype(np.int32) @ b.astype(np.int32)):
+                return name
+        except Exception as err:  # noqa: BLE001 - any failure means "not usable"
+            logger.debug("torch._int_mm with %s unusable on %s: %s", name, device, err)
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,19 +79,16 @@ def exact_float_dtype(device):
 
 def assign(x, c, block_rows, device):
     """GEMM form on unpacked bits: argmin_j (|c_j| - 2 x.c_j), then + |x|."""
-    dev = torch_device(x, device)
-    n = x.shape[0]
-    gemm = _TorchGemm(_to_numpy(c), dev)
-    rows = min(n, block_rows or gemm.default_rows())
-    buf = gemm.scratch(rows)
-    labels = np.empty(n, dtype=np.int64)
-    dists = np.empty(n, dtype=np.int32)
-    for lo in range(0, n, rows):
-        xb = x[lo:lo + rows]
-        val, idx = gemm.nearest(xb, buf)  # (m,) int32 |c|-2x.c and int64 index
-        labels[lo:lo + rows] = idx
-        dists[lo:lo + rows] = val + popcount(_to_numpy(xb))
-    return labels, dists
+    gemm = _TorchGemm(_to_numpy(c), torch_device(x, device))
+    val, labels = gemm.nearest_all(x, block_rows)  # (N,) |c|-2x.c and index
+    return labels, (val + popcount(_to_numpy(x))).astype(np.int32)
+
+
+def scored(x, c, p, q, block_rows, device):
+    """argmin_j (p |c_j| - q x.c_j) (ties: lowest j) and its value, as (N,) int64 each."""
+    gemm = _TorchGemm(_to_numpy(c), torch_device(x, device), weights=(p, q))
+    best, labels = gemm.nearest_all(x, block_rows)
+    return labels, best
 
 
 def torch_device(x, device):
@@ -92,30 +102,39 @@ def torch_device(x, device):
 class _TorchGemm:
     """Unpacked centroids, prepared once per call, for the torch GEMM form.
 
-    The score of a row x against centroid j is ``s_j = |c_j| - 2 x.c_j``:
-    ``d(x, c_j) = |x| + s_j``, so the argmin of s is the nearest centroid.
+    The score of a row x against centroid j is ``s_j = p |c_j| - q x.c_j``
+    (``weights=(p, q)``; Hamming: p = 1, q = 2, ``d(x, c_j) = |x| + s_j``;
+    see :mod:`actclust.kernels.rules` for the others); the argmin of s (first index
+    on ties) is the assigned centroid.
     Centroids are split into chunks of at most ``_CHUNK_BYTES`` unpacked
     bytes, each a (D + E, kc) matrix, kc a multiple of 8. Rows 0..D-1 hold
-    ``-2 * bits(c_j)``. With the int8 GEMM, E "bias" rows hold int8 pieces
-    summing to ``|c_j|`` and every unpacked x row ends in E ones, so the GEMM
-    yields s directly; padded centroid columns score above any real one.
-    The float fallback (``int_mm=False``, or no working ``torch._int_mm``)
-    has no bias rows and adds ``|c|`` after the GEMM.
+    ``-q * bits(c_j)``. With the int8 GEMM (q <= 127), E "bias" rows hold int8
+    pieces summing to ``p |c_j|`` and every unpacked x row ends in E ones, so
+    the GEMM yields s directly; padded centroid columns score above any real
+    one. The float fallback (``int_mm=False``, no working ``torch._int_mm``,
+    or q > 127) has no bias rows and adds ``p |c|`` after the GEMM, in chunks
+    of the bit axis small enough to stay exact.
     """
 
     _CHUNK_BYTES = 2**28
 
-    def __init__(self, c: np.ndarray, dev, int_mm: bool | None = None, chunk_bytes: int | None = None):
+    def __init__(self, c: np.ndarray, dev, int_mm: bool | None = None, chunk_bytes: int | None = None,
+                 weights: tuple[int, int] = (1, 2)):
         self.dev = dev
         self.cuda = dev.type == "cuda"
+        self.p, self.q = (int(w) for w in weights)
         if int_mm is None:  # probe once per device
             int_mm = int_mm_works(str(dev) if self.cuda else "cpu")
-        self.int_mm = int_mm
+        self.int_mm = int_mm and self.q <= 127
+        self.lhs = (int_mm_lhs(str(dev) if self.cuda else "cpu") or "uint8") \
+            if self.int_mm and not self.cuda else "int8"  # dtype of the unpacked rows
         self.k, self.b = c.shape
         self.d = 8 * self.b
         # CUDA's _int_mm wants k > 16 and multiples of 8; pad the bit axis.
         self.d_pad = max(self.d, 32) if self.cuda else self.d
-        self.bias = 8 * -(-(self.d_pad // 127 + 1) // 8) if int_mm else 0  # E, 127 E > D
+        # Scores lie in [-q D, p D]; int32 holds them with room for the sentinel.
+        self.wide = (self.p + self.q) * self.d_pad >= 2**29
+        self.bias = 8 * -(-(self.p * self.d_pad // 127 + 1) // 8) if self.int_mm else 0  # 127 E > p D
         # Packed bytes appended to every x row: zero padding, then E ones.
         self.tail = np.r_[np.zeros((self.d_pad - self.d) // 8, np.uint8),
                           np.full(self.bias // 8, 255, np.uint8)]
@@ -129,30 +148,101 @@ class _TorchGemm:
         import torch
 
         n, cols = part.shape[0], -(-part.shape[0] // 8) * 8
-        norm = np.full(cols, _SENTINEL, dtype=np.int64)
-        norm[:n] = popcount(part)
+        norm = np.full(cols, 2**62 if self.wide else _SENTINEL, dtype=np.int64)
+        norm[:n] = self.p * popcount(part).astype(np.int64)
+        bits = np.unpackbits(part, axis=1, bitorder="little").T
+        if not self.int_mm:
+            mat = np.zeros((self.d_pad, cols), dtype=self.float_dtype_np)
+            mat[: self.d, :n] = bits * -float(self.q)
+            score_dtype = torch.int64 if self.wide else torch.int32
+            return c0, torch.from_numpy(mat).to(self.dev), torch.from_numpy(norm).to(self.dev, score_dtype)
         mat = np.zeros((self.d_pad + self.bias, cols), dtype=np.int8)
-        mat[: self.d, :n] = np.unpackbits(part, axis=1, bitorder="little").T * np.int8(-2)
+        mat[: self.d, :n] = bits * np.int8(-self.q)
         if self.int_mm:
             norm[n:] = 127 * self.bias  # padded columns: above any real score
             pieces = norm[None, :] - 127 * np.arange(self.bias)[:, None]
             mat[self.d_pad:] = np.clip(pieces, 0, 127)  # (E, kc), sums to norm
-            return c0, torch.from_numpy(mat).to(self.dev), None
-        mat_t = torch.from_numpy(mat).to(self.dev, self.float_dtype)
-        return c0, mat_t, torch.from_numpy(norm.astype(np.int32)).to(self.dev)
+        return c0, torch.from_numpy(mat).to(self.dev), None
 
     def _float_dtype(self):
-        return exact_float_dtype(self.dev)
+        import torch
+
+        # float32 holds the products exactly only while q stays small.
+        return torch.float64 if self.q >= 2**20 else exact_float_dtype(self.dev)
+
+    @property
+    def float_dtype_np(self):
+        return np.float64 if str(self.float_dtype) == "torch.float64" else np.float32
+
+    @property
+    def float_chunk_bits(self) -> int:
+        """Bits per float GEMM reduction chunk: partial sums stay below 2**23 (float32)
+        or 2**52 (float64) in magnitude, so they are exact."""
+        limit = 2**52 if self.float_dtype_np == np.float64 else 2**23
+        return max(8, limit // self.q // 8 * 8)
+
+    def nearest_all(self, x, block_rows: int | None = None, workers: int | None = None):
+        """Best score and its lowest index for every row of x, block by block.
+
+        On CPU with a host array the blocks are shared among ``workers``
+        threads (default: torch's intra-op thread count), each unpacking,
+        multiplying and reducing its own blocks: the unpacking and the argmin
+        are single-threaded numpy calls that would otherwise leave cores idle
+        beside the GEMM.
+        Returns (N,) int64 scores and (N,) int64 indices as numpy arrays.
+        """
+        import torch
+
+        n = x.shape[0]
+        rows = min(n, block_rows or self.default_rows())
+        starts = range(0, n, rows)
+        best = np.empty(n, dtype=np.int64)
+        labels = np.empty(n, dtype=np.int64)
+        host = not self.cuda and not _is_torch(x)
+        if workers is None:
+            workers = torch.get_num_threads() if host else 1
+        workers = max(1, min(workers, len(starts)))
+
+        def work(first: int) -> None:
+            buf = self.scratch(rows)
+            bits = self.bits_buffer(rows) if host else None
+            for lo in starts[first::workers]:
+                best[lo:lo + rows], labels[lo:lo + rows] = self.nearest(x[lo:lo + rows], buf, bits)
+
+        if workers == 1:
+            work(0)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(work, range(workers)))
+        return best, labels
+
+    def bits_buffer(self, rows: int) -> np.ndarray:
+        """A (rows, B + tail) uint64 buffer for :meth:`unpack`: one word per packed byte,
+        the tail (zero padding, then the E bias ones) already written."""
+        buf = np.empty((rows, self.b + len(self.tail)), dtype=np.uint64)
+        buf[:, self.b:] = _BYTE_BITS[self.tail]
+        return buf
 
     def default_rows(self) -> int:
         """Rows per block: a (rows, kc) int32 output tile of about 4 MiB."""
         kc = self.chunks[0][1].shape[1]
         return int(max(64, min(8192, 2**20 // kc, 2**23 // self.d_pad)))
 
-    def unpack(self, xb):
-        """(m, B) uint8 packed -> (m, D + E) 0/1 tensor: uint8 on CPU, int8 on CUDA."""
+    def unpack(self, xb, bits_buf: np.ndarray | None = None):
+        """(m, B) uint8 packed -> (m, D + E) 0/1 tensor: int8 on CUDA, on CPU uint8 (or
+        int8 where this torch's ``_int_mm`` takes only that).
+
+        With ``bits_buf`` (from :meth:`bits_buffer`, host rows only) each byte is
+        looked up as the 8 bytes of its bits and written in place: no allocation.
+        """
         import torch
 
+        if bits_buf is not None:
+            m = xb.shape[0]
+            np.take(_BYTE_BITS, xb, out=bits_buf[:m, : self.b], mode="clip")
+            return torch.from_numpy(bits_buf[:m].view(self.lhs))
         if not self.cuda and not _is_torch(xb):
             m = xb.shape[0]
             if len(self.tail):  # write into a reused packed buffer whose tail is preset
@@ -161,14 +251,14 @@ class _TorchGemm:
                     self._packed[:, self.b:] = self.tail
                 self._packed[:m, : self.b] = xb
                 xb = self._packed[:m]
-            return torch.from_numpy(np.unpackbits(xb, axis=1, bitorder="little"))
+            return torch.from_numpy(np.unpackbits(xb, axis=1, bitorder="little").view(self.lhs))
         t = (xb if _is_torch(xb) else torch.from_numpy(np.ascontiguousarray(xb))).to(self.dev)
         if len(self.tail):
             tail = torch.from_numpy(self.tail).to(self.dev).expand(t.shape[0], -1)
             t = torch.cat([t, tail], dim=1)
         shifts = torch.arange(8, dtype=torch.uint8, device=self.dev)
         bits = ((t.unsqueeze(-1) >> shifts) & 1).reshape(t.shape[0], -1)
-        return bits.to(torch.int8) if self.cuda else bits
+        return bits.to(torch.int8) if self.cuda or self.lhs == "int8" else bits
 
     def _scores(self, bits, mat, norm, buf):
         """(m, D + E) bits x (D + E, kc) -> (m, kc) int32 |c| - 2 x.c, written to buf."""
@@ -184,19 +274,21 @@ class _TorchGemm:
                 torch._int_mm(bits, mat, out=out)
             return out
         out.zero_()
-        for d0 in range(0, self.d_pad, _FLOAT_CHUNK_BITS):
-            part = bits[:, d0:d0 + _FLOAT_CHUNK_BITS].to(mat.dtype) @ mat[d0:d0 + _FLOAT_CHUNK_BITS]
-            out += part.to(torch.int32)
+        step = self.float_chunk_bits
+        for d0 in range(0, self.d_pad, step):
+            part = bits[:, d0:d0 + step].to(mat.dtype) @ mat[d0:d0 + step]
+            out += part.to(out.dtype)
         return out.add_(norm)
 
-    def nearest(self, xb, buf):
-        """Best (|c| - 2 x.c) value and lowest index per row of a packed block.
+    def nearest(self, xb, buf, bits_buf: np.ndarray | None = None):
+        """Best score (``p |c| - q x.c``) and lowest index per row of a packed block.
 
         ``buf`` is a reusable (rows, kc) int32 scratch tensor: reusing it
-        avoids page-faulting a fresh multi-MiB output for every block.
+        avoids page-faulting a fresh multi-MiB output for every block;
+        ``bits_buf`` likewise for the unpacked rows (see :meth:`unpack`).
         Returns (m,) int32 values and (m,) int64 indices as numpy arrays.
         """
-        bits = self.unpack(xb)
+        bits = self.unpack(xb, bits_buf)
         best_v = best_i = None
         for c0, mat, norm in self.chunks:
             v, i = self._row_min(self._scores(bits, mat, norm, buf))
@@ -222,8 +314,8 @@ class _TorchGemm:
         import torch
 
         kc = self.chunks[0][1].shape[1]
-        return torch.empty((rows, kc), dtype=torch.int32, device=self.dev)
-
+        dtype = torch.int64 if self.wide and not self.int_mm else torch.int32
+        return torch.empty((rows, kc), dtype=dtype, device=self.dev)
 
 
 def bit_sums(x, labels, k, block_rows, device):
@@ -254,23 +346,26 @@ class UnpackedCentroids:
     float64 where :func:`exact_float_dtype` says float32 would round).
     """
 
-    def __init__(self, packed: np.ndarray, width: int, device="cpu"):
+    def __init__(self, packed: np.ndarray, width: int, device="cpu", weights=(1, 2)):
         import torch
 
         self.device = torch.device(device)
-        self.dtype = exact_float_dtype(self.device)
+        self.p, self.q = (int(w) for w in weights)  # score p |c_j| - q m.c_j (rules.py)
+        exact32 = (self.p + self.q) * width < 2**24
+        self.dtype = exact_float_dtype(self.device) if exact32 else torch.float64
         bits = np.unpackbits(packed, axis=-1, count=width, bitorder="little")
         self.rows = torch.from_numpy(bits.astype(np.float32)).to(self.device, self.dtype)  # (K, d)
         self.norms = self.rows.sum(dim=1)  # (K,) |c_j|
         self.density = float(self.norms.sum()) / self.rows.numel()
 
     def nearest(self, m):
-        """Nearest centroid (Hamming; ties to the lowest index) of bool masks m (N, d).
+        """Assigned centroid (``argmin_j p |c_j| - q m.c_j``; Hamming by default; ties to
+        the lowest index) of bool masks m (N, d).
 
         Returns (labels (N,) int64, overlap |m AND c| (N,)) as tensors on the device.
         """
         dot = m.to(self.dtype) @ self.rows.T  # (N, K) = |m AND c_j|
-        labels = (self.norms[None, :] - 2 * dot).argmin(dim=1)  # |m| is constant per row
+        labels = (self.p * self.norms[None, :] - self.q * dot).argmin(dim=1)  # |m| constant per row
         return labels, dot.gather(1, labels[:, None]).squeeze(1)
 
     def stats(self, m, labels, overlap) -> np.ndarray:

@@ -1,12 +1,12 @@
-"""The whole pipeline: extract -> cluster (for each K, theta) -> evaluate -> report.
+"""The whole pipeline: extract -> cluster (for each K and objective: theta or density) -> evaluate -> report.
 
 Layout of ``out``::
 
     out/masks/                      actclust extract (fitting windows)
-    out/clusters/k=<K>-theta=<t>/   actclust cluster
+    out/clusters/k=<K>-theta=<t>/   actclust cluster (k=<K>-density=<D>/ in density mode)
     out/eval/baseline/              dense and oracle passes, computed once per run
     out/eval/k=<K>-theta=<t>/       actclust evaluate (held-out windows)
-    out/results.csv, results.json   one row per (K, theta)
+    out/results.csv, results.json   one row per (K, objective)
     out/report.html, plots/         actclust report
 
 ``out`` is a local directory or an object-store URI (``s3://bucket/run``). Every
@@ -24,28 +24,44 @@ from actclust.io.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("k", "theta", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl",
-                  "random_ppl", "dense_ppl_ci95", "oracle_ppl_ci95", "cluster_ppl_ci95",
-                  "random_ppl_ci95", "effective_density", "oracle_effective_density", "density",
-                  "random_density", "precision", "recall", "weighted_recall", "f1", "accuracy",
-                  "true_density", "dense_prefix", "mask_mode", "windows", "cost", "fit_seconds",
-                  "tokens")
-# Algorithms whose fit has no theta: one trial per K, whatever thetas are listed.
+RESULT_COLUMNS = ("k", "theta", "target_density", "objective", "algorithm", "dense_ppl",
+                  "oracle_ppl", "cluster_ppl", "random_ppl", "dense_ppl_ci95", "oracle_ppl_ci95",
+                  "cluster_ppl_ci95", "random_ppl_ci95", "effective_density",
+                  "oracle_effective_density", "density", "random_density", "precision", "recall",
+                  "weighted_recall", "f1", "accuracy", "true_density", "dense_prefix",
+                  "mask_mode", "windows", "cost", "fit_seconds", "hit_cap", "tokens")
+# Algorithms without a theta: one trial per K for all the thetas listed (densities still vary).
 THETA_FREE = ("brb-kmeans", "activation-aware")
 
 
-def trial_name(k: int, theta: float, algorithm: str = "hamming-kmeans") -> str:
+def objectives(cfg: C.RunConfig) -> list[dict]:
+    """The fit objectives a run covers: each theta, then each density."""
+    thetas = cfg.theta if isinstance(cfg.theta, list) else [cfg.theta]
+    return [{"theta": t, "density": None} for t in thetas] + \
+        [{"theta": None, "density": d} for d in getattr(cfg, "density", None) or []]
+
+
+def objective_label(theta: float | None, density: float | None) -> str:
+    return f"density={density:g}" if density is not None else f"theta={theta:g}"
+
+
+def trial_name(k: int, theta: float | None, algorithm: str = "hamming-kmeans",
+               density: float | None = None) -> str:
     suffix = "" if algorithm == "hamming-kmeans" else f"-{algorithm}"
-    return f"k={k}-theta={theta:g}{suffix}"
+    return f"k={k}-{objective_label(theta, density)}{suffix}"
 
 
-def trial_grid(cfg: C.RunConfig) -> list[tuple[int, float, str]]:
-    """(K, theta, algorithm) of every trial; theta-free algorithms run once per K."""
-    grid = []
+def trial_grid(cfg: C.RunConfig) -> list[dict]:
+    """Every trial point (k, theta, density, algorithm); theta-free algorithms fit once per
+    K for all the thetas listed."""
+    points = []
     for algorithm in cfg.algorithm:
-        thetas = cfg.theta[:1] if algorithm in THETA_FREE else cfg.theta
-        grid += [(k, theta, algorithm) for theta in thetas for k in cfg.k]
-    return grid
+        objs = objectives(cfg)
+        if algorithm in THETA_FREE:
+            thetas = [o for o in objs if o["density"] is None]
+            objs = thetas[:1] + [o for o in objs if o["density"] is not None]
+        points += [dict(k=k, algorithm=algorithm, **obj) for obj in objs for k in cfg.k]
+    return points
 
 
 def extract_stage(cfg: C.RunConfig) -> str:
@@ -65,14 +81,16 @@ def extract_stage(cfg: C.RunConfig) -> str:
     return masks
 
 
-def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float, algorithm: str) -> str:
+def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float | None, algorithm: str,
+                  density: float | None = None) -> str:
     from actclust.clustering.distributed import run_cluster
 
-    out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm))
+    out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm, density))
     if centroid_store.is_finished(out):
         return out
-    ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, seed=cfg.seed,
-                                         workers=cfg.workers, algorithm=algorithm, out=out))
+    ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, density=density,
+                                         seed=cfg.seed, workers=cfg.workers,
+                                         algorithm=algorithm, out=out))
     run_cluster(ccfg)
     return out
 
@@ -108,6 +126,9 @@ def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
 def result_row(report: dict, cluster_meta: dict) -> dict:
     row = {key: report.get(key) for key in RESULT_COLUMNS}
     row.update(k=cluster_meta["k"], theta=cluster_meta["theta"],
+               target_density=cluster_meta.get("density"),
+               objective=objective_label(cluster_meta["theta"], cluster_meta.get("density")),
+               hit_cap=len(cluster_meta.get("hit_cap", [])),
                algorithm=cluster_meta["algorithm"], cost=cluster_meta["mean_cost"],
                fit_seconds=cluster_meta.get("fit_seconds"),
                per_layer_recall=[p["recall"] for p in report["per_layer"]])
@@ -148,14 +169,15 @@ def run_pipeline(cfg: C.RunConfig) -> str:
     masks = extract_stage(cfg)
     baseline_stage(cfg, masks)
     rows = []
-    for k, theta, algorithm in trial_grid(cfg):
-        name = trial_name(k, theta, algorithm)
-        centroids = cluster_stage(cfg, masks, k, theta, algorithm)
+    for point in trial_grid(cfg):
+        name = trial_name(**point)
+        centroids = cluster_stage(cfg, masks, **point)
         report = evaluate_stage(cfg, centroids, name)
         meta = centroid_store.read_meta(centroids)
         rows.append(result_row(report, meta))
-        log.info("K=%d theta=%g %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
-                 "density %.3f, recall %.3f, weighted recall %.3f", k, theta, algorithm,
+        log.info("K=%d %s %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
+                 "density %.3f, recall %.3f, weighted recall %.3f", point["k"],
+                 objective_label(point["theta"], point["density"]), point["algorithm"],
                  report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
                  report["effective_density"], report["recall"], report["weighted_recall"])
     write_results(rows, out, run_identity(cfg, masks))

@@ -1,4 +1,8 @@
-"""Ray Tune sweep over K (and theta, and the algorithm) on one extraction.
+"""Ray Tune sweep over K, the fit objective (theta or density) and the algorithm on one extraction.
+
+The grid is one list of points (k, theta or density, algorithm); with ``static_point``
+(default on) every objective also gets a K = 1 hamming-kmeans point, one static mask
+per layer: the "no clustering" floor the clusterings are read against.
 
 Each trial fits centroids with the distributed clusterer and evaluates them with
 evaluation actors, then reports ``cluster_ppl``, ``precision``, ``recall``,
@@ -24,8 +28,9 @@ from actclust.errors import UserError
 from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, baseline_stage, cluster_stage,
-                                             evaluate_stage, extract_stage, result_row,
-                                             run_identity, trial_grid, trial_name, write_results)
+                                             evaluate_stage, extract_stage, objectives,
+                                             result_row, run_identity, trial_grid, trial_name,
+                                             write_results)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,8 @@ class SweepConfig(C.RunConfig):
     # What a sweep directory holds: rerun with other values is refused.
     IDENTITY: typing.ClassVar[tuple] = (
         "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
-        "sparsity", "threshold", "k", "theta", "algorithm", "seed", "workers", "dense_prefix",
-        "mask_mode")
+        "sparsity", "threshold", "k", "theta", "density", "algorithm", "seed", "workers",
+        "static_point", "dense_prefix", "mask_mode")
 
     out: str = "runs/sweep"
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
@@ -44,6 +49,7 @@ class SweepConfig(C.RunConfig):
     worker_cpus: float = 1.0
     max_concurrent_trials: Optional[int] = None
     max_failures: int = 2
+    static_point: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -58,9 +64,9 @@ def trial(config: dict) -> None:
     from ray import tune
 
     cfg = SweepConfig(**config["sweep"])
-    k, theta, algorithm = (config["trial"][key] for key in ("k", "theta", "algorithm"))
-    name = trial_name(k, theta, algorithm)
-    centroids = cluster_stage(cfg, config["masks"], k, theta, algorithm)
+    point = config["point"]
+    name = trial_name(**point)
+    centroids = cluster_stage(cfg, config["masks"], **point)
     report = evaluate_stage(cfg, centroids, name)
     meta = centroid_store.read_meta(centroids)
     row = result_row(report, meta)
@@ -84,8 +90,7 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     init_ray()
     baseline_stage(cfg, masks)  # before any trial, so that every trial reuses it
     param_space = {
-        "trial": tune.grid_search([{"k": k, "theta": theta, "algorithm": algorithm}
-                                   for k, theta, algorithm in trial_grid(cfg)]),
+        "point": tune.grid_search(grid_points(cfg)),
         "masks": masks,
         "sweep": dataclasses.asdict(cfg),
     }
@@ -110,11 +115,20 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed; first: {errors[0]}")
     rows = [dict(r.metrics) for r in grid]
     rows = [{key: row.get(key) for key in (*RESULT_COLUMNS, "per_layer_recall")} for row in rows]
-    rows.sort(key=lambda r: (r["algorithm"], r["theta"], r["k"]))
+    rows.sort(key=lambda r: (r["algorithm"], r["objective"], r["k"]))
     _write_table(rows, out, masks, cfg)
     path = write_report(out)
     log.info("sweep of %d trials done; report: %s", len(rows), path)
     return path
+
+
+def grid_points(cfg: SweepConfig) -> list[dict]:
+    """Every (k, theta, density, algorithm) trial point, static K = 1 points included."""
+    points = trial_grid(cfg)
+    if cfg.static_point:
+        points += [dict(k=1, algorithm="hamming-kmeans", **obj) for obj in objectives(cfg)
+                   if dict(k=1, algorithm="hamming-kmeans", **obj) not in points]
+    return points
 
 
 def _check_identity(out: str, cfg: SweepConfig) -> None:

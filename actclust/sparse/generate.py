@@ -18,43 +18,13 @@ from typing import Optional
 
 import numpy as np
 
+from actclust.config import DEFAULT_SLAB_BUDGET_MB, GenerateConfig
 from actclust.errors import UserError
-from actclust.sparse.layout import LAYOUTS
 
 log = logging.getLogger(__name__)
 
 MODES = ("sparse", "masked", "dense")  # masked: the masked dense FFN, the reference
-DEFAULT_SLAB_BUDGET_MB = 1024.0
 D_FF_SITES = ("intermediate", "gate", "up")
-
-
-@dataclasses.dataclass
-class GenerateConfig:
-    model: Optional[str] = None  # default: the centroids' model
-    centroids: Optional[str] = None
-    predictor: Optional[str] = None
-    prompt: Optional[str] = None
-    max_new_tokens: int = 32
-    dense: bool = False
-    layout: str = "auto"
-    slab_budget_mb: float = DEFAULT_SLAB_BUDGET_MB
-    threads: Optional[int] = None
-    trust_remote_code: bool = False
-
-    def validate(self) -> None:
-        if self.prompt is None or self.prompt == "":
-            raise UserError("generate needs --prompt TEXT")
-        if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.layout not in LAYOUTS:
-            raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if self.slab_budget_mb < 0:
-            raise UserError(f"slab_budget_mb must be >= 0, got {self.slab_budget_mb}")
-        if not self.dense and (self.centroids is None or self.predictor is None):
-            raise UserError("sparse generation needs --centroids DIR and --predictor DIR "
-                            "(or --dense for the dense model)")
-        if self.dense and self.model is None and self.centroids is None:
-            raise UserError("dense generation needs --model M (or --centroids DIR to take its model)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +49,11 @@ def centroid_masks(centroids_dir, model_name: Optional[str] = None) -> tuple[dic
     """
     import torch
 
-    from actclust import store
-    from actclust.evaluate import load_centroids
+    from actclust.io import mask_store
+    from actclust.io.centroid_store import check_width, load_centroids
 
     meta, packed = load_centroids(centroids_dir)
+    check_width(meta, packed)
     if meta.get("sites", "intermediate") not in D_FF_SITES:
         raise UserError(f"centroids in {centroids_dir} are over site {meta['sites']!r}; the "
                         f"sparse FFN needs neuron centroids (sites {', '.join(D_FF_SITES)})")
@@ -92,7 +63,7 @@ def centroid_masks(centroids_dir, model_name: Optional[str] = None) -> tuple[dic
     masks, priority = {}, {}
     sizes = meta.get("sizes") or {}
     for layer, bits in zip(meta["layers"], packed):
-        masks[layer] = torch.from_numpy(store.unpack(bits, meta["d_ff"]).astype(bool))
+        masks[layer] = torch.from_numpy(mask_store.unpack(bits, meta["d_ff"]).astype(bool))
         key = "-1" if meta.get("pooled") else str(layer)
         if key in sizes and len(sizes[key]) == len(bits):
             priority[layer] = np.argsort(-np.asarray(sizes[key]), kind="stable").tolist()
@@ -193,7 +164,7 @@ def run_generate(cfg: GenerateConfig, choose=None, layers=None) -> Generation:
     """Load what ``cfg`` names and generate. ``choose``/``layers`` replace the predictor."""
     import torch
 
-    from actclust.models import load_model
+    from actclust.io.models import load_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

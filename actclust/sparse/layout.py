@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from actclust.config import LAYOUTS
 from actclust.errors import UserError
 
-LAYOUTS = ("auto", "slab", "gather")
 GATED = "gated"
 RELU = "relu"
 
@@ -45,8 +45,8 @@ class FFNParts:
 
 
 def ffn_parts(model) -> list[FFNParts]:
-    """The FFN of every decoder layer, found through the FFN-site helpers of actclust.models."""
-    from actclust.models import decoder_layers, ffn_sites
+    """The FFN of every decoder layer, found through the FFN-site helpers (io.models)."""
+    from actclust.io.models import decoder_layers, ffn_sites
 
     layers = decoder_layers(model)
     downs = ffn_sites(model, "intermediate")

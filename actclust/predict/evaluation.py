@@ -1,0 +1,139 @@
+"""Mode ``predicted`` of evaluation: mask each layer with what the predictor says,
+from that layer's FFN input in the same masked pass, before the FFN runs.
+
+Kind ``cluster``: the centroid of the top-1 predicted cluster (the union of the top-M
+centroids with ``--top-m M``); kind ``neuron``: the thresholded neuron prediction.
+Per layer the pass also counts, against the token's true mask in that pass:
+top-1 agreement with the true mask's own assignment (kind cluster), and the
+predicted mask's bits, the true bits and their overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+
+from actclust.io import mask_store as store
+from actclust.errors import UserError
+
+# Per-layer integer sums of the predicted pass.
+FIELDS = ("tokens", "agree", "predicted_bits", "true_bits", "overlap")
+
+
+def check_predictor(predictor_dir: str, cfg, meta: dict, windows) -> dict:
+    """The predictor's record, after refusing one that does not belong to this evaluation."""
+    from actclust.io.corpus import in_split
+    from actclust.predict.model import read_meta
+
+    record = read_meta(predictor_dir)
+    ident = record["identity"]
+    digest = store.sha256_file(Path(cfg.centroids) / "centroids.parquet")
+    if ident.get("centroids_sha256") != digest:
+        raise UserError(f"predictor {predictor_dir} was trained against other centroids than "
+                        f"{cfg.centroids}; train one with --centroids {cfg.centroids}")
+    if ident["model"] != cfg.model:
+        raise UserError(f"predictor {predictor_dir} was trained on model {ident['model']!r}, "
+                        f"not {cfg.model!r}")
+    if ident["seq_len"] != cfg.seq_len:
+        raise UserError(f"predictor {predictor_dir} was trained on {ident['seq_len']}-token "
+                        f"windows; evaluate with --seq-len {ident['seq_len']}")
+    if list(record["layers"]) != list(meta["layers"]) or record["k"] != meta["k"]:
+        raise UserError(f"predictor {predictor_dir} covers layers {record['layers']} with "
+                        f"k={record['k']}; the centroids have {meta['layers']} with k={meta['k']}")
+    if ident["corpus"] == cfg.corpus:
+        seen = [int(s) for s in windows.seq
+                if ident["first_seq"] <= s <= ident["last_seq"]
+                and in_split(int(s), ident["split"], ident["heldout_every"])]
+        if seen:
+            raise UserError(f"predictor {predictor_dir} was trained on {len(seen)} of the windows "
+                            f"this evaluation would use (first: seq {seen[0]}); evaluate on the "
+                            "held-out split with the predictor's --heldout-every")
+    if record["kind"] == "neuron" and cfg.top_m != 1:
+        raise UserError("--top-m applies to a cluster predictor; this one is a neuron predictor")
+    if not 1 <= cfg.top_m <= record["k"]:
+        raise UserError(f"--top-m must be in [1, {record['k']}], got {cfg.top_m}")
+    return record
+
+
+class PredictedMasks:
+    """Holds the predictor on the evaluator's device and counts FIELDS per layer."""
+
+    def __init__(self, predictor_dir: str, evaluator, top_m: int = 1):
+        from actclust.predict.model import load_predictor
+
+        self.predictor = load_predictor(predictor_dir)
+        self.ev = evaluator
+        self.top_m = top_m
+        self.layers = self.predictor.layers
+        self.inputs: list = []
+        self.stats = np.zeros((len(self.layers), len(FIELDS)), dtype=np.int64)
+
+    @contextlib.contextmanager
+    def capturing(self, model):
+        """Keep every layer's FFN input of the pass running inside this context."""
+        from actclust.predict.features import ffn_inputs
+
+        with ffn_inputs(model) as self.inputs:
+            yield
+
+    def mask(self, slot: int, a):
+        """The predicted mask of clustered layer ``slot``, shaped like its activation ``a``."""
+        layer = self.layers[slot]
+        width = a.shape[-1]
+        h = self.inputs[layer].reshape(-1, self.inputs[layer].shape[-1])
+        true = self.ev._true_mask(slot, a).reshape(-1, width)
+        row = [len(true), 0]
+        if self.predictor.kind == "cluster":
+            ids = self.predictor.top_clusters(layer, h, self.top_m)  # (N, M)
+            centroids = self.ev.centroids[slot]
+            pred = centroids.rows[ids].amax(dim=1)  # (N, width) 0/1: union of top-M
+            labels, _ = centroids.nearest(true)
+            row[1] = int((ids[:, 0] == labels).sum())
+        else:
+            pred = self.predictor.neuron_mask(layer, h).to(self.ev.centroids[slot].dtype)
+        overlap = (pred * true.to(pred.dtype)).sum()
+        self.stats[slot] += np.array(row + [int(pred.sum()), int(true.sum()), int(overlap)],
+                                     dtype=np.int64)
+        return pred.reshape(a.shape)
+
+    def take_stats(self) -> np.ndarray:
+        stats, self.stats = self.stats, np.zeros_like(self.stats)
+        return stats
+
+
+def _figures(row: np.ndarray, width: int, kind: str) -> dict:
+    tokens, agree, pred, true, overlap = (float(v) for v in row)
+    return {"predicted_accuracy": agree / tokens if kind == "cluster" and tokens else None,
+            "predicted_precision": overlap / pred if pred else 0.0,
+            "predicted_recall": overlap / true if true else 0.0,
+            "predicted_density": pred / (tokens * width) if tokens else 0.0}
+
+
+def summarize_predicted(stats: np.ndarray, record: dict, width: int, top_m: int) -> dict:
+    """eval.json's predicted_* figures from summed per-layer FIELDS (L, 5)."""
+    return {**_figures(stats.sum(axis=0), width, record["kind"]),
+            "predictor_params_fraction": record["params_fraction"],
+            "predictor_kind": record["kind"], "predictor_rank": record["rank"], "top_m": top_m,
+            "predicted_per_layer": [{"layer": int(layer), **_figures(stats[i], width,
+                                                                     record["kind"])}
+                                    for i, layer in enumerate(record["layers"])]}
+
+
+def add_predicted(report: dict, results: list, record: dict, meta: dict, top_m: int) -> None:
+    """Add predicted_ppl and the predicted_* figures (overall and per layer) to eval.json."""
+    import math
+
+    nll = math.fsum(float(v) for r in results for v in r["nll"]["predicted"])
+    figures = summarize_predicted(sum(r["predicted_stats"] for r in results), record,
+                                  meta["d_ff"], top_m)
+    for row, extra in zip(report["per_layer"], figures.pop("predicted_per_layer")):
+        row.update({k: v for k, v in extra.items() if k != "layer"})
+    report.update(predicted_ppl=math.exp(nll / report["predicted_tokens"]), **figures)
+    report["definitions"]["predicted_ppl"] = (
+        "a * the mask predicted from the layer's FFN input before the FFN runs: the centroid "
+        "of the top-1 predicted cluster (union of the top-M with top_m), or a neuron "
+        "predictor's thresholded output")
+    report["definitions"]["predicted_accuracy"] = (
+        "share of (token, layer) whose top-1 predicted cluster is the true mask's assignment")

@@ -1,0 +1,145 @@
+"""Training data of the predictors: FFN inputs and true masks of the fitting windows.
+
+Why on disk: the frozen model's forward pass costs about fifty times a predictor's
+step, so it runs once, not once per epoch. Each shard of ``shard_windows`` windows
+is one Parquet file written under a temporary name and renamed into place: an
+existing file is a complete shard, so a rerun (or a restarted worker) writes only
+the missing ones, and training streams shard by shard (memory flat in the corpus).
+
+Shard columns: ``seq`` int64, ``pos`` int32, then per clustered layer ``l``:
+``h<l>`` fixed_size_binary(2 * d_model), the FFN input as little-endian float16, and
+``m<l>`` fixed_size_binary(ceil(width / 8)), the true mask in the store's bit order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from actclust.io import mask_store as store
+
+VALIDATION_EVERY = 10  # shard i is a validation shard iff i % 10 == 9
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """What a feature directory holds; travels from the driver to the workers."""
+
+    root: str
+    model: str
+    site: str
+    layers: tuple
+    thresholds: tuple
+    d_model: int
+    width: int
+    shard_windows: int
+    trust_remote_code: bool = False
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def is_validation(index: int, n_shards: int) -> bool:
+    """Every 10th shard validates; with 2..10 shards, the last one does."""
+    if n_shards < 2:
+        return False
+    if n_shards < VALIDATION_EVERY:
+        return index == n_shards - 1
+    return index % VALIDATION_EVERY == VALIDATION_EVERY - 1
+
+
+def shard_count(n_windows: int, shard_windows: int) -> int:
+    return -(-n_windows // shard_windows)
+
+
+def schema(spec: FeatureSpec):
+    import pyarrow as pa
+
+    fields = [("seq", pa.int64()), ("pos", pa.int32())]
+    for layer in spec.layers:
+        fields.append((f"h{layer}", pa.binary(2 * spec.d_model)))
+        fields.append((f"m{layer}", pa.binary(store.row_bytes(spec.width))))
+    return pa.schema(fields)
+
+
+@contextlib.contextmanager
+def ffn_inputs(model) -> Iterator[list]:
+    """Yield a list whose entry ``l`` is the latest FFN input of layer ``l`` (..., d_model)."""
+    from actclust.io.models import ffn_input_modules
+
+    modules = ffn_input_modules(model)
+    out: list = [None] * len(modules)
+    handles = []
+    for index, module in enumerate(modules):
+        def hook(mod, args, index=index):
+            out[index] = args[0].detach()
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def compute_shard(model, spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray,
+                  batch_windows: int = 4, device: str = "cpu"):
+    """The feature table of windows ``ids`` (W, T) with numbers ``seq`` (W,)."""
+    import pyarrow as pa
+    import torch
+
+    from actclust.capture.hooks import captured, mask_of
+
+    h_parts: list[list[np.ndarray]] = [[] for _ in spec.layers]
+    m_parts: list[list[np.ndarray]] = [[] for _ in spec.layers]
+    with torch.inference_mode(), ffn_inputs(model) as hs, captured(model, spec.site) as acts:
+        for start in range(0, len(ids), batch_windows):
+            model(torch.tensor(ids[start:start + batch_windows], device=device))
+            for i, (layer, tau) in enumerate(zip(spec.layers, spec.thresholds)):
+                h = hs[layer].reshape(-1, spec.d_model)
+                a = acts[layer].reshape(-1, spec.width)
+                h_parts[i].append(h.to(torch.float16).cpu().numpy())
+                m_parts[i].append(store.pack(mask_of(a, tau).cpu().numpy()))
+    w, t = ids.shape
+    columns = {"seq": pa.array(np.repeat(seq.astype(np.int64), t)),
+               "pos": pa.array(np.tile(np.arange(t, dtype=np.int32), w))}
+    for i, layer in enumerate(spec.layers):
+        h = np.ascontiguousarray(np.concatenate(h_parts[i]).astype("<f2")).view(np.uint8)
+        columns[f"h{layer}"] = store.bits_array(h)
+        columns[f"m{layer}"] = store.bits_array(np.concatenate(m_parts[i]))
+    return pa.table(columns, schema=schema(spec))
+
+
+def write_missing(spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray, rank: int = 0,
+                  world: int = 1, device: str = "cpu") -> int:
+    """Write this rank's share (shard i with i % world == rank) of the missing shards.
+
+    Loads the model only when something is missing; returns the number written.
+    """
+    n = shard_count(len(seq), spec.shard_windows)
+    todo = [i for i in range(rank, n, world) if not (Path(spec.root) / shard_name(i)).exists()]
+    if not todo:
+        return 0
+    from actclust.io.models import load_model
+
+    model = load_model(spec.model, trust_remote_code=spec.trust_remote_code).model.to(device)
+    for i in todo:
+        part = slice(i * spec.shard_windows, (i + 1) * spec.shard_windows)
+        table = compute_shard(model, spec, seq[part], ids[part], device=device)
+        store.write_table_atomic(table, Path(spec.root) / shard_name(i))
+    return len(todo)
+
+
+def read_shard(spec: FeatureSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """FFN inputs (N, L, d_model) float32 and packed true masks (N, L, B) uint8 of a shard."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(spec.root) / shard_name(index))
+    h = np.stack([store.bits_to_numpy(table.column(f"h{l}")).view("<f2")
+                  for l in spec.layers], axis=1).astype(np.float32)
+    bits = np.stack([store.bits_to_numpy(table.column(f"m{l}")) for l in spec.layers], axis=1)
+    return h, bits

@@ -1,0 +1,338 @@
+"""Train a predictor with Ray Train: ``actclust train-predictor``.
+
+    actclust train-predictor --centroids runs/c --out runs/p --kind cluster --workers 2
+
+The driver reads the clustering's identity, takes the same fitting windows (never a
+held-out one), and starts a ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPU).
+Each worker first writes its share of the missing feature shards (see
+:mod:`actclust.predict.features`), then trains on its share of the training shards;
+every rank runs the same number of steps per epoch, so DDP stays in lockstep.
+A checkpoint is reported every epoch; rerunning the same command after the driver was
+killed resumes from the last one. The driver then picks the neuron thresholds,
+measures train/validation figures and writes the predictor (:mod:`.model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from actclust.io import mask_store as store
+from actclust.errors import UserError
+from actclust.predict import features as F
+from actclust.predict import model as M
+
+log = logging.getLogger(__name__)
+
+STATE = "state.pt"
+RUN_RECORD = "run.json"
+
+
+def run_train_predictor(cfg) -> dict:
+    """Fit, finish and write the predictor; returns predictor.json's content."""
+    from actclust.io.corpus import load_windows
+    from actclust.io.centroid_store import load_centroids
+    from actclust.io.models import load_tokenizer
+
+    meta, _ = load_centroids(cfg.centroids)
+    out = Path(cfg.out).resolve()
+    ident = _identity(cfg, meta)
+    done = _finished(out, ident)
+    if done is not None:
+        log.info("%s already holds this predictor", out)
+        return done
+    tokenizer = load_tokenizer(meta["model"], trust_remote_code=cfg.trust_remote_code)
+    windows = load_windows(meta["corpus"], tokenizer, meta["seq_len"], split="train",
+                           max_tokens=cfg.max_tokens or meta["tokens"],
+                           heldout_every=meta["heldout_every"], text_column=meta["text_column"])
+    ident.update(first_seq=int(windows.seq[0]), last_seq=int(windows.seq[-1]),
+                 windows=len(windows), split="train")
+    _open_out(out, ident)
+    d_model, ffn_params = _model_shape(meta["model"], meta["layers"], cfg.trust_remote_code)
+    out_dim = meta["k"] if cfg.kind == "cluster" else meta["d_ff"]
+    rank = cfg.rank or M.default_rank(d_model, out_dim, min(ffn_params))
+    spec = F.FeatureSpec(root=str(Path(cfg.features or out / "features").resolve()),
+                         model=meta["model"], site=meta["sites"], layers=tuple(meta["layers"]),
+                         thresholds=tuple(meta["thresholds"]), d_model=d_model,
+                         width=meta["d_ff"], shard_windows=cfg.shard_windows,
+                         trust_remote_code=cfg.trust_remote_code)
+    _open_features(spec, ident)
+
+    start = time.perf_counter()
+    loop_config = {"spec": dataclasses.asdict(spec), "seq": windows.seq, "ids": windows.ids,
+                   "kind": cfg.kind, "rank": rank, "k": meta["k"], "epochs": cfg.epochs,
+                   "batch_tokens": cfg.batch_tokens, "lr": cfg.lr, "seed": cfg.seed,
+                   "centroids": str(Path(cfg.centroids).resolve())}
+    state = _fit(loop_config, cfg.workers, out / "ray")
+    seconds = time.perf_counter() - start
+    net = M.make_net(len(spec.layers), d_model, rank, out_dim)
+    net.load_state_dict(state["model"])
+    from actclust.predict.figures import finish
+
+    figures = finish(net, spec, loop_config)
+    params = M.params_per_layer(d_model, rank, out_dim)
+    record = {
+        "kind": cfg.kind, "rank": rank, "k": meta["k"], "width": meta["d_ff"],
+        "d_model": d_model, "layers": list(meta["layers"]), "activation": "gelu",
+        "params": params * len(spec.layers), "params_per_layer": params,
+        "ffn_params_per_layer": ffn_params,
+        "params_fraction": params * len(spec.layers) / sum(ffn_params),
+        "training_tokens": figures.pop("training_tokens"),
+        "validation_tokens": figures.pop("validation_tokens"),
+        "epochs": cfg.epochs, "workers": cfg.workers, "batch_tokens": cfg.batch_tokens,
+        "lr": cfg.lr, "seed": cfg.seed, "train_seconds": round(seconds, 1),
+        "resumed_after_epoch": state["first_epoch"],
+        **figures, "identity": ident,
+    }
+    tensors = {n: p.detach() for n, p in net.state_dict().items()}
+    if cfg.kind == "neuron":
+        import torch
+
+        tensors["threshold"] = torch.tensor([r["threshold"] for r in record["per_layer"]])
+    M.save(out, record, tensors)
+    return record
+
+
+def _identity(cfg, meta: dict) -> dict:
+    return {"model": meta["model"], "corpus": meta["corpus"], "text_column": meta["text_column"],
+            "seq_len": meta["seq_len"], "heldout_every": meta["heldout_every"],
+            "sites": meta["sites"], "thresholds": meta["thresholds"], "k": meta["k"],
+            "theta": meta.get("theta"), "masks": meta.get("masks"),
+            "centroids": str(Path(cfg.centroids).resolve()),
+            "centroids_sha256": store.sha256_file(Path(cfg.centroids) / "centroids.parquet"),
+            "kind": cfg.kind, "rank": cfg.rank, "epochs": cfg.epochs, "max_tokens": cfg.max_tokens,
+            "seed": cfg.seed}
+
+
+def _finished(out: Path, ident: dict) -> dict | None:
+    if not (out / M.META).is_file():
+        return None
+    record = M.read_meta(out)
+    old = {k: v for k, v in record["identity"].items() if k in ident}
+    if old != ident:
+        raise UserError(f"{out} holds a predictor of another run; choose a new --out")
+    return record
+
+
+def _open_out(out: Path, ident: dict) -> None:
+    """Record the run in ``out``; a rerun must be the same run (then it resumes)."""
+    import json
+
+    path = out / RUN_RECORD
+    if path.is_file():
+        if json.loads(path.read_text(encoding="utf-8")) != ident:
+            raise UserError(f"{out} holds an unfinished predictor run with other settings; "
+                            "rerun that command or choose a new --out")
+        log.info("resuming the predictor run in %s", out)
+        return
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} exists, is not empty and holds no predictor "
+                        "run; choose a new --out")
+    store.write_json_atomic(ident, path)
+
+
+def _open_features(spec: F.FeatureSpec, ident: dict) -> None:
+    import json
+
+    keys = ("model", "corpus", "text_column", "seq_len", "heldout_every", "sites", "thresholds",
+            "first_seq", "last_seq", "windows")
+    want = {**{k: ident[k] for k in keys}, "shard_windows": spec.shard_windows,
+            "layers": list(spec.layers)}
+    path = Path(spec.root) / "features.json"
+    if path.is_file():
+        if json.loads(path.read_text(encoding="utf-8")) != want:
+            raise UserError(f"feature directory {spec.root} was written for other windows, "
+                            "model or thresholds; choose another --features directory")
+        return
+    store.write_json_atomic(want, path)
+
+
+def _model_shape(model_name: str, layers: list[int], trust_remote_code: bool):
+    from actclust.io.models import ffn_param_counts, load_model
+
+    model = load_model(model_name, trust_remote_code=trust_remote_code).model
+    counts = ffn_param_counts(model)
+    return int(model.config.hidden_size), [counts[layer] for layer in layers]
+
+
+def _fit(loop_config: dict, workers: int, storage: Path) -> dict:
+    import torch
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from actclust.orchestration.raycluster import cluster_gpus, init_ray
+
+    init_ray()
+    use_gpu = cluster_gpus() > 0
+    loop_config["threads"] = 1 if use_gpu else max(1, _cpus() // workers)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu
+                                     else {"CPU": loop_config["threads"]}),
+        run_config=RunConfig(name="train", storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+    state["first_epoch"] = int(result.metrics.get("first_epoch", 0))
+    return state
+
+
+def _cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def shard_tokens(n_windows: int, shard_windows: int, seq_len: int, index: int) -> int:
+    return min(shard_windows, n_windows - index * shard_windows) * seq_len
+
+
+def split_shards(n_shards: int) -> tuple[list[int], list[int]]:
+    train = [i for i in range(n_shards) if not F.is_validation(i, n_shards)]
+    return train, [i for i in range(n_shards) if F.is_validation(i, n_shards)]
+
+
+class Targets:
+    """Training targets of one shard, from its packed true masks (N, L, B)."""
+
+    def __init__(self, kind: str, centroids: list[np.ndarray], width: int):
+        self.kind, self.centroids, self.width = kind, centroids, width
+
+    def labels(self, bits: np.ndarray) -> np.ndarray:
+        """The clustering's own assignment of each true mask: (N, L) int64."""
+        from actclust import kernels
+
+        return np.stack([kernels.assign(np.ascontiguousarray(bits[:, i]), c)[0]
+                         for i, c in enumerate(self.centroids)], axis=1)
+
+    def __call__(self, bits: np.ndarray):
+        import torch
+
+        if self.kind == "cluster":
+            return torch.from_numpy(self.labels(bits))
+        n, L, b = bits.shape
+        return torch.from_numpy(store.unpack(bits.reshape(n * L, b), self.width)
+                                .reshape(n, L, self.width).astype(np.float32))
+
+
+def loss_fn(kind: str, logits, target):
+    import torch.nn.functional as nnf
+
+    if kind == "cluster":
+        return nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    p = target.mean(dim=(0, 2)).clamp(1e-3, 1 - 1e-3)  # (L,) true density in this batch
+    pos_weight = ((1 - p) / p).clamp(0.1, 10.0)[:, None]  # rare active neurons weigh more
+    return nnf.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker: write missing features, then train with DDP, checkpoint per epoch."""
+    import os
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from actclust.io.centroid_store import load_centroids
+
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    spec = F.FeatureSpec(**{**config["spec"], "layers": tuple(config["spec"]["layers"]),
+                            "thresholds": tuple(config["spec"]["thresholds"])})
+    F.write_missing(spec, config["seq"], config["ids"], rank, world, str(device))
+    dist.barrier()
+
+    _, centroids = load_centroids(config["centroids"])
+    targets = Targets(config["kind"], centroids, spec.width)
+    out_dim = config["k"] if config["kind"] == "cluster" else spec.width
+    net = M.make_net(len(spec.layers), spec.d_model, config["rank"], out_dim,
+                     seed=config["seed"]).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config["lr"], weight_decay=0.01)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE, map_location=device, weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        if rank == 0:
+            log.info("resuming predictor training after epoch %d", start)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+
+    n_windows, seq_len = config["ids"].shape
+    n_shards = F.shard_count(n_windows, spec.shard_windows)
+    train, val = split_shards(n_shards)
+    batch = config["batch_tokens"]
+    mine = train[rank::world]
+    # Equal steps on every rank (the smallest share), so DDP's all-reduces pair up.
+    steps = min(sum(shard_tokens(n_windows, spec.shard_windows, seq_len, i)
+                    for i in train[r::world]) // batch for r in range(world))
+    for epoch in range(start, config["epochs"]):
+        rng = np.random.default_rng([config["seed"], epoch, rank])
+        done, loss_sum = 0, torch.zeros(2, dtype=torch.float64, device=device)
+        ddp.train()
+        for i in rng.permutation(mine):
+            if done >= steps:
+                break
+            h, bits = F.read_shard(spec, int(i))
+            target = targets(bits)
+            h = torch.from_numpy(h)
+            order = torch.from_numpy(rng.permutation(len(h)))
+            for s in range(0, len(h) - batch + 1, batch):
+                if done >= steps:
+                    break
+                idx = order[s:s + batch]
+                loss = loss_fn(config["kind"], ddp(h[idx].to(device)), target[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64, device=device)
+                done += 1
+        metrics = _validate(net, spec, targets, config, val[rank::world], device)
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(metrics)
+        report = {"epoch": epoch + 1, "first_epoch": start, "train_loss": float(loss_sum[0] / max(1, loss_sum[1])),
+                  "validation_loss": float(metrics[0] / max(1, metrics[2])),
+                  "validation_accuracy": float(metrics[1] / max(1, metrics[2]))}
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if rank == 0:
+                torch.save({"epoch": epoch + 1, "model": net.state_dict(),
+                            "optimizer": opt.state_dict()}, os.path.join(tmp, STATE))
+                saved = ray.train.Checkpoint.from_directory(tmp)
+                log.info("epoch %d: %s", epoch + 1, report)
+            ray.train.report(report, checkpoint=saved)
+
+
+def _validate(net, spec, targets, config, shards, device):
+    """Summed [loss * tokens, top-1 hits (cluster) , tokens*L] over this rank's shards."""
+    import torch
+
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    net.eval()
+    with torch.no_grad():
+        for i in shards:
+            h, bits = F.read_shard(spec, i)
+            for s in range(0, len(h), 512):
+                target = targets(bits[s:s + 512]).to(device)
+                logits = net(torch.from_numpy(h[s:s + 512]).to(device))
+                n = target.shape[0] * target.shape[1]
+                sums[0] += float(loss_fn(config["kind"], logits, target)) * n
+                if config["kind"] == "cluster":
+                    sums[1] += float((logits.argmax(-1) == target).sum())
+                sums[2] += n
+    net.train()
+    return sums

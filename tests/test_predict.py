@@ -1,0 +1,302 @@
+"""Predictors: the inference API, the feature shards, Ray Train fitting and resume, and
+the evaluation mode `predicted`, each checked against an independent computation."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from actclust import kernels as hamming
+from actclust.capture.extract import run_extract
+from actclust.capture.hooks import layer_masks, masking
+from actclust.clustering.distributed import run_cluster
+from actclust.config import ClusterConfig, EvaluateConfig, ExtractConfig, PredictorConfig, build
+from actclust.errors import UserError
+from actclust.evaluation.evaluate import run_evaluate
+from actclust.io import mask_store as store
+from actclust.io.centroid_store import load_centroids
+from actclust.io.corpus import load_windows
+from actclust.io.models import ByteTokenizer, decoder_layers, load_model
+from actclust.predict import features as F
+from actclust.predict import load_predictor
+from actclust.predict import model as M
+from actclust.predict.train import run_train_predictor
+from conftest import REPO, assert_user_error, run_cli
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("predict")
+    run_extract(build(ExtractConfig, dict(model="tiny:llama", seq_len=SEQ, max_tokens=SEQ * 40,
+                                          sparsity=0.5, out=str(root / "masks"))))
+    run_cluster(build(ClusterConfig, dict(masks=str(root / "masks"), k=8, out=str(root / "c"))))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(fitted):
+    cfg = build(PredictorConfig, dict(centroids=str(fitted / "c"), out=str(fitted / "p"),
+                                      epochs=3, workers=2, shard_windows=4,
+                                      features=str(fitted / "features")))
+    return run_train_predictor(cfg)
+
+
+def _gelu_logits(h, down, up, bias):
+    z = h @ down
+    z = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    return z @ up + bias
+
+
+def test_predictor_set_matches_an_independent_forward(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    L, d, r, k = 2, 16, 4, 6
+    tensors = {"down": torch.randn(L, d, r, generator=gen), "up": torch.randn(L, r, k, generator=gen),
+               "bias": torch.randn(L, k, generator=gen)}
+    meta = {"kind": "cluster", "k": k, "rank": r, "width": 32, "layers": [3, 5], "identity": {}}
+    M.save(tmp_path, meta, tensors)
+    p = load_predictor(tmp_path)
+    h = torch.randn(2, 7, d, generator=gen)
+    want = _gelu_logits(h, tensors["down"][1], tensors["up"][1], tensors["bias"][1])
+    assert p.kind == "cluster" and p.k == k and p.layers == [3, 5]
+    assert torch.equal(p.cluster_ids(5, h), want.argmax(-1))
+    top = p.top_clusters(5, h, 3)
+    assert top.shape == (2, 7, 3) and top.dtype == torch.int64
+    assert torch.equal(top[..., 0], want.argmax(-1))
+    assert torch.equal(top, want.topk(3, dim=-1).indices)
+    with pytest.raises(ValueError, match="neuron"):
+        p.neuron_mask(5, h)
+
+    tensors = {"down": tensors["down"], "up": torch.randn(L, r, 32, generator=gen),
+               "bias": torch.randn(L, 32, generator=gen), "threshold": torch.tensor([0.5, -0.2])}
+    M.save(tmp_path / "n", {**meta, "kind": "neuron"}, tensors)
+    n = load_predictor(tmp_path / "n")
+    mask = n.neuron_mask(3, h)
+    want = _gelu_logits(h, tensors["down"][0], tensors["up"][0], tensors["bias"][0]) > 0.5
+    assert mask.dtype == torch.bool and mask.shape == (2, 7, 32)
+    assert torch.equal(mask, want)
+
+
+def test_default_rank_fits_two_percent():
+    rank = M.default_rank(576, 256, 3 * 576 * 1536)
+    assert M.params_per_layer(576, rank, 256) <= 0.02 * 3 * 576 * 1536
+    assert M.params_per_layer(576, rank + 1, 256) > 0.02 * 3 * 576 * 1536
+
+
+@pytest.mark.parametrize("name, norm", [("tiny:llama", "post_attention_layernorm"),
+                                        ("tiny:opt", "final_layer_norm")])
+def test_feature_shard_holds_the_ffn_input_and_the_true_mask(name, norm, tmp_path):
+    model = load_model(name).model
+    w = load_windows("embedded:pydoc", ByteTokenizer(), SEQ, max_tokens=SEQ * 3)
+    thresholds = [0.05, 0.1]
+    spec = F.FeatureSpec(root=str(tmp_path), model=name, site="intermediate", layers=(0, 1),
+                         thresholds=tuple(thresholds), d_model=64,
+                         width=model.config.intermediate_size if name == "tiny:llama" else 256,
+                         shard_windows=3)
+    assert F.write_missing(spec, w.seq, w.ids) == 1
+    assert F.write_missing(spec, w.seq, w.ids) == 0  # complete shards are skipped
+    h, bits = F.read_shard(spec, 0)
+
+    normed = []  # independent: the output of the norm that precedes the FFN
+    hooks = [getattr(layer, norm).register_forward_hook(
+        lambda m, a, out: normed.append(out.detach().reshape(-1, 64)))
+        for layer in decoder_layers(model)]
+    with torch.inference_mode():
+        for s in range(0, len(w), 4):
+            model(torch.tensor(w.ids[s:s + 4]))
+    for hk in hooks:
+        hk.remove()
+    for i in range(2):
+        np.testing.assert_allclose(h[:, i], normed[i].numpy(), rtol=1e-3, atol=1e-3)
+    masks = layer_masks(model, w.ids, thresholds)
+    for i in range(2):
+        assert np.array_equal(bits[:, i], store.pack(masks[i]))
+
+
+def test_trained_cluster_predictor_record(trained, fitted):
+    meta, centroids = load_centroids(fitted / "c")
+    assert trained["kind"] == "cluster" and trained["k"] == 8 and trained["layers"] == [0, 1]
+    assert trained["params"] == 2 * M.params_per_layer(64, trained["rank"], 8)
+    assert trained["params_fraction"] <= 0.02
+    assert trained["params_fraction"] == pytest.approx(trained["params"] / (2 * 3 * 64 * 192))
+    windows = trained["identity"]["windows"]
+    assert windows == 40 and trained["training_tokens"] + trained["validation_tokens"] == 40 * SEQ
+    assert trained["validation_tokens"] == 4 * SEQ  # shard 9 of 10 validates
+    assert trained["validation_accuracy"] > 2 / 8  # well above chance
+    assert json.loads((fitted / "p" / "predictor.json").read_text()) == trained
+    p = load_predictor(fitted / "p")
+    assert p.kind == "cluster" and p.rank == trained["rank"]
+    # The recorded train accuracy is the top-1 agreement with the kernels' assignment.
+    spec_args = json.loads((fitted / "features" / "features.json").read_text())
+    spec = F.FeatureSpec(root=str(fitted / "features"), model="tiny:llama", site="intermediate",
+                         layers=(0, 1), thresholds=tuple(spec_args["thresholds"]), d_model=64,
+                         width=192, shard_windows=4)
+    h, bits = F.read_shard(spec, 0)
+    hits = sum(int((p.cluster_ids(l, torch.from_numpy(h[:, l])).numpy()
+                    == hamming.assign(np.ascontiguousarray(bits[:, l]), centroids[l])[0]).sum())
+               for l in (0, 1))
+    assert 0 < hits <= 2 * len(h)
+    # The same command again is a no-op that returns the same record.
+    again = run_train_predictor(build(PredictorConfig, dict(
+        centroids=str(fitted / "c"), out=str(fitted / "p"), epochs=3, workers=2, shard_windows=4,
+        features=str(fitted / "features"))))
+    assert again == trained
+
+
+def test_neuron_predictor_matches_the_cluster_density(fitted, trained):
+    record = run_train_predictor(build(PredictorConfig, dict(
+        centroids=str(fitted / "c"), out=str(fitted / "pn"), kind="neuron", epochs=2, workers=2,
+        shard_windows=4, features=str(fitted / "features"))))
+    assert record["kind"] == "neuron" and record["params_fraction"] <= 0.02
+    for row in record["per_layer"]:
+        assert row["train_density"] == pytest.approx(row["cluster_density"], abs=0.02)
+        assert 0 < row["train_recall"] <= 1 and 0 < row["validation_precision"] <= 1
+    assert record["cluster_density"] == pytest.approx(trained["cluster_density"])
+
+
+def _fixed_predictor(fitted, out, kind, first, second=None):
+    """A predictor that ignores its input: bias picks cluster ``first`` (then ``second``),
+    or switches on the neurons in ``first``."""
+    meta, _ = load_centroids(fitted / "c")
+    record = json.loads((fitted / "p" / "predictor.json").read_text())
+    width = meta["d_ff"]
+    out_dim = meta["k"] if kind == "cluster" else width
+    bias = torch.zeros(2, out_dim)
+    bias[:, first] = 2.0
+    if second is not None:
+        bias[:, second] = 1.0
+    tensors = {"down": torch.zeros(2, 64, 1), "up": torch.zeros(2, 1, out_dim), "bias": bias}
+    if kind == "neuron":
+        tensors["threshold"] = torch.zeros(2)
+    M.save(out, {**record, "kind": kind, "rank": 1}, tensors)
+    return out
+
+
+def _masked_ppl(fitted, masks_by_layer, max_tokens):
+    model = load_model("tiny:llama").model
+    w = load_windows("embedded:pydoc", ByteTokenizer(), SEQ, split="heldout", max_tokens=max_tokens)
+    total, count = 0.0, 0
+    with torch.inference_mode(), masking(model, lambda layer, a: masks_by_layer[layer]):
+        for s in range(0, len(w), 4):
+            ids = torch.tensor(w.ids[s:s + 4])
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            total += model(ids, labels=ids).loss.item() * n
+            count += n
+    return math.exp(total / count), w
+
+
+@pytest.mark.parametrize("kind", ["cluster", "neuron"])
+def test_predicted_mode_equals_an_independent_masked_pass(fitted, trained, tmp_path, kind):
+    meta, centroids = load_centroids(fitted / "c")
+    width = meta["d_ff"]
+    neurons = np.arange(0, width, 3)
+    pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", kind, 5 if kind == "cluster" else neurons)
+    report = run_evaluate(build(EvaluateConfig, dict(
+        centroids=str(fitted / "c"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
+        predictor=str(pred_dir))))
+    if kind == "cluster":
+        fixed = [torch.from_numpy(store.unpack(c[5:6], width)[0]) for c in centroids]
+    else:
+        fixed = [torch.from_numpy(np.isin(np.arange(width), neurons))] * 2
+    want, w = _masked_ppl(fitted, fixed, SEQ * 8)
+    assert report["predicted_ppl"] == pytest.approx(want, rel=1e-5)
+    density = np.mean([float(f.float().mean()) for f in fixed])
+    assert report["predicted_density"] == pytest.approx(density, rel=1e-6)
+    # Layer 0 sees the dense input, so its figures follow from the dense true masks.
+    true0 = layer_masks(load_model("tiny:llama").model, w.ids, meta["thresholds"])[0]
+    overlap = (true0 & fixed[0].numpy()).sum()
+    row = report["per_layer"][0]
+    assert row["predicted_recall"] == pytest.approx(overlap / true0.sum(), rel=1e-6)
+    assert row["predicted_precision"] == pytest.approx(overlap / (len(true0) * fixed[0].sum().item()))
+    if kind == "cluster":
+        labels = hamming.assign(store.pack(true0), centroids[0])[0]
+        assert row["predicted_accuracy"] == pytest.approx(float((labels == 5).mean()))
+    else:
+        assert report["predicted_accuracy"] is None
+    assert report["predictor_params_fraction"] == trained["params_fraction"]
+
+
+def test_top_m_masks_with_the_union_of_centroids(fitted, trained, tmp_path):
+    meta, centroids = load_centroids(fitted / "c")
+    pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", "cluster", 2, 6)
+    report = run_evaluate(build(EvaluateConfig, dict(
+        centroids=str(fitted / "c"), out=str(tmp_path / "e"), max_tokens=SEQ * 4,
+        predictor=str(pred_dir), top_m=2)))
+    union = [store.unpack(c[[2, 6]], meta["d_ff"]).any(axis=0) for c in centroids]
+    assert report["predicted_density"] == pytest.approx(np.mean([u.mean() for u in union]))
+
+
+def test_evaluation_refuses_foreign_or_overlapping_predictors(fitted, trained, tmp_path):
+    base = ["evaluate", "--centroids", str(fitted / "c"), "--out", str(tmp_path / "e"),
+            "--max-tokens", str(SEQ * 4)]
+    with pytest.raises(UserError, match="windows this evaluation would use"):
+        run_evaluate(build(EvaluateConfig, dict(centroids=str(fitted / "c"), split="train",
+                                                out=str(tmp_path / "e"), max_tokens=SEQ * 4,
+                                                predictor=str(fitted / "p"))))
+    other = tmp_path / "c2"
+    run_cluster(build(ClusterConfig, dict(masks=str(fitted / "masks"), k=8, seed=1,
+                                          out=str(other))))
+    proc = run_cli("evaluate", "--centroids", str(other), "--out", str(tmp_path / "e"),
+                   "--predictor", str(fitted / "p"), "--max-tokens", str(SEQ * 4))
+    assert_user_error(proc, "other centroids")
+    assert_user_error(run_cli(*base, "--predictor", str(fitted / "p"), "--top-m", "9"),
+                      "--top-m must be in [1, 8]")
+    assert_user_error(run_cli(*base, "--predictor", str(tmp_path)), "not a predictor directory")
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--kind", "bogus"], "kind must be one of cluster, neuron"),
+    (["--rank", "0"], "rank must be at least 1"),
+    (["--epochs", "0"], "epochs must be at least 1"),
+])
+def test_train_predictor_bad_flags(fitted, tmp_path, argv, fragment):
+    proc = run_cli("train-predictor", "--centroids", str(fitted / "c"), "--out",
+                   str(tmp_path / "p"), *argv)
+    assert_user_error(proc, fragment)
+
+
+def test_train_predictor_bad_inputs(fitted, tmp_path):
+    assert_user_error(run_cli("train-predictor", "--out", str(tmp_path / "p")), "missing centroids")
+    assert_user_error(run_cli("train-predictor", "--centroids", str(tmp_path), "--out",
+                              str(tmp_path / "p")), "is not a clustering directory")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    assert_user_error(run_cli("train-predictor", "--centroids", str(fitted / "c"), "--out",
+                              str(tmp_path / "busy")), "not empty")
+
+
+@pytest.mark.timeout(1200)  # two Ray Train start-ups; slow on a loaded 2-core machine
+def test_killed_driver_resumes_from_its_last_checkpoint(fitted, tmp_path):
+    out = tmp_path / "p"
+    argv = ["train-predictor", "--centroids", str(fitted / "c"), "--out", str(out), "--epochs",
+            "5", "--workers", "2", "--features", str(fitted / "features")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "actclust", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    pattern = str(out / "ray" / "train" / "checkpoint_*" / "state.pt")
+    deadline = time.time() + 300
+    while time.time() < deadline and not glob.glob(pattern) and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert glob.glob(pattern), "training ended before its first checkpoint"
+    assert not (out / "predictor.json").exists()
+
+    resumed = run_cli(*argv, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((out / "predictor.json").read_text())
+    assert record["resumed_after_epoch"] >= 1
+    assert record["epochs"] == 5 and record["validation_accuracy"] > 2 / 8
