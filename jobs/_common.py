@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 
+from actclust import console
 from actclust.cli import guarded
 from actclust.config import load_yaml
 
@@ -22,7 +22,7 @@ def parse(description: str) -> argparse.Namespace:
                         help="run small on a tiny model, ignoring the preset's sizes")
     parser.add_argument("--out", help="output directory (overrides the preset)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="actclust: %(message)s", stream=sys.stderr)
+    console.configure(0)
     return args
 
 

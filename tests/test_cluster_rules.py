@@ -90,3 +90,20 @@ def test_sweep_grid_has_density_points_and_one_static_mask_per_objective():
     for bad in (dict(density=[0]), dict(density=[1.2]), dict(theta=[], density=[])):
         with pytest.raises(UserError):
             C.build(SweepConfig, dict(k=[4], **bad))
+
+
+def test_predictor_targets_follow_the_recorded_rule():
+    from actclust import kernels
+    from actclust.predict.train import Targets
+
+    rng = np.random.default_rng(0)
+    cents = [np.packbits(rng.random((8, 64)) < 0.5, axis=1, bitorder="little") for _ in range(2)]
+    bits = np.packbits(rng.random((200, 2, 64)) < 0.4, axis=2, bitorder="little")
+    record = AssignRule.from_args(theta=0.3).to_json()
+    got = Targets("cluster", cents, 64, record).labels(bits)
+    hamming_labels = Targets("cluster", cents, 64).labels(bits)
+    for i, c in enumerate(cents):
+        layer = np.ascontiguousarray(bits[:, i])
+        np.testing.assert_array_equal(got[:, i], kernels.assign_scored(layer, c, theta=0.3)[0])
+        np.testing.assert_array_equal(hamming_labels[:, i], kernels.assign(layer, c)[0])
+    assert (got != hamming_labels).any()  # the rule changes some targets

@@ -183,7 +183,8 @@ def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: str,
     from actclust.progress import Progress
 
     index = {s["name"]: i for i, s in enumerate(manifest["shards"])}
-    progress = Progress(sum(sl.stop - sl.start for _, sl in todo) * cfg.seq_len, "extract")
+    progress = Progress(sum(sl.stop - sl.start for _, sl in todo) * cfg.seq_len, "extract",
+                        step_unit="shards")
 
     def submit(actor, task):
         name, sl = task

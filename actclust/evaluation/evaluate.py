@@ -285,6 +285,7 @@ def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
 
     from actclust.orchestration.actors import ActorGroup
     from actclust.orchestration.raycluster import actor_options, init_ray
+    from actclust.progress import Progress
 
     init_ray()
     options = actor_options(cfg.workers)
@@ -298,12 +299,18 @@ def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
+    progress = Progress(len(windows) * cfg.seq_len, "evaluate", step_unit="chunks")
+
+    def done(task, result):
+        results[task[0]] = result
+        progress.update((task[1].stop - task[1].start) * cfg.seq_len, total_steps=len(chunks))
+
     try:
         group.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]],
-                                                                    modes),
-                  lambda task, result: results.__setitem__(task[0], result))
+                                                                    modes), done)
     finally:
         group.shutdown()
+    progress.close()
     return [results[c] for c, _ in chunks]
 
 

@@ -108,6 +108,7 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
             run_config=tune.RunConfig(
                 name="sweep", storage_path=tune_path, storage_filesystem=tune_fs, verbose=0,
+                callbacks=[_trial_progress()],
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
@@ -120,6 +121,44 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     path = write_report(out)
     log.info("sweep of %d trials done; report: %s", len(rows), path)
     return path
+
+
+def _trial_progress():
+    """A Tune callback that counts finished trials on the progress facility.
+
+    Tune saves it with the experiment and brings it back on restore, so the bar
+    is made on the first event (counting trials finished before a restart) and
+    never pickled.
+    """
+    from ray import tune
+
+    from actclust.progress import Progress
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.progress = None
+
+        def __getstate__(self):
+            return {**self.__dict__, "progress": None}
+
+        def _bar(self, trials):
+            if self.progress is None:
+                finished = sum(t.status == "TERMINATED" for t in trials)
+                self.progress = Progress(len(trials), "sweep", unit="trials", initial=finished)
+            return self.progress
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._bar(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._bar(trials).update(1)
+
+        def on_experiment_end(self, trials, **info):
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+
+    return TrialProgress()
 
 
 def grid_points(cfg: SweepConfig) -> list[dict]:

@@ -37,8 +37,8 @@ def finish(net, spec, config: dict) -> dict:
 
     net.eval()
     kind = config["kind"]
-    _, centroids = load_centroids(config["centroids"])
-    targets = Targets(kind, centroids, spec.width)
+    meta, centroids = load_centroids(config["centroids"])
+    targets = Targets(kind, centroids, spec.width, meta.get("rule"))
     norms = [kernels.popcount(c).astype(np.int64) for c in centroids]
     L = len(spec.layers)
     train, val = split_shards(F.shard_count(len(config["seq"]), spec.shard_windows))

@@ -203,14 +203,15 @@ def split_shards(n_shards: int) -> tuple[list[int], list[int]]:
 class Targets:
     """Training targets of one shard, from its packed true masks (N, L, B)."""
 
-    def __init__(self, kind: str, centroids: list[np.ndarray], width: int):
+    def __init__(self, kind: str, centroids: list[np.ndarray], width: int, rule=None):
         self.kind, self.centroids, self.width = kind, centroids, width
+        self.rule = rule  # cluster.json's assignment rule (None: Hamming)
 
     def labels(self, bits: np.ndarray) -> np.ndarray:
         """The clustering's own assignment of each true mask: (N, L) int64."""
         from actclust import kernels
 
-        return np.stack([kernels.assign(np.ascontiguousarray(bits[:, i]), c)[0]
+        return np.stack([kernels.assign_scored(np.ascontiguousarray(bits[:, i]), c, self.rule)[0]
                          for i, c in enumerate(self.centroids)], axis=1)
 
     def __call__(self, bits: np.ndarray):
@@ -254,8 +255,8 @@ def train_loop(config: dict) -> None:
     F.write_missing(spec, config["seq"], config["ids"], rank, world, str(device))
     dist.barrier()
 
-    _, centroids = load_centroids(config["centroids"])
-    targets = Targets(config["kind"], centroids, spec.width)
+    meta, centroids = load_centroids(config["centroids"])
+    targets = Targets(config["kind"], centroids, spec.width, meta.get("rule"))
     out_dim = config["k"] if config["kind"] == "cluster" else spec.width
     net = M.make_net(len(spec.layers), spec.d_model, config["rank"], out_dim,
                      seed=config["seed"]).to(device)

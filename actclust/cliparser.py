@@ -1,0 +1,408 @@
+"""The argument parser of ``actclust``: every command, flag, default and example.
+
+The convention, checked for every command by tests/test_cliparser.py (new ones too):
+
+- every flag and positional argument has a one-line ``help`` that says what it
+  is, its unit where it has one, and its default as ``(default: ...)``, or
+  ``(required...)``; defaults come from the config dataclasses through
+  :func:`_default`, so the text follows the behaviour;
+- every command has a ``description`` in plain prose and an ``epilog`` made by
+  :func:`_examples`: ``examples:`` then one or two runnable command lines, the
+  README's;
+- a new command or flag also goes into the README's Commands section: its
+  synopsis line lists every long flag and its examples appear there verbatim;
+- a new command registers ``_add_<command>`` in :func:`build_parser` and its
+  handler in ``actclust.cli.COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from actclust import config as C
+from actclust.errors import UserError
+
+DESCRIPTION = (
+    "actclust records which FFN neurons of a causal language model are active for every "
+    "token and layer, clusters those activation masks per layer into K centroids with a "
+    "distributed Hamming k-means, and measures what is lost when each token's FFN is masked "
+    "by its centroid: clustering precision and recall, and masked perplexity. Ray actors "
+    "share every stage across GPUs or CPU workers; masks and centroids are Parquet files."
+)
+OVERVIEW = """The stages, in order: extract -> verify -> cluster -> evaluate -> report; `run`
+does them all, `sweep` runs one Ray Tune trial per (K, theta, algorithm).
+Every command takes --config FILE (YAML, keys = the long flag names with _);
+flags override the file. Rerunning a killed command resumes it. Exit status:
+0 done, 2 bad input (one `actclust: error:` line), 1 failure.
+
+examples:
+  actclust run --out runs/demo
+  actclust extract --model tiny:opt --out /tmp/m --max-tokens 8192 --seq-len 64 --workers 2
+"""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps one-paragraph prose (descriptions); keeps laid-out text (epilogs) as written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in the project's one-line form."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _default(cls: type, name: str):
+    """The default of config field ``name`` of dataclass ``cls``."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines)
+
+
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("actclust")
+    except md.PackageNotFoundError:  # run from a source tree that is not installed
+        from actclust import __version__
+        return __version__
+
+
+def _config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML file of settings, keys = the long flag names with _; flags given "
+                        "here override it (default: none)")
+
+
+def _workers_flag(p: argparse.ArgumentParser, cls: type, what: str) -> None:
+    p.add_argument("--workers", type=int, metavar="N",
+                   help=f"{what} (default: {_default(cls, 'workers')})")
+
+
+def _corpus_flags(p: argparse.ArgumentParser) -> None:
+    """Model and corpus flags of extract, with the defaults of a fresh extraction."""
+    cls = C.CorpusConfig
+    p.add_argument("--model", metavar="M",
+                   help="embedded:smollm2-135m, a Hugging Face id or local directory, or "
+                        f"tiny:opt|llama|gpt2|gpt-neox (default: {_default(cls, 'model')})")
+    p.add_argument("--corpus", metavar="C",
+                   help="embedded:pydoc, hf:NAME[:CONFIG[:SPLIT]], or a path, directory or glob "
+                        f"of .txt/.jsonl/.parquet files (default: {_default(cls, 'corpus')})")
+    p.add_argument("--text-column", dest="text_column", metavar="NAME",
+                   help="column that holds the text in .jsonl, .parquet and hf: corpora "
+                        f"(default: {_default(cls, 'text_column')})")
+    p.add_argument("--seq-len", dest="seq_len", type=int, metavar="N",
+                   help=f"window length, in tokens (default: {_default(cls, 'seq_len')})")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
+                   help="record at most N tokens of the split, N // seq-len windows "
+                        "(default: the whole split)")
+    _trust_flag(p)
+
+
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                   default=None, help="allow a hub model's own Python code to run (default: off)")
+
+
+def _add_extract(sub) -> None:
+    cls = C.ExtractConfig
+    p = sub.add_parser(
+        "extract", help="record packed FFN activation masks to Parquet",
+        description="Run the model over the corpus in windows and record, for every token and "
+                    "layer, which FFN neurons are active (|a| > tau_l) as packed bit masks in "
+                    "Parquet shards, with a manifest.json that names the model, corpus and "
+                    "thresholds. Complete shards are skipped on a rerun.",
+        epilog=_examples(
+            "actclust extract --model tiny:opt --out /tmp/m --max-tokens 8192 --seq-len 64 "
+            "--workers 2",
+            "actclust extract --out runs/masks --sparsity 0.5 --max-tokens 16384"))
+    _config_flag(p)
+    _corpus_flags(p)
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory for manifest.json and the mask shards (required)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--sparsity", type=float, metavar="S",
+                       help="fraction of neurons inactive per layer, in (0, 1); calibrates tau_l "
+                            "on the first windows (default: 0.5, or --threshold 0 for ReLU "
+                            "models)")
+    group.add_argument("--threshold", type=float, metavar="T",
+                       help="fixed |a| threshold tau for every layer, in activation units; "
+                            "0 means 'fired' (default: calibrated from --sparsity)")
+    p.add_argument("--sites", metavar="SITE",
+                   help=f"where the mask is read: {', '.join(C.SITES)} "
+                        f"(default: {_default(cls, 'sites')})")
+    p.add_argument("--split", metavar="SPLIT",
+                   help="windows to record: train (all but every 10th), heldout (every 10th) or "
+                        f"all (default: {_default(cls, 'split')})")
+    _workers_flag(p, cls, "extraction actors, each with its own copy of the model")
+    p.add_argument("--shard-windows", dest="shard_windows", type=int, metavar="N",
+                   help=f"windows per Parquet shard (default: {_default(cls, 'shard_windows')})")
+
+
+def _add_cluster(sub) -> None:
+    cls = C.ClusterConfig
+    p = sub.add_parser(
+        "cluster", help="distributed Hamming k-means of the masks, per layer",
+        description="Cluster each layer's masks into K centroids. With hamming-kmeans the "
+                    "workers form one collective group, each reads its share of the shards, "
+                    "and per-cluster bit sums are all-reduced every iteration; the k-means "
+                    "state is checkpointed every iteration, so a rerun resumes it. Writes "
+                    "centroids.parquet and cluster.json.",
+        epilog=_examples(
+            "actclust cluster --masks /tmp/m --k 16 --out /tmp/c --workers 2",
+            "actclust cluster --masks /tmp/m --k 64 --theta 0.3 --algorithm brb-kmeans "
+            "--out /tmp/c64"))
+    _config_flag(p)
+    p.add_argument("--masks", metavar="DIR",
+                   help="mask directory written by actclust extract (required)")
+    p.add_argument("--k", type=int, metavar="K", help="clusters per layer (required)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory for centroids.parquet and cluster.json (required)")
+    objective = p.add_mutually_exclusive_group()
+    objective.add_argument("--theta", type=float, metavar="X",
+                           help="a centroid bit is set iff at least this fraction of its "
+                                "cluster's masks has it, in (0, 1] "
+                                f"(default: {_default(cls, 'theta')}, majority vote)")
+    objective.add_argument("--density", type=float, metavar="D",
+                           help="instead of theta: every centroid keeps exactly round(D * d_ff) "
+                                "bits, the most frequent among its members (default: off)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help=f"seed of the initialisation (default: {_default(cls, 'seed')})")
+    _workers_flag(p, cls, "k-means actors, each holding a share of the masks")
+    p.add_argument("--backend", metavar="NAME",
+                   help=f"bit kernels: {', '.join(C.BACKENDS)}; auto takes cupy on a GPU, "
+                        f"else torch or numpy (default: {_default(cls, 'backend')})")
+    p.add_argument("--algorithm", metavar="NAME",
+                   help=f"{', '.join(C.ALGORITHMS)} (default: {_default(cls, 'algorithm')})")
+    p.add_argument("--init", metavar="NAME",
+                   help=f"k-means initialisation: k-means++ or random "
+                        f"(default: {_default(cls, 'init')})")
+    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="B",
+                   help="mini-batch rows per worker per iteration (default: full batch)")
+    p.add_argument("--max-iter", dest="max_iter", type=int, metavar="N",
+                   help=f"k-means iterations at most (default: {_default(cls, 'max_iter')})")
+    p.add_argument("--layers", type=int, nargs="+", metavar="L",
+                   help="cluster only these layer indices (default: every recorded layer)")
+    p.add_argument("--pool-layers", dest="pool_layers", action="store_true", default=None,
+                   help="one centroid set for all layers, fitted on their pooled masks "
+                        "(default: off, one set per layer)")
+    p.add_argument("--memory-budget-mb", dest="memory_budget_mb", type=float, metavar="MB",
+                   help="memory for masks per worker, in MiB; a larger share is streamed from "
+                        f"Parquet (default: {_default(cls, 'memory_budget_mb'):g})")
+
+
+def _add_evaluate(sub) -> None:
+    cls = C.EvaluateConfig
+    p = sub.add_parser(
+        "evaluate", help="precision/recall and masked perplexity on held-out windows",
+        description="Run the model on held-out windows (seq % 10 == 9) with no mask, each "
+                    "token's own mask, its nearest centroid, and a random mask of the same "
+                    "density; report clustering precision and recall and the four perplexities "
+                    "in eval.json (printed as one JSON line). Model, corpus and window length "
+                    "default to those the centroids were fitted on.",
+        epilog=_examples(
+            "actclust evaluate --centroids /tmp/c --out /tmp/e --max-tokens 2048",
+            "actclust evaluate --centroids runs/demo/clusters/k=64-theta=0.5 --out /tmp/e64 "
+            "--workers 2"))
+    _config_flag(p)
+    p.add_argument("--centroids", metavar="DIR",
+                   help="clustering directory written by actclust cluster (required)")
+    p.add_argument("--out", metavar="DIR", help="output directory for eval.json (required)")
+    p.add_argument("--model", metavar="M",
+                   help="model to evaluate; must be the one the masks came from (default: the "
+                        "centroids' model)")
+    p.add_argument("--corpus", metavar="C",
+                   help="corpus id or path, as for extract (default: the centroids' corpus)")
+    p.add_argument("--text-column", dest="text_column", metavar="NAME",
+                   help="column that holds the text (default: the centroids' column)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, metavar="N",
+                   help="window length, in tokens (default: the centroids' window length)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
+                   help="evaluate at most N held-out tokens, N // seq-len windows "
+                        "(default: every held-out window)")
+    p.add_argument("--predictor", metavar="DIR",
+                   help="predictor directory from actclust train-predictor: adds the mode "
+                        "`predicted` (default: none)")
+    p.add_argument("--top-m", dest="top_m", type=int, metavar="M",
+                   help="mask with the union of the top-M predicted centroids "
+                        f"(default: {_default(cls, 'top_m')})")
+    p.add_argument("--split", metavar="SPLIT",
+                   help="windows to evaluate, heldout or train; never the split the centroids "
+                        f"were fitted on (default: {_default(cls, 'split')})")
+    p.add_argument("--heldout-every", dest="heldout_every", type=int, metavar="N",
+                   help="held-out rule, every Nth window; must equal the masks' value "
+                        "(default: the centroids' value)")
+    p.add_argument("--dense-prefix", dest="dense_prefix", type=int, metavar="P",
+                   help="positions < P of every window are never masked, 0 = strict, in tokens "
+                        f"(default: {_default(cls, 'dense_prefix')})")
+    p.add_argument("--mask-mode", dest="mask_mode", metavar="MODE",
+                   help="replace (a*c) or and (a*m*c, the paper artifact's metric) "
+                        f"(default: {_default(cls, 'mask_mode')})")
+    _trust_flag(p)
+    _workers_flag(p, cls, "evaluation actors, each with its own copy of the model")
+
+
+def _add_train_predictor(sub) -> None:
+    cls = C.PredictorConfig
+    p = sub.add_parser(
+        "train-predictor", help="train per-layer cluster-id (or neuron) predictors with Ray Train",
+        description="Fit, for every clustered layer, a small predictor of each token's cluster "
+                    "id (or of its neuron mask) from the FFN input, on the fitting windows the "
+                    "centroids were made from, with Ray Train; a checkpoint per epoch lets a "
+                    "rerun resume. Writes predictor.json and the weights.",
+        epilog=_examples(
+            "actclust train-predictor --centroids runs/demo/clusters/k=64-theta=0.5 "
+            "--out runs/demo/predictor"))
+    _config_flag(p)
+    p.add_argument("--centroids", metavar="DIR",
+                   help="clustering directory written by actclust cluster (required)")
+    p.add_argument("--out", metavar="DIR", help="output directory of the predictor (required)")
+    p.add_argument("--kind", metavar="NAME",
+                   help=f"cluster or neuron (default: {_default(cls, 'kind')})")
+    p.add_argument("--rank", type=int, metavar="R",
+                   help="bottleneck width (default: the largest within 2%% of the FFN's "
+                        "parameters)")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help=f"training epochs (default: {_default(cls, 'epochs')})")
+    _workers_flag(p, cls, "Ray Train workers")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
+                   help="fitting tokens to train on (default: as many as the clustering saw)")
+    p.add_argument("--features", metavar="DIR",
+                   help="feature directory to share between predictors (default: one under "
+                        "--out)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help=f"seed of initialisation and shuffling (default: {_default(cls, 'seed')})")
+
+
+def _add_generate(sub) -> None:
+    cls = C.GenerateConfig
+    p = sub.add_parser(
+        "generate", help="greedy generation with the sparse FFN (or --dense)",
+        description="Generate greedily (transformers' generate, KV cache) with every clustered "
+                    "layer's FFN replaced by one that computes only the neurons of the centroid "
+                    "the predictor picks for each token; prints the continuation on stdout and "
+                    "the new tokens' count and rate on stderr.",
+        epilog=_examples(
+            "actclust generate --model embedded:smollm2-135m --centroids "
+            "runs/demo/clusters/k=64-theta=0.5 --predictor runs/demo/predictor --prompt "
+            "\"The for statement\" --max-new-tokens 32",
+            "actclust generate --model embedded:smollm2-135m --dense --prompt "
+            "\"The for statement\""))
+    _config_flag(p)
+    p.add_argument("--model", metavar="M",
+                   help="model id, as for extract (default: the centroids' model)")
+    p.add_argument("--centroids", metavar="DIR",
+                   help="clustering directory written by actclust cluster (required, but not "
+                        "with --dense)")
+    p.add_argument("--predictor", metavar="DIR",
+                   help="cluster predictor directory (required, but not with --dense)")
+    p.add_argument("--prompt", metavar="TEXT", help="text to continue (required)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
+                   help=f"tokens to generate (default: {_default(cls, 'max_new_tokens')})")
+    p.add_argument("--dense", action="store_true", default=None,
+                   help="the dense model, no sparsity, for comparison (default: off)")
+    p.add_argument("--layout", metavar="NAME",
+                   help=f"sparse weight layout: {', '.join(C.LAYOUTS)}; auto keeps per-centroid "
+                        "slabs within --slab-budget-mb and gathers the rest "
+                        f"(default: {_default(cls, 'layout')})")
+    p.add_argument("--slab-budget-mb", dest="slab_budget_mb", type=float, metavar="MB",
+                   help="memory for per-centroid weight slabs over all layers, in MiB "
+                        f"(default: {_default(cls, 'slab_budget_mb'):g})")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: torch's own choice)")
+    _trust_flag(p)
+
+
+def _add_run(sub) -> None:
+    cls = C.RunConfig
+    p = sub.add_parser(
+        "run", help="extract -> cluster -> evaluate -> report, for every K and theta",
+        description="The whole pipeline: extract masks of the fitting windows, cluster them "
+                    "for every K and theta, evaluate each clustering on held-out windows, and "
+                    "write results.csv, results.json and report.html. Finished stages are "
+                    "reused on a rerun. The config file also takes seq_len, eval_max_tokens, "
+                    "sparsity, threshold, k, theta, seed and algorithm.",
+        epilog=_examples("actclust run --out runs/demo",
+                         "actclust run --config jobs/presets/embedded_default.yaml"))
+    _config_flag(p)
+    p.add_argument("--out", metavar="DIR",
+                   help=f"output directory of the run (default: {_default(cls, 'out')})")
+    p.add_argument("--model", metavar="M",
+                   help=f"model id, as for extract (default: {_default(cls, 'model')})")
+    p.add_argument("--corpus", metavar="C",
+                   help=f"corpus id or path, as for extract (default: {_default(cls, 'corpus')})")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
+                   help="fitting tokens to record masks of (default: "
+                        f"{_default(cls, 'max_tokens')}); held-out tokens for perplexity are the "
+                        f"config's eval_max_tokens (default: {_default(cls, 'eval_max_tokens')})")
+    _workers_flag(p, cls, "actors per stage")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="Ray Tune over K (and theta, algorithm) on one extraction",
+        description="Extract once, then run one Ray Tune trial per (K, theta, algorithm), each "
+                    "in its own placement group; writes sweep.parquet, sweep.csv and "
+                    "report.html under the config's out. Rerunning the same command resumes "
+                    "an interrupted sweep.",
+        epilog=_examples("actclust sweep --config jobs/presets/sweep_default.yaml"))
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML sweep description: the keys of run plus lists for k, theta and "
+                        "algorithm, worker_cpus, max_concurrent_trials (required)")
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify", help="re-check a mask directory against its manifest",
+        description="Check every shard of a mask directory against manifest.json: row counts, "
+                    "widths and checksums. Prints `DIR: OK`, or one line per problem and exit "
+                    "status 2.",
+        epilog=_examples("actclust verify /tmp/m"))
+    p.add_argument("dir", metavar="DIR", help="mask directory written by actclust extract")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="plots and report.html for a run or sweep directory",
+        description="Draw the plots and write report.html for a directory made by run or "
+                    "sweep; prints the path of report.html.",
+        epilog=_examples("actclust report runs/demo"))
+    p.add_argument("dir", metavar="DIR", help="directory written by actclust run or sweep")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="actclust", description=DESCRIPTION, epilog=OVERVIEW)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version and exit")
+    _verbose_flag(parser, default=0)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND",
+                                title="commands")
+    for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_train_predictor,
+                _add_generate, _add_run, _add_sweep, _add_report):
+        add(sub)
+    for p in sub.choices.values():
+        _verbose_flag(p, default=argparse.SUPPRESS)
+    return parser
+
+
+def _verbose_flag(p: argparse.ArgumentParser, default) -> None:
+    # SUPPRESS on commands: a command's default must not undo `actclust -v COMMAND`.
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="also show our debug lines and other libraries' messages and bars; "
+                        "-vv: their debug lines too (default: ours only)")
