@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from actclust import hamming
+from actclust import kernels
 from actclust.capture.extract import run_extract
 from actclust.capture.hooks import captured, masking
 from actclust.clustering.distributed import run_cluster
@@ -115,7 +115,8 @@ def test_metrics_intervals_and_random_baseline(fitted):
         model(torch.tensor(heldout_ids()))
         a = acts[0][:, 1:].reshape(-1, meta["d_ff"]).double().numpy()
     m = np.abs(a) > meta["thresholds"][0]
-    labels, _ = hamming.assign(store.pack(m), packed, backend="numpy")
+    # Assigned by the rule the centroids were fitted with (theta-weighted at theta 0.3).
+    labels, _ = kernels.assign_scored(store.pack(m), packed, meta.get("rule"), backend="numpy")
     c = store.unpack(packed, meta["d_ff"])[labels]
     layer0 = report["per_layer"][0]
     assert layer0["weighted_recall"] == pytest.approx((np.abs(a) * m * c).sum()
