@@ -242,6 +242,18 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--top-m", dest="top_m", type=int, metavar="M",
                    help="mask with the union of the top-M predicted centroids "
                         f"(default: {_default(cls, 'top_m')})")
+    p.add_argument("--split", metavar="SPLIT",
+                   help="windows to evaluate, heldout or train; never the split the centroids "
+                        f"were fitted on (default: {_default(cls, 'split')})")
+    p.add_argument("--heldout-every", dest="heldout_every", type=int, metavar="N",
+                   help="held-out rule, every Nth window; must equal the masks' value "
+                        "(default: the centroids' value)")
+    p.add_argument("--dense-prefix", dest="dense_prefix", type=int, metavar="P",
+                   help="positions < P of every window are never masked, 0 = strict, in tokens "
+                        f"(default: {_default(cls, 'dense_prefix')})")
+    p.add_argument("--mask-mode", dest="mask_mode", metavar="MODE",
+                   help="replace (a*c) or and (a*m*c, the paper artifact's metric) "
+                        f"(default: {_default(cls, 'mask_mode')})")
     _trust_flag(p)
     _workers_flag(p, cls, "evaluation actors, each with its own copy of the model")
 

@@ -23,6 +23,7 @@ SITES = ("intermediate", "gate", "up", "down_out")
 SPLITS = ("train", "heldout", "all")
 BACKENDS = ("auto", "numpy", "torch", "cupy")
 ALGORITHMS = ("hamming-kmeans", "brb-kmeans", "activation-aware")
+MASK_MODES = ("replace", "and")
 LAYOUTS = ("auto", "slab", "gather")  # sparse FFN weight layouts
 DEFAULT_SLAB_BUDGET_MB = 1024.0
 
@@ -182,6 +183,10 @@ class EvaluateConfig:
     batch_windows: int = 4
     seed: int = 0
     trust_remote_code: bool = False
+    dense_prefix: int = 1
+    mask_mode: str = "replace"
+    bootstrap_resamples: int = 1000
+    baseline: Optional[str] = None  # directory caching the dense and oracle passes of a run
     predictor: Optional[str] = None  # adds the mode `predicted` (actclust train-predictor)
     top_m: int = 1
 
@@ -189,6 +194,10 @@ class EvaluateConfig:
         _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
         _require(self.out, "out", "--out DIR")
         _choice(self.split, SPLITS, "split")
+        _choice(self.mask_mode, MASK_MODES, "mask_mode")
+        if self.dense_prefix < 0:
+            raise UserError(f"dense_prefix must be >= 0, got {self.dense_prefix}")
+        _positive(self.bootstrap_resamples, "bootstrap_resamples")
         _positive(self.top_m, "top_m")
         _positive(self.workers, "workers")
         _positive(self.batch_windows, "batch_windows")
@@ -236,8 +245,9 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     corpus: str = DEFAULT_CORPUS
     seq_len: int = 256
-    max_tokens: int = 16384
-    eval_max_tokens: int = 2048
+    max_tokens: Optional[int] = 16384  # fitting tokens (train split); None: all of them
+    eval_max_tokens: Optional[int] = 8192  # held-out tokens; None: every held-out window
+    heldout_every: int = 10
     sparsity: Optional[float] = None
     threshold: Optional[float] = None
     k: list = dataclasses.field(default_factory=lambda: [16, 64, 256])
@@ -245,7 +255,9 @@ class RunConfig:
     density: list = dataclasses.field(default_factory=list)  # fixed-budget fits, besides theta
     seed: int = 0
     workers: int = 2
-    algorithm: str = "hamming-kmeans"
+    algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
+    dense_prefix: int = 1
+    mask_mode: str = "replace"
 
     def validate(self) -> None:
         if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
@@ -260,10 +272,19 @@ class RunConfig:
         if not self.theta and not self.density:
             raise UserError("give at least one theta or one density to fit")
         _positive(self.workers, "workers")
-        _choice(self.algorithm, ALGORITHMS, "algorithm")
-        if self.max_tokens < self.seq_len or self.eval_max_tokens < self.seq_len:
-            raise UserError("max_tokens and eval_max_tokens must each hold at least one window "
-                            f"of seq_len {self.seq_len}")
+        if not self.algorithm:
+            raise UserError("algorithm must name at least one of " + ", ".join(ALGORITHMS))
+        for algorithm in self.algorithm:
+            _choice(algorithm, ALGORITHMS, "algorithm")
+        _choice(self.mask_mode, MASK_MODES, "mask_mode")
+        if self.heldout_every < 2:
+            raise UserError(f"heldout_every must be at least 2, got {self.heldout_every}")
+        if not 0 <= self.dense_prefix < self.seq_len - 1:
+            raise UserError(f"dense_prefix must be in [0, seq_len - 1), got {self.dense_prefix}")
+        for key in ("max_tokens", "eval_max_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < self.seq_len:
+                raise UserError("max_tokens and eval_max_tokens must each hold at least one "
+                                f"window of seq_len {self.seq_len}")
 
 
 @dataclasses.dataclass

@@ -115,7 +115,8 @@ def test_zero_recall_raises_perplexity_on_the_embedded_model(tmp_path, ray_sessi
     pq.write_table(table, c / "centroids.parquet")
     meta = dict(k=2, theta=0.5, algorithm="hamming-kmeans", model="embedded:smollm2-135m",
                 corpus="embedded:pydoc", seq_len=128, sites="intermediate", text_column="text",
-                heldout_every=10, layers=layers, d_ff=1536, thresholds=[0.0] * 30)
+                heldout_every=10, split="train", layers=layers, d_ff=1536,
+                thresholds=[0.0] * 30)
     (c / "cluster.json").write_text(json.dumps(meta))
     report = run_evaluate(build(EvaluateConfig, dict(centroids=str(c), out=str(tmp_path / "e"),
                                                      max_tokens=256)))

@@ -77,6 +77,7 @@ def test_masks_equal_independent_computation(tmp_path, ray_session, model_name):
 def test_calibrated_sparsity_hits_target(tmp_path, ray_session):
     cfg, manifest = extract(tmp_path, model="tiny:llama", sparsity=0.7, calibration_windows=24)
     assert manifest["identity"]["sparsity"] == 0.7
+    assert manifest["sparsity_target"] == 0.7
     for layer, table in read_all(cfg.out).items():
         bits = store.unpack(store.bits_to_numpy(table.column("bits")), manifest["d_ff"])
         assert abs((1 - bits.mean()) - 0.7) < 0.02
@@ -85,6 +86,7 @@ def test_calibrated_sparsity_hits_target(tmp_path, ray_session):
 def test_rows_and_manifest(tmp_path, ray_session):
     cfg, manifest = extract(tmp_path)
     assert manifest["tokens"] == 24 * 32 and manifest["windows"] == 24
+    assert manifest["sparsity_target"] is None  # ReLU: tau = 0, no sparsity applied
     assert [s["status"] for s in manifest["shards"]] == ["complete"] * 3
     for table in read_all(cfg.out).values():
         assert table.num_rows == 24 * 32

@@ -24,11 +24,13 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
     config = out.parent / "run.yaml"
     config.write_text(yaml.safe_dump(TINY_RUN))
-    proc = run_cli("run", "--config", str(config), "--out", str(out))
+    proc = run_cli("run", "--config", str(config), "--out", str(out), timeout=1400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
+# The run fixture starts Ray and several actor pools; allow for a loaded machine.
+@pytest.mark.timeout(1500)
 def test_run_writes_every_stage_and_a_table(run_dir):
     rows = json.loads((run_dir / "results.json").read_text())["rows"]
     assert sorted((r["k"], r["theta"]) for r in rows) == [(4, 0.3), (4, 0.5), (16, 0.3), (16, 0.5)]
@@ -42,7 +44,36 @@ def test_run_writes_every_stage_and_a_table(run_dir):
     header = (run_dir / "results.csv").read_text().splitlines()[0]
     assert header.startswith("k,theta,algorithm,dense_ppl,oracle_ppl,cluster_ppl")
     assert (run_dir / "masks" / "manifest.json").is_file()
-    assert len(list((run_dir / "plots").glob("*.png"))) == 5
+    assert len(list((run_dir / "plots").glob("*.png"))) == 6
+
+
+@pytest.mark.timeout(1500)
+def test_run_shares_one_baseline_and_reports_intervals(run_dir):
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    baseline = json.loads((run_dir / "eval" / "baseline" / "baseline.json").read_text())
+    assert len(baseline["nll"]["dense"]) == 8 and baseline["identity"]["dense_prefix"] == 1
+    for row in rows:
+        assert row["dense_ppl"] == rows[0]["dense_ppl"]
+        assert row["dense_ppl_ci95"] == rows[0]["dense_ppl_ci95"]
+        lo, hi = row["cluster_ppl_ci95"]
+        assert lo <= row["cluster_ppl"] <= hi
+        assert abs(row["random_density"] - row["density"]) < 0.005
+        assert row["density"] < row["effective_density"] <= 1
+    html = (run_dir / "report.html").read_text()
+    assert html.index("perplexity_vs_effective_density") < html.index("perplexity_vs_k")
+
+
+def test_theta_free_algorithms_run_once_per_k():
+    from actclust import config as C
+    from actclust.orchestration.pipeline import trial_grid
+
+    cfg = C.build(C.RunConfig, dict(k=[16, 64], theta=[0.5, 0.3],
+                                    algorithm=["hamming-kmeans", "brb-kmeans"]))
+    grid = [(p["k"], p["theta"], p["algorithm"]) for p in trial_grid(cfg)]
+    assert grid == [(16, 0.5, "hamming-kmeans"), (64, 0.5, "hamming-kmeans"),
+                    (16, 0.3, "hamming-kmeans"), (64, 0.3, "hamming-kmeans"),
+                    (16, 0.5, "brb-kmeans"), (64, 0.5, "brb-kmeans")]
+    assert C.build(C.RunConfig, dict(algorithm="brb-kmeans")).algorithm == ["brb-kmeans"]
 
 
 def test_rerun_reuses_finished_stages(run_dir):
@@ -62,7 +93,7 @@ def _chromium():
 @pytest.mark.skipif(_chromium() is None, reason="needs chromium (.ci/run installs it)")
 def test_report_renders_its_plots_in_headless_chromium(run_dir, tmp_path):
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6
     assert "tiny:llama" in html and "clustering precision" in html
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

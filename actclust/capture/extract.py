@@ -123,7 +123,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
         info = ray.get(first.info.remote())
         if manifest is None:
             manifest = _new_manifest(cfg, info, windows, shards)
-            manifest["thresholds"] = _thresholds(cfg, info, windows, first)
+            manifest["thresholds"], manifest["sparsity_target"] = _thresholds(cfg, info, windows,
+                                                                              first)
             mask_store.write_manifest(out, manifest)
         else:
             log.info("resuming %s: %d of %d shards complete", out,
@@ -159,19 +160,21 @@ def _new_manifest(cfg: ExtractConfig, info: dict, windows: Windows, shards) -> d
     }
 
 
-def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows, actor) -> list[float]:
+def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows,
+                actor) -> tuple[list[float], float | None]:
+    """Per-layer thresholds and the sparsity they were calibrated for (None: fixed tau)."""
     import ray
 
     if cfg.threshold is not None:
-        return [float(cfg.threshold)] * len(info["layers"])
+        return [float(cfg.threshold)] * len(info["layers"]), None
     sparsity = cfg.sparsity
     if sparsity is None:
         if info["is_relu"] and cfg.sites == "intermediate":
-            return [0.0] * len(info["layers"])
+            return [0.0] * len(info["layers"]), None
         sparsity = 0.5
     calib = windows.ids[: cfg.calibration_windows]
     log.info("calibrating per-layer thresholds for sparsity %.2f on %d windows", sparsity, len(calib))
-    return ray.get(actor.calibrate.remote(calib, sparsity, cfg.batch_windows))
+    return ray.get(actor.calibrate.remote(calib, sparsity, cfg.batch_windows)), float(sparsity)
 
 
 def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: str,

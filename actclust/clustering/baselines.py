@@ -112,7 +112,11 @@ def _result(x, centroids, labels, k, iterations, converged, density=None) -> Bas
 # BRB-KMeans
 
 
-def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = 100,
+# scikit-learn's own cap: BRB-KMeans runs to scikit-learn's convergence tolerance.
+BRB_MAX_ITER = 300
+
+
+def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = BRB_MAX_ITER,
                batch_size: int | None = None, density: float | None = None) -> BaselineResult:
     """BRB-KMeans: bits to reals, k-means, binarise at 0.5 (or keep the top bits).
 

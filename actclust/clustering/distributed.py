@@ -105,7 +105,9 @@ class ClusterWorker:
             if len(per_layer) > 1 else per_layer[0]
         start = time.perf_counter()
         if spec.algorithm == "brb-kmeans":
-            res = baselines.brb_kmeans(x, spec.k, width, seed=spec.seed, max_iter=spec.max_iter,
+            # BRB-KMeans stops on scikit-learn's own tolerance, not the Hamming k-means cap.
+            res = baselines.brb_kmeans(x, spec.k, width, seed=spec.seed,
+                                       max_iter=baselines.BRB_MAX_ITER,
                                        batch_size=spec.batch_size, density=spec.density)
         else:
             res = activation_aware.activation_aware(x, spec.k, width, seed=spec.seed,

@@ -3,51 +3,62 @@
 Evaluation actors load the model and the centroids once, then take fixed chunks
 of held-out windows. Each chunk runs one forward pass per mode:
 
-- ``dense``: no mask; its true masks are assigned to centroids with the bit
-  kernels of :mod:`actclust.kernels` to give the clustering metrics;
+- ``dense``: no mask;
 - ``oracle``: every layer's `a` times its own true mask ``|a| > tau_l``;
-- ``cluster``: `a` times the centroid nearest (Hamming) to its true mask;
-- ``random``: `a` times a random mask with the centroids' per-layer density.
+- ``cluster``: `a` times the centroid nearest (Hamming) to its true mask (mask mode
+  ``replace``), or times both (``and``, the paper artifact's metric); the clustering
+  metrics are measured here, on the activation each mask is applied to;
+- ``random``: `a` times a random mask with exactly as many bits, per layer and chunk,
+  as the centroids used in the cluster pass (so ``random_density == density``).
 
+Positions ``< dense_prefix`` of every window are never masked: the first token is an
+attention sink whose activations are two orders of magnitude above the rest.
 Masks in the masked passes are computed on the fly from the activation that
 reaches each layer in that same pass (as the paper's artifact does). Chunks are
-fixed by ``batch_windows`` and per-window NLL sums are added in window order on
-the driver, so any number of workers gives the same numbers.
+fixed by ``batch_windows`` and per-window NLL sums are kept in window order, so any
+number of workers gives the same numbers; the dense and oracle passes do not depend
+on the centroids and are computed once per run when a baseline directory is given.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
 
 from actclust.errors import UserError
-from actclust.evaluation.metrics import MODES, STAT_FIELDS, summarize, window_nll
-from actclust.io import centroid_store, eval_store, storage
+from actclust.evaluation.metrics import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
+                                        empty_stats, summarize, window_nll)
+from actclust.io import centroid_store, eval_store, mask_store, storage
+from actclust.io.centroid_store import load_centroids
 from actclust.orchestration.actors import FaultHooks
 
 log = logging.getLogger(__name__)
+
+__all__ = ["MODES", "STAT_FIELDS", "Evaluator", "load_centroids", "run_baseline", "run_evaluate"]
 
 
 class Evaluator:
     """Loads the model and centroids once; evaluates one chunk of windows per call.
 
-    A plain class: ``ray.remote`` is applied where the actors are started.
-    ``faults`` are the test's fault-injection hooks (none by default).
+    ``meta`` (cluster.json's model, sites, layers, thresholds, d_ff) stands in for the
+    centroids when only the centroid-free modes (dense, oracle) are evaluated.
     """
 
-    def __init__(self, model: str, centroids_dir: str, num_cpus: float = 1, seed: int = 0,
-                 trust_remote_code: bool = False, use_gpu: bool = False,
+    def __init__(self, model: str, centroids_dir: str | None = None, num_cpus: float = 1,
+                 seed: int = 0, trust_remote_code: bool = False, use_gpu: bool = False,
                  faults: FaultHooks | None = None, predictor_dir: str | None = None,
-                 top_m: int = 1):
+                 top_m: int = 1, dense_prefix: int = 1, mask_mode: str = "replace",
+                 meta: dict | None = None):
         from actclust import kernels
         from actclust.devices import place_model
         from actclust.io.models import load_model
         from actclust.orchestration.raycluster import set_threads
 
         set_threads(num_cpus)
-        meta, centroids = centroid_store.load_centroids(centroids_dir)
+        centroids = None
+        if centroids_dir is not None:
+            meta, centroids = load_centroids(centroids_dir)
         self.model = load_model(model, trust_remote_code=trust_remote_code).model
         self.device = place_model(self.model, use_gpu)
         self.faults = faults or FaultHooks()
@@ -56,10 +67,13 @@ class Evaluator:
         self.slot = {layer: i for i, layer in enumerate(meta["layers"])}
         self.thresholds = meta["thresholds"]
         self.seed = seed
+        self.dense_prefix = dense_prefix
+        self.mask_mode = mask_mode
+        self.shape = (0, 0)  # (windows, seq_len) of the chunk in flight
         # Unpacked once onto the model's device, where the masks are made; masks are
         # assigned by the rule the centroids were fitted with (absent: Hamming).
         self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device, meta.get("rule"))
-                          for c in centroids]
+                          for c in centroids or []]
         self.predicted = None
         if predictor_dir is not None:
             from actclust.predict.evaluation import PredictedMasks
@@ -67,6 +81,7 @@ class Evaluator:
             self.predicted = PredictedMasks(predictor_dir, self, top_m)
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
+        """Per-window NLL sums (W,) per mode, tokens per window (W,), STAT_FIELDS (L, F)."""
         import contextlib
 
         import torch
@@ -75,9 +90,13 @@ class Evaluator:
         from actclust.devices import model_input
 
         self.faults.evaluation_chunk(chunk)
+        if "random" in modes and ("cluster" not in modes
+                                  or modes.index("random") < modes.index("cluster")):
+            raise ValueError("the random pass takes its bit counts from a cluster pass before it")
+        self.shape = ids.shape
         ids_t = model_input(self.model, ids)
-        out = {"nll": {}, "tokens": int(ids.shape[0] * (ids.shape[1] - 1))}
-        stats = np.zeros((len(self.centroids), len(STAT_FIELDS)), dtype=np.int64)
+        out = {"nll": {}, "tokens": np.full(len(ids), ids.shape[1] - 1, dtype=np.int64)}
+        stats = empty_stats(len(self.slot))
         if self.predicted is not None:
             modes = tuple(modes) + ("predicted",)
         for mode in modes:
@@ -92,41 +111,97 @@ class Evaluator:
             out["predicted_stats"] = self.predicted.take_stats()
         return out
 
+    def _body(self, a):
+        """The activations of the masked positions (>= dense_prefix) as rows (N, d)."""
+        windows, length = self.shape
+        a3 = a.reshape(windows, length, a.shape[-1])  # OPT hands its FFN (W*T, d)
+        return a3[:, self.dense_prefix:].reshape(-1, a.shape[-1])
+
+    def _full(self, a, body_mask):
+        """A mask shaped like ``a``: ``body_mask`` on masked positions, ones on the prefix."""
+        import torch
+
+        if self.dense_prefix == 0:
+            return body_mask.reshape(a.shape)
+        windows, length = self.shape
+        full = torch.ones((windows, length, a.shape[-1]), dtype=a.dtype, device=a.device)
+        full[:, self.dense_prefix:] = body_mask.reshape(windows, length - self.dense_prefix,
+                                                        a.shape[-1]).to(a.dtype)
+        return full.reshape(a.shape)
+
+    def _with_dense_prefix(self, a, mask):
+        """``mask`` (shaped like ``a``) with the dense-prefix positions set to 1."""
+        if self.dense_prefix == 0:
+            return mask
+        windows, length = self.shape
+        full = mask.to(a.dtype).reshape(windows, length, a.shape[-1]).clone()
+        full[:, :self.dense_prefix] = 1
+        return full.reshape(a.shape)
+
     def _true_mask(self, slot: int, a):
         from actclust.capture.hooks import mask_of
 
         return mask_of(a, self.thresholds[slot])
 
-    def _centroid_mask(self, slot: int, a, stats: np.ndarray | None):
-        """The centroid mask nearest to each token's true mask, shaped like ``a``."""
-        m = self._true_mask(slot, a).reshape(-1, a.shape[-1])
-        centroids = self.centroids[slot]
-        labels, overlap = centroids.nearest(m)
-        if stats is not None:
-            stats[slot] += centroids.stats(m, labels, overlap)
-        return centroids.rows[labels].reshape(a.shape)
-
-    def _mask_fn(self, mode: str, chunk: int, stats: np.ndarray):
+    def _cluster_mask(self, slot: int, body, stats: np.ndarray):
+        """Centroid (or m AND centroid) rows for masked positions; records the metrics."""
         import torch
 
+        m = self._true_mask(slot, body)
+        centroids = self.centroids[slot]
+        labels, overlap = centroids.nearest(m)
+        c = centroids.rows[labels]  # (N, d) 0/1
+        kept = c * m if self.mask_mode == "and" else c
+        mf = m.to(c.dtype)
+        mass = body.abs().to(c.dtype) * mf
+        f64 = torch.float64
+        true_bits = mf.sum(dtype=f64)
+        cent_bits = centroids.norms[labels].sum(dtype=f64)
+        inter = overlap.sum(dtype=f64)
+        row = stats[slot]
+        row[F["tokens"]] += len(m)
+        row[F["true_bits"]] += float(true_bits)
+        row[F["centroid_bits"]] += float(cent_bits)
+        row[F["hamming"]] += float(true_bits + cent_bits - 2 * inter)
+        row[F["overlap"]] += float(inter)
+        row[F["kept_bits"]] += float(kept.sum(dtype=f64))
+        row[F["true_mass"]] += float(mass.sum(dtype=f64))
+        row[F["kept_mass"]] += float((mass * c).sum(dtype=f64))
+        return kept
+
+    def _random_mask(self, slot: int, body, chunk: int, stats: np.ndarray):
+        """Exactly as many random bits as the cluster pass used at this layer and chunk."""
+        import torch
+
+        bits = int(round(stats[slot, F["centroid_bits"]]))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk * 1009 + slot)
+        flat = torch.zeros(body.numel(), dtype=torch.bool)
+        flat[torch.randperm(body.numel(), generator=gen)[:bits]] = True
+        r = flat.reshape(body.shape).to(body.device)  # drawn on the host: same on every device
+        if self.mask_mode == "and":
+            r = r & self._true_mask(slot, body)
+        stats[slot, F["random_bits"]] += bits
+        stats[slot, F["random_kept_bits"]] += float(r.sum())
+        return r
+
+    def _mask_fn(self, mode: str, chunk: int, stats: np.ndarray):
         if mode == "dense":
             def fn(slot, a):
-                self._centroid_mask(slot, a, stats)  # metrics only; leave `a` as it is
                 return None
         elif mode == "oracle":
             def fn(slot, a):
-                return self._true_mask(slot, a)
+                m = self._true_mask(slot, self._body(a))
+                stats[slot, F["oracle_bits"]] += float(m.sum())
+                return self._full(a, m)
         elif mode == "cluster":
             def fn(slot, a):
-                return self._centroid_mask(slot, a, None)
+                return self._full(a, self._cluster_mask(slot, self._body(a), stats))
         elif mode == "predicted":
-            fn = self.predicted.mask
+            def fn(slot, a):
+                return self._with_dense_prefix(a, self.predicted.mask(slot, a))
         elif mode == "random":
             def fn(slot, a):
-                # Drawn on the host so every device gives the same masks.
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk * 1009 + slot)
-                density = self.centroids[slot].density
-                return (torch.rand(a.shape, generator=gen) < density).to(a.device)
+                return self._full(a, self._random_mask(slot, self._body(a), chunk, stats))
         else:
             raise ValueError(f"unknown mode {mode!r}")
 
@@ -136,61 +211,91 @@ class Evaluator:
         return by_layer
 
 
+def fitted_split(meta: dict) -> str | None:
+    """The split of the masks the centroids were fitted on (older cluster.json: the manifest)."""
+    if meta.get("split"):
+        return meta["split"]
+    masks = meta.get("masks")
+    if masks and storage.is_file(storage.join(masks, mask_store.MANIFEST)):
+        return mask_store.read_manifest(masks).get("split")
+    return None
+
+
 def _resolve(cfg, meta: dict):
-    """The evaluation config filled from the centroids' identity; refuse a mismatch."""
+    """Fill the evaluation config from the centroids' identity; refuse a mismatch."""
+    import dataclasses
+
+    where = f"centroids in {cfg.centroids}"
     cfg = dataclasses.replace(cfg, **{key: meta[key] for key in
                                       ("model", "corpus", "seq_len", "text_column",
                                        "heldout_every") if getattr(cfg, key) is None})
     if cfg.model != meta["model"]:
-        raise UserError(f"centroids in {cfg.centroids} were fitted on masks of model "
+        raise UserError(f"{where} were fitted on masks of model "
                         f"{meta['model']!r}, not {cfg.model!r}; pass --model {meta['model']} "
                         "or cluster masks of this model")
-    if cfg.seq_len != meta["seq_len"]:
-        log.warning("evaluating with seq_len %d; the centroids were fitted on %d-token windows",
-                    cfg.seq_len, meta["seq_len"])
+    # Windows are numbered per seq_len and held out per heldout_every: another value of
+    # either puts held-out tokens inside the windows the centroids were fitted on.
+    for key, flag in (("seq_len", "--seq-len"), ("heldout_every", "heldout_every")):
+        if getattr(cfg, key) != meta[key]:
+            raise UserError(f"{where} were fitted with {key} {meta[key]}, not "
+                            f"{getattr(cfg, key)}; evaluate with {flag} {meta[key]} (another "
+                            "value renumbers the windows and mixes fitting and held-out tokens)")
+    fit = fitted_split(meta)
+    if fit is None:
+        raise UserError(f"{where} do not record the split of the masks they were fitted on; "
+                        "re-run actclust cluster on masks from actclust extract --split train")
+    if {fit, cfg.split} != {"train", "heldout"}:
+        raise UserError(f"{where} were fitted on the {fit!r} split, which shares windows with "
+                        f"the {cfg.split!r} split evaluated here; fit on masks from actclust "
+                        "extract --split train and evaluate --split heldout")
     if cfg.seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {cfg.seq_len}")
+    if cfg.dense_prefix >= cfg.seq_len - 1:
+        raise UserError(f"dense_prefix ({cfg.dense_prefix}) leaves no masked position in "
+                        f"{cfg.seq_len}-token windows; lower --dense-prefix")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.seq_len:
         raise UserError(f"max_tokens ({cfg.max_tokens}) is smaller than one window "
                         f"(seq_len {cfg.seq_len}); raise --max-tokens or lower --seq-len")
     return cfg
 
 
-def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
-    """Evaluate centroids on held-out windows; writes and returns eval.json's content.
-
-    ``faults``: fault-injection hooks handed to the actors (tests only).
-    """
-    import ray
-
+def _load_windows(cfg):
     from actclust.io.corpus import load_windows
     from actclust.io.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
+                        max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
+                        text_column=cfg.text_column)
+
+
+def baseline_identity(cfg, meta: dict) -> dict:
+    """Everything the dense and oracle passes depend on."""
+    return {"model": cfg.model, "corpus": cfg.corpus, "text_column": cfg.text_column,
+            "seq_len": cfg.seq_len, "split": cfg.split, "max_tokens": cfg.max_tokens,
+            "heldout_every": cfg.heldout_every, "sites": meta["sites"],
+            "layers": list(meta["layers"]), "thresholds": list(meta["thresholds"]),
+            "dense_prefix": cfg.dense_prefix, "batch_windows": cfg.batch_windows}
+
+
+def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
+                faults: FaultHooks | None = None, predictor_dir: str | None = None) -> list:
+    """Evaluate ``modes`` on every chunk of ``windows`` with a group of actors, in order."""
+    import ray
+
     from actclust.orchestration.actors import ActorGroup
     from actclust.orchestration.raycluster import actor_options, init_ray
     from actclust.progress import Progress
 
-    meta, centroids = centroid_store.load_centroids(cfg.centroids)
-    cfg = _resolve(cfg, meta)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    windows = load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
-                           max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
-                           text_column=cfg.text_column)
-    centroid_store.check_width(meta, centroids)
-    predictor = None
-    if cfg.predictor is not None:
-        from actclust.predict.evaluation import check_predictor
-
-        predictor = check_predictor(cfg.predictor, cfg, meta, windows)
-
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
-    centroids_dir = storage.normalize(cfg.centroids)
-    predictor_dir = None if predictor is None else storage.normalize(cfg.predictor)
+    meta_fields = {k: meta.get(k) for k in ("sites", "layers", "thresholds", "d_ff", "rule")}
     group = ActorGroup(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"],
                                             cfg.seed, cfg.trust_remote_code,
                                             "num_gpus" in options, faults, predictor_dir,
-                                            cfg.top_m), cfg.workers)
+                                            cfg.top_m, cfg.dense_prefix, cfg.mask_mode,
+                                            meta_fields), cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
@@ -201,17 +306,72 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
         progress.update((task[1].stop - task[1].start) * cfg.seq_len, total_steps=len(chunks))
 
     try:
-        group.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]]),
-                  done)
+        group.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]],
+                                                                    modes), done)
     finally:
         group.shutdown()
     progress.close()
-    results = [results[c] for c, _ in chunks]
-    report = summarize(results, meta, windows)
+    return [results[c] for c, _ in chunks]
+
+
+def run_baseline(cfg, meta: dict) -> dict:
+    """Compute (or reuse) the dense and oracle passes into ``cfg.baseline``.
+
+    ``meta`` needs cluster.json's model, corpus, seq_len, text_column, heldout_every,
+    split, sites, layers, thresholds and d_ff (a mask manifest has them all).
+    """
+    cfg = _resolve(cfg, meta)
+    windows = _load_windows(cfg)
+    ident = baseline_identity(cfg, meta)
+    cached = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])
+    if cached is not None:
+        return cached
+    results = _run_chunks(cfg, meta, None, windows, BASELINE_MODES)
+    baseline = baseline_from(results, windows, ident)
+    eval_store.write_baseline(cfg.baseline, baseline)
+    return baseline
+
+
+def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
+    """Evaluate centroids on held-out windows; writes and returns eval.json's content.
+
+    ``faults``: fault-injection hooks handed to the actors (tests only).
+    """
+    meta, centroids = load_centroids(cfg.centroids)
+    cfg = _resolve(cfg, meta)
+    windows = _load_windows(cfg)
+    centroid_store.check_width(meta, centroids)
+    predictor = None
+    if cfg.predictor is not None:
+        from actclust.predict.evaluation import check_predictor
+
+        predictor = check_predictor(cfg.predictor, cfg, meta, windows)
+    ident = baseline_identity(cfg, meta)
+    baseline = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])
+    modes = ("cluster", "random") if baseline is not None else MODES
+    centroids_dir = storage.normalize(cfg.centroids)
+    predictor_dir = None if predictor is None else storage.normalize(cfg.predictor)
+    results = _run_chunks(cfg, meta, centroids_dir, windows, modes, faults, predictor_dir)
+    if baseline is None:
+        baseline = baseline_from(results, windows, ident)
+        if cfg.baseline is not None:
+            eval_store.write_baseline(cfg.baseline, baseline)
+    else:
+        log.info("dense and oracle passes reused from %s", cfg.baseline)
+    report = summarize(results, baseline, meta, windows, dense_prefix=cfg.dense_prefix,
+                       mask_mode=cfg.mask_mode, resamples=cfg.bootstrap_resamples,
+                       seed=cfg.seed)
     if predictor is not None:
+        from actclust.evaluation.bootstrap import paired_ppl_intervals
         from actclust.predict.evaluation import add_predicted
 
         add_predicted(report, results, predictor, meta, cfg.top_m)
+        # The same seed draws the same resampled windows: paired with the other modes.
+        nll = np.concatenate([r["nll"]["predicted"] for r in results])
+        tokens = np.concatenate([r["tokens"] for r in results])
+        report["predicted_ppl_ci95"] = list(paired_ppl_intervals(
+            {"predicted": nll}, tokens, resamples=cfg.bootstrap_resamples,
+            seed=cfg.seed)["predicted"])
     report.update(identity=_identity(cfg, meta, windows))
     eval_store.write_eval(report, cfg.out)
     return report
@@ -221,6 +381,8 @@ def _identity(cfg, meta: dict, windows) -> dict:
     """What eval.json was computed from."""
     return {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "seq_len": cfg.seq_len,
             "max_tokens": cfg.max_tokens, "heldout_every": cfg.heldout_every,
-            "sites": meta["sites"], "thresholds": meta["thresholds"], "d_ff": meta["d_ff"],
+            "fitted_split": fitted_split(meta), "sites": meta["sites"],
+            "thresholds": meta["thresholds"], "d_ff": meta["d_ff"],
+            "dense_prefix": cfg.dense_prefix, "mask_mode": cfg.mask_mode,
             "centroids": str(cfg.centroids), "first_seq": int(windows.seq[0]),
             "last_seq": int(windows.seq[-1])}

@@ -1,9 +1,16 @@
-"""Evaluation metrics: next-token NLL per window, clustering precision/recall from
-integer overlap sums, and the eval.json summary of per-chunk results.
+"""Evaluation metrics: next-token NLL per window, clustering metrics from per-layer sums,
+and the eval.json summary of per-chunk results.
 
-The per-layer integer sums (:data:`actclust.kernels.STAT_FIELDS`) come from the
-bit kernels; everything here is arithmetic on them, and chunks are added in
-window order, so any number of workers gives the same numbers.
+Per-layer sums are kept in one float64 row per layer, indexed by STAT_FIELDS
+(integer counts stay exact below 2**53); the first five are the kernels'
+:data:`actclust.kernels.STAT_FIELDS`. Every count is taken over the *masked*
+positions of each window (positions >= dense_prefix); the prefix tokens enter
+only ``*effective_density``, where they count as fully dense. Chunks are added
+in window order, so any number of workers gives the same numbers.
+
+The dense and oracle passes do not depend on the centroids. Their per-window
+NLL sums and the oracle's kept bits form the *baseline*, which a run computes
+once and every trial of that run reuses (:mod:`actclust.io.eval_store`).
 """
 
 from __future__ import annotations
@@ -12,9 +19,14 @@ import math
 
 import numpy as np
 
-from actclust.kernels import STAT_FIELDS  # noqa: F401  (the fields summed below)
-
 MODES = ("dense", "oracle", "cluster", "random")
+BASELINE_MODES = ("dense", "oracle")
+# Per-layer sums over masked positions. Cluster pass: tokens, |m|, |c|, Hamming d,
+# |m AND c|, bits kept (|c|, or |m AND c| in mask mode "and"), sum |a| m, sum |a| m c.
+# Random pass: bits kept. Oracle pass: bits kept (|m|).
+STAT_FIELDS = ("tokens", "true_bits", "centroid_bits", "hamming", "overlap", "kept_bits",
+               "true_mass", "kept_mass", "random_bits", "random_kept_bits", "oracle_bits")
+F = {name: i for i, name in enumerate(STAT_FIELDS)}  # the first five: kernels.STAT_FIELDS
 
 
 def window_nll(logits, ids) -> np.ndarray:
@@ -28,47 +40,102 @@ def window_nll(logits, ids) -> np.ndarray:
     return to_host(nll.sum(dim=1))
 
 
-def metric_values(stats: np.ndarray, width: int) -> dict:
-    """Micro-averaged metrics from summed STAT_FIELDS (one row, or summed over layers)."""
-    tokens, true_bits, centroid_bits, hamming, overlap = (float(v) for v in stats)
-    precision = overlap / centroid_bits if centroid_bits else 0.0
-    recall = overlap / true_bits if true_bits else 0.0
+def empty_stats(layers: int) -> np.ndarray:
+    return np.zeros((layers, len(STAT_FIELDS)), dtype=np.float64)
+
+
+def metric_values(stats: np.ndarray, width: int, prefix_tokens: int = 0) -> dict:
+    """Micro-averaged metrics from summed STAT_FIELDS (one layer's row, or summed over layers).
+
+    ``prefix_tokens``: (token, layer) pairs of the dense prefix behind these sums, counted at
+    density 1.0 in the effective densities.
+    """
+    # The kernels' assignment_stats give the first five fields only; the rest count as 0.
+    s = {name: float(stats[i]) if i < len(stats) else 0.0 for name, i in F.items()}
+    precision = s["overlap"] / s["centroid_bits"] if s["centroid_bits"] else 0.0
+    recall = s["overlap"] / s["true_bits"] if s["true_bits"] else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    cells = tokens * width
+    cells = s["tokens"] * width
+    all_cells = (s["tokens"] + prefix_tokens) * width
+    prefix_cells = prefix_tokens * width
+
+    def share(bits):
+        return bits / cells if cells else 0.0
+
+    def effective(bits):
+        return (bits + prefix_cells) / all_cells if all_cells else 0.0
+
     return {
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "accuracy": 1.0 - hamming / cells if cells else 0.0,
-        "density": centroid_bits / cells if cells else 0.0,
-        "true_density": true_bits / cells if cells else 0.0,
+        "accuracy": 1.0 - share(s["hamming"]),
+        "weighted_recall": s["kept_mass"] / s["true_mass"] if s["true_mass"] else 0.0,
+        "density": share(s["centroid_bits"]),
+        "true_density": share(s["true_bits"]),
+        "random_density": share(s["random_bits"]),
+        "effective_density": effective(s["kept_bits"]),
+        "random_effective_density": effective(s["random_kept_bits"]),
+        "oracle_effective_density": effective(s["oracle_bits"]),
     }
 
 
-def summarize(results: list, meta: dict, windows) -> dict:
-    """eval.json content from per-chunk results, in window order."""
-    tokens = sum(r["tokens"] for r in results)
-    nll = {mode: math.fsum(float(v) for r in results for v in r["nll"][mode]) for mode in MODES}
-    stats = sum(r["stats"] for r in results)  # (L, fields) int64
+def baseline_from(results: list, windows, identity: dict) -> dict:
+    """The centroid-free part of chunk results (dense/oracle NLL, oracle kept bits)."""
+    stats = sum(r["stats"] for r in results)
+    return {"identity": identity, "seq": [int(s) for s in windows.seq],
+            "nll": {m: [float(v) for r in results for v in r["nll"][m]] for m in BASELINE_MODES},
+            "oracle_bits": [float(v) for v in stats[:, F["oracle_bits"]]]}
+
+
+def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefix: int,
+              mask_mode: str, resamples: int = 1000, seed: int = 0) -> dict:
+    """eval.json content from per-chunk results (window order) and the baseline."""
+    from actclust.evaluation.bootstrap import paired_ppl_intervals
+
+    per_window_tokens = np.concatenate([r["tokens"] for r in results]).astype(np.float64)
+    nll = {m: np.asarray(baseline["nll"][m], dtype=np.float64) for m in BASELINE_MODES}
+    for mode in ("cluster", "random"):
+        nll[mode] = np.concatenate([r["nll"][mode] for r in results])
+    stats = sum(r["stats"] for r in results)  # (L, fields)
+    stats[:, F["oracle_bits"]] = baseline["oracle_bits"]
     width = meta["d_ff"]
-    report = {
-        "dense_ppl": math.exp(nll["dense"] / tokens),
-        "oracle_ppl": math.exp(nll["oracle"] / tokens),
-        "cluster_ppl": math.exp(nll["cluster"] / tokens),
-        "random_ppl": math.exp(nll["random"] / tokens),
-        **metric_values(stats.sum(axis=0), width),
-        "tokens": int(stats[0, 0]),
-        "predicted_tokens": tokens,
+    predicted = float(per_window_tokens.sum())
+    prefix = len(windows) * dense_prefix  # per layer
+    intervals = paired_ppl_intervals(nll, per_window_tokens, resamples=resamples, seed=seed)
+    report = {}
+    for mode in MODES:
+        report[f"{mode}_ppl"] = math.exp(math.fsum(nll[mode]) / predicted)
+        report[f"{mode}_ppl_ci95"] = list(intervals[mode])
+    report.update(metric_values(stats.sum(axis=0), width, prefix * len(stats)))
+    report.update({
+        "dense_prefix": dense_prefix,
+        "mask_mode": mask_mode,
+        "tokens": int(stats[0, F["tokens"]]) + prefix,
+        "masked_tokens": int(stats[0, F["tokens"]]),
+        "predicted_tokens": int(predicted),
         "windows": len(windows),
+        "bootstrap": {"unit": "window", "resamples": resamples, "seed": seed, "paired": True},
         "k": meta["k"],
         "theta": meta["theta"],
         "algorithm": meta.get("algorithm", "hamming-kmeans"),
-        "per_layer": [{"layer": int(layer), **metric_values(stats[i], width)}
+        "per_layer": [{"layer": int(layer), **metric_values(stats[i], width, prefix)}
                       for i, layer in enumerate(meta["layers"])],
-        "definitions": {
-            "precision": "|m AND c| / |c|, micro-averaged over (token, layer)",
-            "recall": "|m AND c| / |m| (the paper's 'clustering precision')",
-            "cluster_ppl": "a * centroid of the cluster nearest (Hamming) to the token's true mask",
-        },
-    }
+        "definitions": DEFINITIONS,
+    })
     return report
+
+
+DEFINITIONS = {
+    "precision": "|m AND c| / |c|, micro-averaged over (token, layer) at masked positions",
+    "recall": "|m AND c| / |m| (the paper's 'clustering precision')",
+    "weighted_recall": "sum |a| m c / sum |a| m: the share of active activation mass kept",
+    "cluster_ppl": "a * c (mask mode replace) or a * m * c (and), c the centroid nearest "
+                   "(Hamming) to the token's true mask m",
+    "random_ppl": "random masks with exactly as many bits per layer as the centroids used",
+    "effective_density": "fraction of FFN neurons kept over all evaluated tokens, the "
+                         "dense-prefix tokens at 1.0",
+    "dense_prefix": "positions < dense_prefix of every window are never masked",
+    "metrics_measured_in": "the cluster pass, on the activation each mask is applied to",
+    "ci95": "percentile bootstrap over windows, the same resampled windows for every mode",
+}

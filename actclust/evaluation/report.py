@@ -32,8 +32,16 @@ DEFINITIONS = [
     ("density", "|c| / d_ff: the fraction of FFN neurons a centroid mask keeps"),
     ("dense_ppl / oracle_ppl / cluster_ppl", "perplexity with no mask / the token's own mask / "
                                              "the centroid nearest to the token's mask"),
-    ("random_ppl", "random masks with the centroids' per-layer density"),
-    ("held-out", "window seq is held out iff seq % 10 == 9; fitting never sees those windows"),
+    ("random_ppl", "random masks with exactly the bits the centroids used, per layer"),
+    ("weighted_recall", "sum |a| m c / sum |a| m: the share of active activation mass kept"),
+    ("dense prefix", "positions < dense_prefix of every window are never masked (the first "
+                     "token is an attention sink with activations ~100x the rest)"),
+    ("effective density", "fraction of FFN neurons kept over all evaluated tokens, "
+                          "dense-prefix tokens counted at 1.0"),
+    ("[lo, hi]", "95% percentile bootstrap over held-out windows, the same resampled windows "
+                 "for every mode (paired)"),
+    ("held-out", "window seq is held out iff seq % heldout_every == heldout_every - 1; "
+                 "fitting never sees those windows (evaluate refuses otherwise)"),
 ]
 
 
@@ -91,6 +99,8 @@ def make_plots(rows: list[dict], plots: str) -> list[tuple[str, bytes]]:
         storage.write_bytes_atomic(buffer.getbuffer(), storage.join(plots, f"{name}.png"))
         paths.append((name, buffer.getvalue()))
 
+    _ppl_vs_effective_density(rows, plt, save)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for alg, obj in groups:
         ax.plot(*_series(rows, alg, obj, "cluster_ppl"), "o-", label=f"cluster {alg} {obj}")
@@ -130,9 +140,61 @@ def make_plots(rows: list[dict], plots: str) -> list[tuple[str, bytes]]:
     return paths
 
 
+def _ppl_vs_effective_density(rows: list[dict], plt, save) -> None:
+    """Cluster perplexity with its interval against the compute kept, every algorithm and K."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for alg, obj in sorted({(r["algorithm"], objective(r)) for r in rows}):
+        series = sorted((r for r in rows if (r["algorithm"], objective(r)) == (alg, obj)
+                         and r.get("effective_density") is not None), key=lambda r: r["k"])
+        if not series:
+            continue
+        x = [r["effective_density"] for r in series]
+        y = [r["cluster_ppl"] for r in series]
+        err = _yerr(series, "cluster_ppl")
+        label = f"{alg} {obj}"
+        bars = ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=label)
+        for r, xi, yi in zip(series, x, y):
+            ax.annotate(f"K={r['k']}", (xi, yi), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points", color=bars[0].get_color())
+    first = rows[0]
+    for key, style, name in (("dense_ppl", dict(color="k", ls="--"), "dense"),
+                             ("oracle_ppl", dict(color="g", ls=":"), "oracle (own mask)")):
+        ax.axhline(first[key], label=name, **style)
+        if first.get(f"{key}_ci95"):
+            ax.axhspan(*first[f"{key}_ci95"], color=style["color"], alpha=0.08)
+    if first.get("oracle_effective_density") is not None:
+        ax.plot([first["oracle_effective_density"]], [first["oracle_ppl"]], "g*", ms=10)
+    ax.set_yscale("log")
+    ax.set_xlabel("effective density (FFN neurons kept, dense prefix at 1.0)")
+    ax.set_ylabel("held-out perplexity, 95% interval")
+    ax.set_title(f"dense prefix {first.get('dense_prefix')}, mask mode "
+                 f"{first.get('mask_mode')}, {first.get('windows')} windows", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, "perplexity_vs_effective_density")
+
+
+def _yerr(series: list[dict], key: str):
+    """Asymmetric error bars from ``<key>_ci95``; None when a row has no interval."""
+    if not all(r.get(f"{key}_ci95") for r in series):
+        return None
+    return [[r[key] - r[f"{key}_ci95"][0] for r in series],
+            [r[f"{key}_ci95"][1] - r[key] for r in series]]
+
+
+def _cell(row: dict, col: str) -> str:
+    v = row.get(col)
+    ci = row.get(f"{col}_ci95")
+    if isinstance(v, float) and ci:
+        return f"<td>{v:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]</td>"
+    return f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+
+
 def _table(rows: list[dict]) -> str:
     cols = ["k", "objective", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl", "random_ppl",
-            "precision", "recall", "f1", "density", "true_density", "cost", "fit_seconds", "hit_cap"]
+            "effective_density", "density", "random_density", "precision", "recall",
+            "weighted_recall", "f1", "true_density", "cost", "fit_seconds", "hit_cap"]
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = []
     for r in sorted(rows, key=lambda r: (r["algorithm"], objective(r), r["k"])):
@@ -142,7 +204,7 @@ def _table(rows: list[dict]) -> str:
             if c == "hit_cap" and v:  # flagged: some layers did not converge
                 cells.append(f'<td style="background:#fdd">{int(v)} at max_iter</td>')
                 continue
-            cells.append(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>")
+            cells.append(_cell(r, c) if c != "objective" else f"<td>{html.escape(str(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 

@@ -60,7 +60,7 @@ def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out) 
     meta = {
         "k": cfg.k, "theta": cfg.theta, "density": cfg.density, "seed": cfg.seed,
         "algorithm": cfg.algorithm, "rule": cluster_rule(cfg).to_json(),
-        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": cfg.max_iter, "tol": cfg.tol,
+        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": _max_iter(cfg), "tol": cfg.tol,
         "workers": cfg.workers, "pooled": bool(cfg.pool_layers),
         "iterations": {str(k): int(results[k]["iterations"]) for k in keys},
         "converged": converged,
@@ -78,12 +78,20 @@ def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out) 
         "seq_len": manifest["seq_len"], "sites": manifest.get("sites", "intermediate"),
         "text_column": manifest.get("identity", {}).get("text_column", "text"),
         "heldout_every": manifest.get("heldout_every", 10),
+        "split": manifest.get("split"),
         "layers": layers, "d_ff": manifest["d_ff"],
         "thresholds": [manifest["thresholds"][manifest["layers"].index(l)] for l in layers],
         "tokens": manifest["tokens"],
     }
     write_json_atomic(meta, storage.join(out, META_FILE))
     return meta
+
+
+def _max_iter(cfg) -> int:
+    """The iteration cap the fit actually ran under."""
+    from actclust.clustering.baselines import BRB_MAX_ITER
+
+    return BRB_MAX_ITER if cfg.algorithm == "brb-kmeans" else cfg.max_iter
 
 
 def read_meta(root) -> dict:

@@ -4,6 +4,7 @@ Layout of ``out``::
 
     out/masks/                      actclust extract (fitting windows)
     out/clusters/k=<K>-theta=<t>/   actclust cluster (k=<K>-density=<D>/ in density mode)
+    out/eval/baseline/              dense and oracle passes, computed once per run
     out/eval/k=<K>-theta=<t>/       actclust evaluate (held-out windows)
     out/results.csv, results.json   one row per (K, objective)
     out/report.html, plots/         actclust report
@@ -23,9 +24,14 @@ from actclust.io.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("k", "theta", "target_density", "objective", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl",
-                  "random_ppl", "precision", "recall", "f1", "accuracy", "density",
-                  "true_density", "cost", "fit_seconds", "hit_cap", "tokens")
+RESULT_COLUMNS = ("k", "theta", "target_density", "objective", "algorithm", "dense_ppl",
+                  "oracle_ppl", "cluster_ppl", "random_ppl", "dense_ppl_ci95", "oracle_ppl_ci95",
+                  "cluster_ppl_ci95", "random_ppl_ci95", "effective_density",
+                  "oracle_effective_density", "density", "random_density", "precision", "recall",
+                  "weighted_recall", "f1", "accuracy", "true_density", "dense_prefix",
+                  "mask_mode", "windows", "cost", "fit_seconds", "hit_cap", "tokens")
+# Algorithms without a theta: one trial per K for all the thetas listed (densities still vary).
+THETA_FREE = ("brb-kmeans", "activation-aware")
 
 
 def objectives(cfg: C.RunConfig) -> list[dict]:
@@ -45,6 +51,19 @@ def trial_name(k: int, theta: float | None, algorithm: str = "hamming-kmeans",
     return f"k={k}-{objective_label(theta, density)}{suffix}"
 
 
+def trial_grid(cfg: C.RunConfig) -> list[dict]:
+    """Every trial point (k, theta, density, algorithm); theta-free algorithms fit once per
+    K for all the thetas listed."""
+    points = []
+    for algorithm in cfg.algorithm:
+        objs = objectives(cfg)
+        if algorithm in THETA_FREE:
+            thetas = [o for o in objs if o["density"] is None]
+            objs = thetas[:1] + [o for o in objs if o["density"] is not None]
+        points += [dict(k=k, algorithm=algorithm, **obj) for obj in objs for k in cfg.k]
+    return points
+
+
 def extract_stage(cfg: C.RunConfig) -> str:
     from actclust.capture.extract import run_extract
 
@@ -56,7 +75,8 @@ def extract_stage(cfg: C.RunConfig) -> str:
             return masks
     ecfg = C.build(C.ExtractConfig, dict(
         model=cfg.model, corpus=cfg.corpus, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens,
-        sparsity=cfg.sparsity, threshold=cfg.threshold, workers=cfg.workers, out=masks))
+        heldout_every=cfg.heldout_every, sparsity=cfg.sparsity, threshold=cfg.threshold,
+        workers=cfg.workers, out=masks))
     run_extract(ecfg)
     return masks
 
@@ -82,10 +102,25 @@ def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
     finished = eval_store.read_eval(out)
     if finished is not None:
         return finished
-    ecfg = C.build(C.EvaluateConfig, dict(centroids=centroids, out=out,
-                                          max_tokens=cfg.eval_max_tokens, workers=cfg.workers,
-                                          seed=cfg.seed))
-    return run_evaluate(ecfg)
+    return run_evaluate(_evaluate_config(cfg, centroids, out))
+
+
+def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None):
+    return C.build(C.EvaluateConfig, dict(
+        centroids=centroids or "-", out=out or "-", max_tokens=cfg.eval_max_tokens,
+        workers=cfg.workers, seed=cfg.seed, dense_prefix=cfg.dense_prefix,
+        mask_mode=cfg.mask_mode, baseline=storage.join(cfg.out, "eval", "baseline")))
+
+
+def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
+    """The dense and oracle passes of the run, computed once for every trial."""
+    from actclust.evaluation.evaluate import run_baseline
+
+    manifest = mask_store.read_manifest(masks)
+    meta = {key: manifest[key] for key in ("model", "corpus", "seq_len", "heldout_every",
+                                           "split", "sites", "layers", "thresholds", "d_ff")}
+    meta["text_column"] = manifest.get("identity", {}).get("text_column", "text")
+    return run_baseline(_evaluate_config(cfg, masks, None), meta)
 
 
 def result_row(report: dict, cluster_meta: dict) -> dict:
@@ -105,8 +140,10 @@ def run_identity(cfg: C.RunConfig, masks: str) -> dict:
     manifest = mask_store.read_manifest(masks)
     return {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
             "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
-            "thresholds": manifest["thresholds"], "sites": manifest.get("sites"),
-            "sparsity": cfg.sparsity, "threshold": cfg.threshold, "seed": cfg.seed}
+            "heldout_every": cfg.heldout_every, "dense_prefix": cfg.dense_prefix,
+            "mask_mode": cfg.mask_mode, "thresholds": manifest["thresholds"],
+            "sites": manifest.get("sites"), "sparsity_target": manifest.get("sparsity_target"),
+            "threshold": cfg.threshold, "seed": cfg.seed}
 
 
 def write_results(rows: list[dict], out: str, identity: dict,
@@ -130,17 +167,19 @@ def run_pipeline(cfg: C.RunConfig) -> str:
     out = storage.normalize(cfg.out)
     storage.makedirs(out)
     masks = extract_stage(cfg)
+    baseline_stage(cfg, masks)
     rows = []
-    for objective in objectives(cfg):
-        for k in cfg.k:
-            name = trial_name(k, algorithm=cfg.algorithm, **objective)
-            centroids = cluster_stage(cfg, masks, k, algorithm=cfg.algorithm, **objective)
-            report = evaluate_stage(cfg, centroids, name)
-            meta = centroid_store.read_meta(centroids)
-            rows.append(result_row(report, meta))
-            log.info("K=%d %s: cluster_ppl %.3f (dense %.3f), precision %.3f, recall %.3f",
-                     k, objective_label(**objective), report["cluster_ppl"], report["dense_ppl"],
-                     report["precision"], report["recall"])
+    for point in trial_grid(cfg):
+        name = trial_name(**point)
+        centroids = cluster_stage(cfg, masks, **point)
+        report = evaluate_stage(cfg, centroids, name)
+        meta = centroid_store.read_meta(centroids)
+        rows.append(result_row(report, meta))
+        log.info("K=%d %s %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
+                 "density %.3f, recall %.3f, weighted recall %.3f", point["k"],
+                 objective_label(point["theta"], point["density"]), point["algorithm"],
+                 report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
+                 report["effective_density"], report["recall"], report["weighted_recall"])
     write_results(rows, out, run_identity(cfg, masks))
     path = write_report(out)
     log.info("report: %s", path)

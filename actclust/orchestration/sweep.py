@@ -27,9 +27,10 @@ from actclust import config as C
 from actclust.errors import UserError
 from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
-from actclust.orchestration.pipeline import (RESULT_COLUMNS, cluster_stage, evaluate_stage,
-                                             extract_stage, objectives, result_row, run_identity,
-                                             trial_name, write_results)
+from actclust.orchestration.pipeline import (RESULT_COLUMNS, baseline_stage, cluster_stage,
+                                             evaluate_stage, extract_stage, objectives,
+                                             result_row, run_identity, trial_grid, trial_name,
+                                             write_results)
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,11 @@ log = logging.getLogger(__name__)
 class SweepConfig(C.RunConfig):
     # What a sweep directory holds: rerun with other values is refused.
     IDENTITY: typing.ClassVar[tuple] = (
-        "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "sparsity", "threshold",
-        "k", "theta", "density", "algorithm", "seed", "workers", "static_point")
+        "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
+        "sparsity", "threshold", "k", "theta", "density", "algorithm", "seed", "workers",
+        "static_point", "dense_prefix", "mask_mode")
 
     out: str = "runs/sweep"
-    algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
     workers: int = 1
     worker_cpus: float = 1.0
@@ -51,12 +52,7 @@ class SweepConfig(C.RunConfig):
     static_point: bool = True
 
     def validate(self) -> None:
-        algorithms = self.algorithm
-        self.algorithm = algorithms[0] if algorithms else "hamming-kmeans"
         super().validate()
-        for a in algorithms:
-            C._choice(a, C.ALGORITHMS, "algorithm")
-        self.algorithm = list(algorithms)
         if self.worker_cpus <= 0:
             raise UserError(f"worker_cpus must be > 0, got {self.worker_cpus}")
         if self.max_concurrent_trials is not None:
@@ -92,6 +88,7 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     _check_identity(out, cfg)
     masks = extract_stage(cfg)
     init_ray()
+    baseline_stage(cfg, masks)  # before any trial, so that every trial reuses it
     param_space = {
         "point": tune.grid_search(grid_points(cfg)),
         "masks": masks,
@@ -166,8 +163,7 @@ def _trial_progress():
 
 def grid_points(cfg: SweepConfig) -> list[dict]:
     """Every (k, theta, density, algorithm) trial point, static K = 1 points included."""
-    points = [dict(k=k, algorithm=a, **obj) for obj in objectives(cfg) for a in cfg.algorithm
-              for k in cfg.k]
+    points = trial_grid(cfg)
     if cfg.static_point:
         points += [dict(k=1, algorithm="hamming-kmeans", **obj) for obj in objectives(cfg)
                    if dict(k=1, algorithm="hamming-kmeans", **obj) not in points]
