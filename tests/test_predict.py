@@ -204,7 +204,7 @@ def test_predicted_mode_equals_an_independent_masked_pass(fitted, trained, tmp_p
     pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", kind, 5 if kind == "cluster" else neurons)
     report = run_evaluate(build(EvaluateConfig, dict(
         centroids=str(fitted / "c"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
-        predictor=str(pred_dir))))
+        predictor=str(pred_dir), dense_prefix=0)))  # the reference masks every position
     if kind == "cluster":
         fixed = [torch.from_numpy(store.unpack(c[5:6], width)[0]) for c in centroids]
     else:
