@@ -204,7 +204,7 @@ def test_predicted_mode_equals_an_independent_masked_pass(fitted, trained, tmp_p
     pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", kind, 5 if kind == "cluster" else neurons)
     report = run_evaluate(build(EvaluateConfig, dict(
         centroids=str(fitted / "c"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
-        predictor=str(pred_dir))))
+        predictor=str(pred_dir), dense_prefix=0)))  # the reference masks every position
     if kind == "cluster":
         fixed = [torch.from_numpy(store.unpack(c[5:6], width)[0]) for c in centroids]
     else:
@@ -281,15 +281,16 @@ def test_train_predictor_bad_inputs(fitted, tmp_path):
 def test_killed_driver_resumes_from_its_last_checkpoint(fitted, tmp_path):
     out = tmp_path / "p"
     argv = ["train-predictor", "--centroids", str(fitted / "c"), "--out", str(out), "--epochs",
-            "5", "--workers", "2", "--features", str(fitted / "features")]
+            "5", "--workers", "2"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "actclust", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    with open(tmp_path / "first.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "actclust", *argv], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     pattern = str(out / "ray" / "train" / "checkpoint_*" / "state.pt")
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline and not glob.glob(pattern) and proc.poll() is None:
         time.sleep(0.02)
+    assert proc.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert glob.glob(pattern), "training ended before its first checkpoint"
