@@ -249,7 +249,7 @@ def test_the_readme_run_command_works_on_s3(bucket, s3_server):
     command = "actclust run --config jobs/presets/tiny.yaml --out s3://bucket/run"
     assert command in (REPO / "README.md").read_text()
     out = storage.join(bucket, "run")
-    done = run_cli(*command.split()[1:-1], out)
+    done = run_cli(*command.split()[1:-1], out, timeout=900)  # every stage, twice K
     assert done.returncode == 0, done.stderr[-2000:]
     assert verify(storage.join(out, "masks")) == []
     keys = {k.split("/run/", 1)[1] for k in s3_server.keys(out[len("s3://"):])}
