@@ -187,7 +187,7 @@ def test_sweep_keeps_tune_state_and_results_in_the_bucket(bucket, s3_server):
     out = storage.join(bucket, "sweep")
     values = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ_LEN,
                   max_tokens=SEQ_LEN * 32, eval_max_tokens=SEQ_LEN * 4, k=[2, 4], theta=[0.5],
-                  workers=1, worker_cpus=0.5, out=out)
+                  workers=1, worker_cpus=0.5, static_point=False, out=out)
     report = run_sweep(values)
     assert report == storage.join(out, "report.html")
     assert b"actclust report" in storage.read_bytes(report)
