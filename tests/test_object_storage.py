@@ -27,8 +27,6 @@ def test_join_keeps_the_uri_scheme(tmp_path):
     assert storage.join("s3://b/run/", "a") == "s3://b/run/a"
     assert storage.join(str(tmp_path), "a", "b") == str(tmp_path / "a" / "b")
     assert storage.join(f"file://{tmp_path}", "a") == str(tmp_path / "a")
-    assert storage.parent("gs://b/run/eval.json") == "gs://b/run"
-    assert storage.name("gs://b/run/eval.json") == "eval.json"
     assert [storage.scheme(x) for x in ("s3://b", "GS://b", "file:///x", "/x", "rel")] == \
         ["s3", "gs", "", "", ""]
     assert storage.normalize("S3://b/run/") == "s3://b/run"
@@ -139,3 +137,24 @@ def test_unsupported_scheme_and_missing_bucket_are_user_errors(s3_bucket):
     storage.makedirs(storage.join(s3_bucket, "run"))  # the bucket exists: nothing to do
     with pytest.raises(UserError, match="bucket no-such-bucket-here does not exist"):
         storage.makedirs("s3://no-such-bucket-here/run")
+
+
+def test_a_predictor_directory_round_trips(where):
+    """What train-predictor writes and evaluate / generate read: weights, then the record."""
+    import torch
+
+    from actclust.predict.model import load_predictor, read_meta, save
+
+    meta = {"kind": "cluster", "k": 4, "rank": 2, "layers": [0, 1], "width": 16,
+            "identity": {"model": "tiny:llama"}}
+    tensors = {"down": torch.arange(24, dtype=torch.float32).reshape(2, 6, 2),
+               "up": torch.ones(2, 2, 4), "bias": torch.zeros(2, 4)}
+    directory = storage.join(where, "predictor")
+    save(directory, meta, tensors)
+    assert read_meta(directory) == meta
+    loaded = load_predictor(directory)
+    h = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    for layer in (0, 1):
+        expect = torch.nn.functional.gelu(h @ tensors["down"][layer]) @ tensors["up"][layer] \
+            + tensors["bias"][layer]
+        assert torch.equal(loaded.logits(layer, h), expect)

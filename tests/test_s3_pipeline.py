@@ -187,7 +187,7 @@ def test_sweep_keeps_tune_state_and_results_in_the_bucket(bucket, s3_server):
     out = storage.join(bucket, "sweep")
     values = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ_LEN,
                   max_tokens=SEQ_LEN * 32, eval_max_tokens=SEQ_LEN * 4, k=[2, 4], theta=[0.5],
-                  workers=1, worker_cpus=0.5, out=out)
+                  workers=1, worker_cpus=0.5, static_point=False, out=out)
     report = run_sweep(values)
     assert report == storage.join(out, "report.html")
     assert b"actclust report" in storage.read_bytes(report)
@@ -249,7 +249,7 @@ def test_the_readme_run_command_works_on_s3(bucket, s3_server):
     command = "actclust run --config jobs/presets/tiny.yaml --out s3://bucket/run"
     assert command in (REPO / "README.md").read_text()
     out = storage.join(bucket, "run")
-    done = run_cli(*command.split()[1:-1], out)
+    done = run_cli(*command.split()[1:-1], out, timeout=900)  # every stage, twice K
     assert done.returncode == 0, done.stderr[-2000:]
     assert verify(storage.join(out, "masks")) == []
     keys = {k.split("/run/", 1)[1] for k in s3_server.keys(out[len("s3://"):])}

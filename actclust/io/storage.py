@@ -1,7 +1,7 @@
 """Where outputs live: a local directory or an object-store URI, behind one set of operations.
 
-Every directory option (``--out``, ``--masks``, ``--centroids``, ``--predictor``, a
-sweep's ``out``) is a *location*: a local path, a ``file://`` URI, or a URI that
+Every directory option (``--out``, ``--masks``, ``--centroids``, a sweep's
+``out``) is a *location*: a local path, a ``file://`` URI, or a URI that
 ``pyarrow.fs`` understands (``s3://bucket/prefix``, ``gs://bucket/prefix``).
 Locations are plain strings; :func:`join` builds children, :func:`resolve` turns
 one into a ``(pyarrow FileSystem, path)`` pair in the process that uses it, so a
@@ -76,17 +76,6 @@ def join(location: Location, *parts: str) -> str:
     return "/".join([base, *[str(p).strip("/") for p in parts]])
 
 
-def parent(location: Location) -> str:
-    if is_local(location):
-        return os.path.dirname(os.path.abspath(_local_path(location)))
-    return str(location).rstrip("/").rsplit("/", 1)[0]
-
-
-def name(location: Location) -> str:
-    return str(location).rstrip("/").rsplit("/", 1)[-1] if not is_local(location) \
-        else os.path.basename(_local_path(location))
-
-
 def _endpoint() -> str | None:
     """The S3 endpoint of an S3-compatible server, from the environment (AWS's names)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -112,8 +101,9 @@ _CACHE: dict = {}
 def resolve(location: Location):
     """``(pyarrow.fs.FileSystem, path)`` of ``location``, built from this process's environment.
 
-    The file system is cached per (scheme, bucket, endpoint) in this process; it is
-    never sent to another process, which resolves the same string itself.
+    The file system is cached per (scheme, bucket, endpoint) in this process. It holds
+    no credentials: the cloud SDK under it takes them from this process's environment
+    on use, and every other process resolves the same string for itself.
     """
     from pyarrow import fs
 

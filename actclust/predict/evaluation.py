@@ -11,11 +11,11 @@ predicted mask's bits, the true bits and their overlap.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import numpy as np
 
 from actclust.io import mask_store as store
+from actclust.io import storage
 from actclust.errors import UserError
 
 # Per-layer integer sums of the predicted pass.
@@ -29,7 +29,7 @@ def check_predictor(predictor_dir: str, cfg, meta: dict, windows) -> dict:
 
     record = read_meta(predictor_dir)
     ident = record["identity"]
-    digest = store.sha256_file(Path(cfg.centroids) / "centroids.parquet")
+    digest = store.sha256_file(storage.join(cfg.centroids, "centroids.parquet"))
     if ident.get("centroids_sha256") != digest:
         raise UserError(f"predictor {predictor_dir} was trained against other centroids than "
                         f"{cfg.centroids}; train one with --centroids {cfg.centroids}")

@@ -117,29 +117,29 @@ class PredictorSet:
 
 
 def save(directory: str | Path, meta: dict, tensors: dict) -> None:
-    """Weights first, then predictor.json (the record that the directory is complete)."""
-    import os
-    import uuid
+    """Weights first, then predictor.json (the record that the directory is complete).
 
-    from safetensors.torch import save_file
+    ``directory`` is a local path or an object-store URI (:mod:`actclust.io.storage`).
+    """
+    from safetensors.torch import save as to_bytes
 
-    from actclust.io import mask_store as store
+    from actclust.io import storage
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{WEIGHTS}.tmp-{uuid.uuid4().hex[:8]}"
-    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
-    store.write_json_atomic(meta, directory / META)
+    storage.makedirs(directory)
+    weights = to_bytes({n: t.detach().cpu().contiguous() for n, t in tensors.items()})
+    storage.write_bytes_atomic(weights, storage.join(directory, WEIGHTS))
+    storage.write_json_atomic(meta, storage.join(directory, META))
 
 
 def read_meta(directory: str | Path) -> dict:
-    path = Path(directory) / META
-    if not path.is_file() or not (Path(directory) / WEIGHTS).is_file():
+    from actclust.io import storage
+
+    path = storage.join(directory, META)
+    if not storage.is_file(path) or not storage.is_file(storage.join(directory, WEIGHTS)):
         raise UserError(f"{directory} is not a predictor directory ({META} and {WEIGHTS} "
                         "expected; create them with actclust train-predictor)")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = storage.read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc})") from None
     missing = [k for k in ("kind", "k", "rank", "layers", "width", "identity") if k not in meta]
@@ -150,10 +150,12 @@ def read_meta(directory: str | Path) -> dict:
 
 def load_predictor(directory: str | Path) -> PredictorSet:
     """Read a predictor directory written by ``actclust train-predictor``."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load as from_bytes
+
+    from actclust.io import storage
 
     meta = read_meta(directory)
-    tensors = load_file(str(Path(directory) / WEIGHTS))
+    tensors = from_bytes(storage.read_bytes(storage.join(directory, WEIGHTS)))
     if meta["kind"] == "neuron" and "threshold" not in tensors:
         raise UserError(f"{directory}/{WEIGHTS} lacks the neuron thresholds")
     return PredictorSet(meta, tensors)
