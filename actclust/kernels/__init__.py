@@ -104,6 +104,16 @@ def resolve_backend(name: str = "auto") -> str:
 # assign
 
 
+
+def _assignment_backend(x, c, backend: str, block_rows: int | None) -> str:
+    """Check an assignment's arguments and pick its backend: small host-side work
+    stays on numpy under ``auto`` (starting torch or cupy costs more than it saves)."""
+    _check_pair(x, c)
+    small = x.shape[0] * c.shape[0] * -(-x.shape[1] // 8) < _SMALL_WORK and not _is_device_array(x)
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    return "numpy" if backend == "auto" and small else resolve_backend(backend)
+
 def assign(x, c, backend: str = "auto", block_rows: int | None = None, device=None):
     """Nearest centroid of every row in Hamming distance.
 
@@ -120,11 +130,7 @@ def assign(x, c, backend: str = "auto", block_rows: int | None = None, device=No
         labels: (N,) int64, index of the nearest centroid (ties: lowest index).
         distances: (N,) int32 Hamming distance to it.
     """
-    _check_pair(x, c)
-    small = x.shape[0] * c.shape[0] * -(-x.shape[1] // 8) < _SMALL_WORK and not _is_device_array(x)
-    backend = "numpy" if backend == "auto" and small else resolve_backend(backend)
-    if block_rows is not None and block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    backend = _assignment_backend(x, c, backend, block_rows)
     if x.shape[0] == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
     return _ASSIGN[backend](x, c, block_rows, device)
@@ -172,11 +178,7 @@ def assign_scored(x, c, rule=None, *, theta=None, density=None, backend: str = "
             count in density mode).
     """
     rule = as_rule(rule, theta, density)
-    _check_pair(x, c)
-    small = x.shape[0] * c.shape[0] * -(-x.shape[1] // 8) < _SMALL_WORK and not _is_device_array(x)
-    backend = "numpy" if backend == "auto" and small else resolve_backend(backend)
-    if block_rows is not None and block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    backend = _assignment_backend(x, c, backend, block_rows)
     if x.shape[0] == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     p, q = rule.weights
