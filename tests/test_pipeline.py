@@ -42,7 +42,8 @@ def test_run_writes_every_stage_and_a_table(run_dir):
     assert by[(16, 0.3)]["density"] > by[(16, 0.5)]["density"]
     assert by[(16, 0.3)]["recall"] > by[(16, 0.5)]["recall"]
     header = (run_dir / "results.csv").read_text().splitlines()[0]
-    assert header.startswith("k,theta,algorithm,dense_ppl,oracle_ppl,cluster_ppl")
+    assert header.startswith("k,theta,target_density,objective,algorithm,dense_ppl,oracle_ppl,"
+                             "cluster_ppl")
     assert (run_dir / "masks" / "manifest.json").is_file()
     assert len(list((run_dir / "plots").glob("*.png"))) == 6
 
