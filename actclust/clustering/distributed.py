@@ -169,8 +169,9 @@ def _layers(cfg: ClusterConfig, manifest: dict) -> list[int]:
 def _start_group(cfg: ClusterConfig, world_size: int, faults, grace_s: float = 10.0):
     """Start up to ``world_size`` workers and join those that could be placed.
 
-    After the first worker is up, the others get ``grace_s`` seconds; a worker
-    that cannot be placed (a lost node) is dropped and the group is smaller.
+    After the first worker is up, the others get as long again as it took (at
+    least ``grace_s`` seconds); a worker that cannot be placed (a lost node) is
+    dropped and the group is smaller.
     Full-batch and mini-batch results do not depend on the group's size.
     """
     import ray

@@ -101,18 +101,23 @@ class ActorGroup:
     def started(self, grace_s: float, timeout_s: float = 300.0, what: str = "actor") -> list:
         """Wait for the actors to start and return those that did, in start order.
 
-        Once one is up the rest get ``grace_s`` seconds; those still unplaced
-        are given up (killed), so the group may be smaller than asked.
+        Once one is up the rest get as long again as it took (at least
+        ``grace_s`` seconds: on a busy machine every start-up is slow); those
+        still not started are given up (killed), so the group may be smaller
+        than asked.
         """
         import ray
 
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
+        first_up = None
         while self.pending:
             now = time.monotonic()
-            if self.idle:
-                deadline = min(deadline, now + grace_s)
             if not self._poll(timeout=max(0.0, deadline - now), num_returns=1):
                 break
+            if self.idle and first_up is None:
+                first_up = time.monotonic()
+                deadline = min(deadline, first_up + max(grace_s, first_up - start))
         for actor in self.pending.values():
             ray.kill(actor)
         self.pending = {}

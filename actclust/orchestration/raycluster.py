@@ -7,6 +7,13 @@ import os
 
 log = logging.getLogger(__name__)
 
+# Ray starts worker processes at niceness 15, so any normal-priority process on a
+# shared machine takes nearly all of a core from them (a busy loop per core slows an
+# actor's start-up about 30x). The actors do the job's work: run them at the
+# driver's priority, as Ray's own job drivers are (a per-actor setting, so it also
+# holds on a cluster the job joins).
+WORK_PRIORITY = {"env_vars": {"RAY_worker_niceness": "0"}}
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join ``RAY_ADDRESS`` when set (a cluster from ``ray start`` or a job
@@ -32,8 +39,12 @@ def cluster_gpus() -> int:
 
 
 def actor_options(workers: int, *, use_gpu: bool | None = None) -> dict:
-    """Resources for one of ``workers`` actors: a GPU each on a GPU cluster, else
-    an equal share of the cluster's CPUs (threads are set to match)."""
+    """Options for one of ``workers`` actors: a GPU each on a GPU cluster, else an
+    equal share of the cluster's CPUs (threads are set to match); normal priority."""
+    return {**_resources(workers, use_gpu=use_gpu), "runtime_env": WORK_PRIORITY}
+
+
+def _resources(workers: int, *, use_gpu: bool | None) -> dict:
     import ray
     from ray.util import get_current_placement_group
 
