@@ -7,11 +7,11 @@ import os
 
 log = logging.getLogger(__name__)
 
-# Ray starts worker processes at niceness 15, so any normal-priority process on a
-# shared machine takes nearly all of a core from them (a busy loop per core slows an
-# actor's start-up about 30x). The actors do the job's work: run them at the
-# driver's priority, as Ray's own job drivers are (a per-actor setting, so it also
-# holds on a cluster the job joins).
+# Ray starts worker processes at niceness 15: beside a normal-priority busy process a
+# worker gets about 1/30 of the core (scheduler weights 36 vs 1024), and on a shared
+# machine the actors' start-up alone took minutes. The actors do the job's work: run
+# them at the driver's priority, as Ray's own job drivers are (a per-actor setting,
+# so it also holds on a cluster the job joins and inside a Tune trial).
 WORK_PRIORITY = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
