@@ -11,7 +11,13 @@ import pytest
 
 from actclust.io import mask_store as store
 from actclust.capture.verify import verify
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error
+
+from .conftest import run_cli
+
+# Each test runs the CLI (its own Ray instance) two or three times: minutes each on a
+# busy machine.
+pytestmark = pytest.mark.timeout(2400)
 
 ARGS = ["extract", "--model", "tiny:opt", "--corpus", "embedded:pydoc", "--seq-len", "32",
         "--max-tokens", str(32 * 240), "--shard-windows", "8", "--workers", "1"]
