@@ -38,6 +38,9 @@ def test_stage_actors_run_at_the_drivers_priority(ray_session):
     assert ray.get(staged.niceness.remote()) == 0
     for actor in (plain, staged):
         ray.kill(actor)
+    # On a GPU cluster: a GPU each, at the same priority.
+    gpu = actor_options(2, use_gpu=True)
+    assert (gpu["num_gpus"], gpu["num_cpus"], gpu["runtime_env"]) == (1, 1, WORK_PRIORITY)
 
 
 def test_a_slowly_starting_worker_is_waited_for(ray_session):
@@ -63,3 +66,41 @@ def test_a_worker_that_cannot_be_placed_is_given_up(ray_session):
         assert time.monotonic() - started < 120
     finally:
         group.shutdown()
+
+
+def test_actors_in_a_trials_placement_group_keep_its_bundles_and_priority(ray_session):
+    ray = ray_session
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # As a Tune trial: a bundle for the trial itself, one per worker actor.
+    group = placement_group([{"CPU": 1}, {"CPU": 1}])
+    ray.get(group.ready(), timeout=300)
+
+    def trial():
+        import os
+
+        import ray as ray_in_trial
+
+        from actclust.orchestration.raycluster import actor_options
+
+        class Probe:
+            def niceness(self) -> int:
+                return os.nice(0)
+
+        options = actor_options(4)  # the bundle decides, not the worker count
+        actor = ray_in_trial.remote(Probe).options(max_restarts=0, **options).remote()
+        niceness = ray_in_trial.get(actor.niceness.remote())
+        ray_in_trial.kill(actor)
+        return options, niceness
+
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0,
+                                                placement_group_capture_child_tasks=True)
+    try:
+        options, niceness = ray.get(ray.remote(trial).options(
+            num_cpus=1, scheduling_strategy=strategy).remote(), timeout=300)
+    finally:
+        remove_placement_group(group)
+    assert options["num_cpus"] == 1 and "num_gpus" not in options
+    assert options["runtime_env"] == {"env_vars": {"RAY_worker_niceness": "0"}}
+    assert niceness == 0
