@@ -240,10 +240,22 @@ def test_top_m_masks_with_the_union_of_centroids(fitted, trained, tmp_path):
 def test_evaluation_refuses_foreign_or_overlapping_predictors(fitted, trained, tmp_path):
     base = ["evaluate", "--centroids", str(fitted / "c"), "--out", str(tmp_path / "e"),
             "--max-tokens", str(SEQ * 4)]
+    # Evaluating the fitting split is refused for the centroids first; the predictor's own
+    # check is reached directly, with the windows it was trained on.
+    from types import SimpleNamespace
+
+    from actclust.predict.evaluation import check_predictor
+
+    meta, _ = load_centroids(fitted / "c")
+    cfg = build(EvaluateConfig, dict(centroids=str(fitted / "c"), split="train",
+                                     out=str(tmp_path / "e"), max_tokens=SEQ * 4,
+                                     predictor=str(fitted / "p"), model=meta["model"],
+                                     corpus=meta["corpus"], seq_len=meta["seq_len"]))
+    trained_on = json.loads((fitted / "p" / "predictor.json").read_text())["identity"]["first_seq"]
     with pytest.raises(UserError, match="windows this evaluation would use"):
-        run_evaluate(build(EvaluateConfig, dict(centroids=str(fitted / "c"), split="train",
-                                                out=str(tmp_path / "e"), max_tokens=SEQ * 4,
-                                                predictor=str(fitted / "p"))))
+        check_predictor(str(fitted / "p"), cfg, meta, SimpleNamespace(seq=np.array([trained_on])))
+    with pytest.raises(UserError, match="shares windows"):
+        run_evaluate(cfg)
     other = tmp_path / "c2"
     run_cluster(build(ClusterConfig, dict(masks=str(fitted / "masks"), k=8, seed=1,
                                           out=str(other))))

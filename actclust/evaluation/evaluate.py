@@ -299,7 +299,9 @@ def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
-    progress = Progress(len(windows) * cfg.seq_len, "evaluate", step_unit="chunks")
+    # A run evaluates twice (the shared dense and oracle pass, then each trial): name the modes.
+    label = "evaluate" if tuple(modes) == tuple(MODES) else "evaluate " + ",".join(modes)
+    progress = Progress(len(windows) * cfg.seq_len, label, step_unit="chunks")
 
     def done(task, result):
         results[task[0]] = result
