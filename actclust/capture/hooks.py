@@ -32,11 +32,18 @@ def captured(model, site: str = "intermediate") -> Iterator[list]:
 
     ``out[l]`` holds the latest activation of layer ``l`` (overwritten each pass).
     """
-    modules = ffn_sites(model, site)
+    with captured_modules(ffn_sites(model, site), reads_input=_reads_input(site)) as out:
+        yield out
+
+
+@contextlib.contextmanager
+def captured_modules(modules: list, reads_input: bool) -> Iterator[list]:
+    """Yield a list whose entry ``i`` is the latest input (``reads_input``) or output of
+    ``modules[i]``; the hooks are always removed."""
     out: list = [None] * len(modules)
     handles = []
     for index, module in enumerate(modules):
-        if _reads_input(site):
+        if reads_input:
             def hook(mod, args, index=index):
                 out[index] = args[0].detach()
             handles.append(module.register_forward_pre_hook(hook))

@@ -70,20 +70,11 @@ def schema(spec: FeatureSpec):
 @contextlib.contextmanager
 def ffn_inputs(model) -> Iterator[list]:
     """Yield a list whose entry ``l`` is the latest FFN input of layer ``l`` (..., d_model)."""
+    from actclust.capture.hooks import captured_modules
     from actclust.io.models import ffn_input_modules
 
-    modules = ffn_input_modules(model)
-    out: list = [None] * len(modules)
-    handles = []
-    for index, module in enumerate(modules):
-        def hook(mod, args, index=index):
-            out[index] = args[0].detach()
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
+    with captured_modules(ffn_input_modules(model), reads_input=True) as out:
         yield out
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def compute_shard(model, spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray,
