@@ -131,7 +131,9 @@ def _add_extract(sub) -> None:
         epilog=_examples(
             "actclust extract --model tiny:opt --out /tmp/m --max-tokens 8192 --seq-len 64 "
             "--workers 2",
-            "actclust extract --out runs/masks --sparsity 0.5 --max-tokens 16384"))
+            "actclust extract --out runs/masks --sparsity 0.5 --max-tokens 16384",
+            "actclust extract --model tiny:llama --sites gate,up,down_out --out /tmp/m3 "
+            "--max-tokens 4096 --seq-len 64"))
     _config_flag(p)
     _corpus_flags(p)
     p.add_argument("--out", metavar="DIR",
@@ -144,9 +146,10 @@ def _add_extract(sub) -> None:
     group.add_argument("--threshold", type=float, metavar="T",
                        help="fixed |a| threshold tau for every layer, in activation units; "
                             "0 means 'fired' (default: calibrated from --sparsity)")
-    p.add_argument("--sites", metavar="SITE",
-                   help=f"where the mask is read: {', '.join(C.SITES)} "
-                        f"(default: {_default(cls, 'sites')})")
+    p.add_argument("--sites", metavar="SITES",
+                   help=f"where the mask is read: {', '.join(C.SITES)}, or several of "
+                        "gate,up,down_out as a comma list (recorded from the same forward "
+                        f"passes, format version 2) (default: {_default(cls, 'sites')})")
     p.add_argument("--split", metavar="SPLIT",
                    help="windows to record: train (all but every 10th), heldout (every 10th) or "
                         f"all (default: {_default(cls, 'split')})")

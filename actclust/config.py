@@ -62,7 +62,7 @@ class ExtractConfig(CorpusConfig):
     out: Optional[str] = None
     sparsity: Optional[float] = None
     threshold: Optional[float] = None
-    sites: str = "intermediate"
+    sites: "list | str" = "intermediate"  # one site, or several: "gate,up,down_out"
     split: str = "train"
     workers: int = 1
     shard_windows: int = 16
@@ -78,7 +78,8 @@ class ExtractConfig(CorpusConfig):
             raise UserError(f"sparsity must be in (0, 1), got {self.sparsity}")
         if self.threshold is not None and self.threshold < 0:
             raise UserError(f"threshold must be >= 0, got {self.threshold}")
-        _choice(self.sites, SITES, "sites")
+        # Canonical form (part of the identity): "gate" for one site, "gate,up" for several.
+        object.__setattr__(self, "sites", ",".join(parse_sites(self.sites)))
         _choice(self.split, SPLITS, "split")
         _positive(self.workers, "workers")
         _positive(self.shard_windows, "shard_windows")
@@ -258,8 +259,14 @@ class RunConfig:
     algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
     dense_prefix: int = 1
     mask_mode: str = "replace"
+    sites: "list | str" = "intermediate"  # several: masked together (format version 2)
+    pool_layers: bool = False  # one centroid set per site over all layers (baselines only)
 
     def validate(self) -> None:
+        self.sites = ",".join(parse_sites(self.sites))
+        if self.pool_layers and "hamming-kmeans" in self.algorithm:
+            raise UserError("pool_layers needs algorithm brb-kmeans or activation-aware "
+                            "(hamming-kmeans fits one centroid set per layer)")
         if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
             raise UserError(f"k must be a list of positive integers, got {self.k}")
         if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.theta):
@@ -315,6 +322,28 @@ class GenerateConfig:
         if self.dense and self.model is None and self.centroids is None:
             raise UserError("dense generation needs --model M "
                             "(or --centroids DIR to take its model)")
+
+
+def parse_sites(value: Any) -> list[str]:
+    """``"gate,up,down_out"``, ``["gate", "up"]`` or ``"intermediate"`` as a list of sites.
+
+    Any non-empty subset of the FFN sites, without duplicates; ``intermediate`` (the input
+    of the output projection) stands alone: it is the same tensor the others produce.
+    """
+    items = value if isinstance(value, (list, tuple)) else [value]
+    sites = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    if not sites:
+        raise UserError(f"sites must name at least one of {', '.join(SITES)}; got {value!r}")
+    for site in sites:
+        _choice(site, SITES, "sites")
+    duplicates = sorted({s for s in sites if sites.count(s) > 1})
+    if duplicates:
+        raise UserError(f"sites lists {', '.join(duplicates)} more than once; name each site once")
+    if "intermediate" in sites and len(sites) > 1:
+        raise UserError("sites: intermediate cannot be combined with other sites (it is the "
+                        "input of the output projection); give intermediate alone or a subset "
+                        "of gate,up,down_out")
+    return sites
 
 
 def identity(config: Any) -> dict:

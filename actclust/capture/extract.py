@@ -3,7 +3,8 @@
 The driver tokenizes the corpus once, plans fixed shards of ``shard_windows``
 windows, and hands them to extraction actors (one per GPU, or CPU workers).
 Each actor loads the model once and writes every layer file of a shard itself
-(atomically); the driver records a shard as complete in the manifest only when
+(atomically); with several sites (format version 2) every site's masks come from the
+same forward passes, and so do their thresholds. The driver records a shard as complete in the manifest only when
 the actor reports all its files in place. A rerun skips complete shards.
 """
 
@@ -27,7 +28,7 @@ class MaskExtractor:
     A plain class: ``ray.remote`` is applied where the pool is started.
     """
 
-    def __init__(self, model: str, site: str, num_cpus: float = 1, use_gpu: bool = False,
+    def __init__(self, model: str, sites: str, num_cpus: float = 1, use_gpu: bool = False,
                  trust_remote_code: bool = False):
         from actclust.devices import place_model
         from actclust.io.models import ffn_sites, load_model, site_width
@@ -37,34 +38,42 @@ class MaskExtractor:
         self.error = None
         try:
             self.loaded = load_model(model, trust_remote_code=trust_remote_code)
-            modules = ffn_sites(self.loaded.model, site)
+            self.sites = sites.split(",")
+            modules = {site: ffn_sites(self.loaded.model, site) for site in self.sites}
         except UserError as exc:  # reported by info(), so the CLI shows one clear line
             self.error = exc
             return
-        self.site = site
         self.device = place_model(self.loaded.model, use_gpu)
-        self.layers = list(range(len(modules)))
-        self.width = site_width(modules[0], site)
+        self.layers = list(range(len(modules[self.sites[0]])))
+        self.widths = {site: site_width(modules[site][0], site) for site in self.sites}
 
     def info(self) -> dict:
         if self.error is not None:
             raise self.error
-        return {"layers": self.layers, "d_ff": self.width, "is_relu": self.loaded.is_relu,
+        return {"layers": self.layers, "widths": self.widths, "is_relu": self.loaded.is_relu,
                 "family": self.loaded.family}
 
-    def calibrate(self, ids: np.ndarray, sparsity: float, batch_windows: int) -> list[float]:
-        from actclust.capture.hooks import calibrate_thresholds
+    def calibrate(self, ids: np.ndarray, sparsity: float,
+                  batch_windows: int) -> dict[str, list[float]]:
+        from actclust.capture.hooks import calibrate_site_thresholds
 
-        return calibrate_thresholds(self.loaded.model, ids, sparsity, self.site, batch_windows)
+        return calibrate_site_thresholds(self.loaded.model, ids, sparsity, self.sites,
+                                         batch_windows)
 
     def extract(self, root: str, shard: str, seq: np.ndarray, ids: np.ndarray,
-                thresholds: list[float], batch_windows: int) -> dict:
-        from actclust.capture.hooks import layer_masks
+                thresholds, batch_windows: int) -> dict:
+        """``thresholds``: a list per layer (one site, version 1) or {site: list} (version 2)."""
+        from actclust.capture.hooks import site_masks
 
         start = time.perf_counter()
-        masks = layer_masks(self.loaded.model, ids, thresholds, self.site, batch_windows)
-        packed = [mask_store.pack(m) for m in masks]
-        entry = mask_store.write_shard(root, shard, seq, ids, packed, self.layers, self.width)
+        several = isinstance(thresholds, dict)
+        by_site = thresholds if several else {self.sites[0]: thresholds}
+        masks = site_masks(self.loaded.model, ids, by_site, batch_windows)
+        # Version 1 (one site) keeps its layout: masks/layer=<l>/ (site key None).
+        packed = {(site if several else None): [mask_store.pack(m) for m in masks[site]]
+                  for site in by_site}
+        widths = {(site if several else None): self.widths[site] for site in by_site}
+        entry = mask_store.write_site_shard(root, shard, seq, ids, packed, self.layers, widths)
         entry["seconds"] = round(time.perf_counter() - start, 3)
         entry["peak_rss_mb"] = _peak_rss_mb()
         return entry
@@ -139,16 +148,20 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
 
 def _new_manifest(cfg: ExtractConfig, info: dict, windows: Windows, shards) -> dict:
+    """Format version 1 for one site (the layout every reader has always known), version 2
+    (``sites`` a list, ``d_ff`` and ``thresholds`` per site) for several."""
+    sites = cfg.sites.split(",")
+    several = len(sites) > 1
     return {
-        "format_version": mask_store.FORMAT_VERSION,
+        "format_version": mask_store.SITES_FORMAT_VERSION if several else mask_store.FORMAT_VERSION,
         "model": cfg.model,
         "corpus": cfg.corpus,
         "seq_len": cfg.seq_len,
-        "sites": cfg.sites,
+        "sites": sites if several else cfg.sites,
         "split": cfg.split,
         "heldout_every": cfg.heldout_every,
         "layers": info["layers"],
-        "d_ff": info["d_ff"],
+        "d_ff": info["widths"] if several else info["widths"][sites[0]],
         "thresholds": None,
         "sparsity_target": None,
         "tokens": windows.tokens,
@@ -160,21 +173,26 @@ def _new_manifest(cfg: ExtractConfig, info: dict, windows: Windows, shards) -> d
     }
 
 
-def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows,
-                actor) -> tuple[list[float], float | None]:
-    """Per-layer thresholds and the sparsity they were calibrated for (None: fixed tau)."""
+def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows, actor) -> tuple:
+    """Per-layer thresholds (one site: a list; several: {site: list}) and the sparsity
+    they were calibrated for (None: fixed tau)."""
     import ray
 
-    if cfg.threshold is not None:
-        return [float(cfg.threshold)] * len(info["layers"]), None
+    sites = cfg.sites.split(",")
     sparsity = cfg.sparsity
-    if sparsity is None:
-        if info["is_relu"] and cfg.sites == "intermediate":
-            return [0.0] * len(info["layers"]), None
-        sparsity = 0.5
-    calib = windows.ids[: cfg.calibration_windows]
-    log.info("calibrating per-layer thresholds for sparsity %.2f on %d windows", sparsity, len(calib))
-    return ray.get(actor.calibrate.remote(calib, sparsity, cfg.batch_windows)), float(sparsity)
+    if cfg.threshold is not None:
+        by_site = {site: [float(cfg.threshold)] * len(info["layers"]) for site in sites}
+        sparsity = None
+    elif sparsity is None and info["is_relu"] and cfg.sites == "intermediate":
+        by_site = {"intermediate": [0.0] * len(info["layers"])}
+    else:
+        sparsity = 0.5 if sparsity is None else sparsity
+        calib = windows.ids[: cfg.calibration_windows]
+        log.info("calibrating per-layer thresholds of %s for sparsity %.2f on %d windows",
+                 cfg.sites, sparsity, len(calib))
+        by_site = ray.get(actor.calibrate.remote(calib, sparsity, cfg.batch_windows))
+        sparsity = float(sparsity)
+    return (by_site if len(sites) > 1 else by_site[sites[0]]), sparsity
 
 
 def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: str,

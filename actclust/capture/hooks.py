@@ -95,31 +95,57 @@ def per_layer_on_host(model, ids: np.ndarray, site: str, batch_windows: int,
     """Forward ``ids`` (W, T) a batch of windows at a time on the model's device;
     ``transform(layer, a)`` of each layer's activation, brought to the host, one
     list of batches per layer."""
+    return per_site_on_host(model, ids, [site], batch_windows,
+                            lambda site, layer, a: transform(layer, a))[site]
+
+
+def per_site_on_host(model, ids: np.ndarray, sites: list[str], batch_windows: int,
+                     transform: Callable) -> dict[str, list[list[np.ndarray]]]:
+    """Like :func:`per_layer_on_host` for several sites read in the *same* forward passes:
+    ``{site: per layer, a list of batches of transform(site, layer, a)}``."""
     import torch
 
-    per_layer: list[list[np.ndarray]] = []
-    with torch.inference_mode(), captured(model, site) as acts:
+    per_site: dict[str, list[list[np.ndarray]]] = {site: [] for site in sites}
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        acts = {site: stack.enter_context(captured(model, site)) for site in sites}
         for start in range(0, len(ids), batch_windows):
             model(model_input(model, ids[start:start + batch_windows]))
-            if not per_layer:
-                per_layer = [[] for _ in acts]
-            for layer, a in enumerate(acts):
-                per_layer[layer].append(to_host(transform(layer, a)))
-    return per_layer
+            for site in sites:
+                if not per_site[site]:
+                    per_site[site] = [[] for _ in acts[site]]
+                for layer, a in enumerate(acts[site]):
+                    per_site[site][layer].append(to_host(transform(site, layer, a)))
+    return per_site
 
 
 def calibrate_thresholds(model, ids: np.ndarray, sparsity: float, site: str = "intermediate",
                          batch_windows: int = 4) -> list[float]:
     """Per-layer ``tau_l``: the ``sparsity``-quantile of ``|a|`` over the tokens of ``ids``."""
-    per_layer = per_layer_on_host(model, ids, site, batch_windows,
-                                  lambda layer, a: a.abs().reshape(-1).float())
-    return [float(np.quantile(np.concatenate(chunks), sparsity)) for chunks in per_layer]
+    return calibrate_site_thresholds(model, ids, sparsity, [site], batch_windows)[site]
+
+
+def calibrate_site_thresholds(model, ids: np.ndarray, sparsity: float, sites: list[str],
+                              batch_windows: int = 4) -> dict[str, list[float]]:
+    """Per-site, per-layer ``tau``, each the ``sparsity``-quantile of that site's ``|a|``,
+    all from the same forward passes."""
+    per_site = per_site_on_host(model, ids, sites, batch_windows,
+                                lambda site, layer, a: a.abs().reshape(-1).float())
+    return {site: [float(np.quantile(np.concatenate(chunks), sparsity)) for chunks in per_layer]
+            for site, per_layer in per_site.items()}
 
 
 def layer_masks(model, ids: np.ndarray, thresholds: list[float], site: str = "intermediate",
                 batch_windows: int = 4) -> list[np.ndarray]:
     """Bool masks of every layer for windows ``ids`` (W, T): a list of (W*T, width) arrays."""
-    per_layer = per_layer_on_host(model, ids, site, batch_windows,
-                                  lambda layer, a: mask_of(a, thresholds[layer])
-                                  .reshape(-1, a.shape[-1]))
-    return [np.concatenate(chunks) for chunks in per_layer]
+    return site_masks(model, ids, {site: thresholds}, batch_windows)[site]
+
+
+def site_masks(model, ids: np.ndarray, thresholds: dict[str, list[float]],
+               batch_windows: int = 4) -> dict[str, list[np.ndarray]]:
+    """Bool masks of every site in ``thresholds`` and every layer, from the same forward
+    passes: ``{site: [(W*T, width) per layer]}``."""
+    per_site = per_site_on_host(model, ids, list(thresholds), batch_windows,
+                                lambda site, layer, a: mask_of(a, thresholds[site][layer])
+                                .reshape(-1, a.shape[-1]))
+    return {site: [np.concatenate(chunks) for chunks in per_layer]
+            for site, per_layer in per_site.items()}

@@ -204,11 +204,12 @@ class ParquetDataset:
 
 
 def open_layer_dataset(root: str, layer: int, shards: list[str], rows: list[int], width: int,
-                       global_offset: int, memory_budget_mb: float | None) -> MaskDataset:
-    """This worker's block of a layer: in memory when it fits ``memory_budget_mb``
-    (None: no limit), else streamed from Parquet."""
+                       global_offset: int, memory_budget_mb: float | None,
+                       site: str | None = None) -> MaskDataset:
+    """This worker's block of a layer (of ``site`` in a version 2 directory): in memory when
+    it fits ``memory_budget_mb`` (None: no limit), else streamed from Parquet."""
     row_bytes = mask_store.row_bytes(width)
     if memory_budget_mb is not None and sum(rows) * row_bytes > memory_budget_mb * 2**20:
-        return ParquetDataset([mask_store.shard_path(root, layer, n) for n in shards], rows,
-                              row_bytes, global_offset)
-    return ArrayDataset(mask_store.read_shards(root, layer, shards, width), global_offset)
+        return ParquetDataset([mask_store.shard_path(root, layer, n, site) for n in shards],
+                              rows, row_bytes, global_offset)
+    return ArrayDataset(mask_store.read_shards(root, layer, shards, width, site), global_offset)

@@ -9,7 +9,9 @@ hold identical centroids.
 
 Rank 0 checkpoints the k-means state every iteration and each finished layer's
 centroids (:mod:`actclust.io.kmeans_state`); a rerun (or a rebuilt group after
-a worker died) resumes from them. Baseline algorithms (``brb-kmeans``,
+a worker died) resumes from them. A version 2 mask directory (several sites) is
+clustered site by site, each site's layers as above (states under ``OUT/site=<s>/``).
+Baseline algorithms (``brb-kmeans``,
 ``activation-aware``) run in one worker on the same masks and write the same
 outputs (:mod:`actclust.io.centroid_store`).
 """
@@ -69,12 +71,13 @@ class ClusterWorker:
         return tensor.numpy()
 
     def fit_layer(self, root: str, layer: int, shards: list[str], width: int, spec: FitSpec,
-                  checkpoint: str | None, rows: list[int], global_offset: int = 0) -> dict:
+                  checkpoint: str | None, rows: list[int], global_offset: int = 0,
+                  site: str | None = None) -> dict:
         from actclust.clustering import kmeans
         from actclust.clustering.datasets import open_layer_dataset
 
         dataset = open_layer_dataset(root, layer, shards, rows, width, global_offset,
-                                     spec.memory_budget_mb)
+                                     spec.memory_budget_mb, site)
         resume = kmeans_state.load_state(checkpoint) if checkpoint else None
         save = None
         if checkpoint and self.rank == 0:
@@ -97,10 +100,10 @@ class ClusterWorker:
                 "seconds": time.perf_counter() - start}
 
     def fit_baseline(self, root: str, layers: list[int], shards: list[str], width: int,
-                     spec: FitSpec) -> dict:
+                     spec: FitSpec, site: str | None = None) -> dict:
         from actclust.clustering import activation_aware, baselines
 
-        per_layer = [mask_store.read_shards(root, layer, shards, width) for layer in layers]
+        per_layer = [mask_store.read_shards(root, layer, shards, width, site) for layer in layers]
         x = baselines.pool_layers(per_layer, spec.pool_rows, spec.seed) \
             if len(per_layer) > 1 else per_layer[0]
         start = time.perf_counter()
@@ -143,18 +146,28 @@ def run_cluster(cfg: ClusterConfig, faults: FaultHooks | None = None) -> dict:
     if cfg.k > total_rows:
         raise UserError(f"k ({cfg.k}) is larger than the number of masks per layer "
                         f"({total_rows}); lower --k or extract more tokens")
+    sites = mask_store.sites_of(manifest)
+    views = {site: mask_store.site_view(manifest, site) for site in sites}
     if cfg.verify:
-        mask_store.verify_layers(cfg.masks, manifest, layers)
+        for view in views.values():
+            mask_store.verify_layers(cfg.masks, view, layers)
     out = storage.normalize(cfg.out)
     outdir.open_output(out, RUN_MARKER,
                        {**identity(cfg), "masks_sha": mask_store.masks_digest(manifest)},
                        "clustering results of another configuration")
     init_ray()
-    if cfg.algorithm == "hamming-kmeans" and not cfg.pool_layers:
-        results = _fit_kmeans(cfg, manifest, layers, out, faults)
-    else:
-        results = _fit_baseline(cfg, manifest, layers, faults)
-    return centroid_store.write_centroids(cfg, manifest, layers, results, out)
+    several = manifest["format_version"] == mask_store.SITES_FORMAT_VERSION
+    by_site = {}
+    for site, view in views.items():
+        # Version 2: each site keeps its k-means states apart (OUT/site=<s>/...).
+        state_out = storage.join(out, f"site={site}") if several else out
+        if cfg.algorithm == "hamming-kmeans" and not cfg.pool_layers:
+            by_site[site] = _fit_kmeans(cfg, view, layers, state_out, faults)
+        else:
+            by_site[site] = _fit_baseline(cfg, view, layers, faults)
+    if several:
+        return centroid_store.write_site_centroids(cfg, manifest, layers, by_site, out)
+    return centroid_store.write_centroids(cfg, manifest, layers, by_site[sites[0]], out)
 
 
 def _layers(cfg: ClusterConfig, manifest: dict) -> list[int]:
@@ -228,7 +241,8 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: str,
                          layer, state["iteration"])
             offsets = np.cumsum([0] + [sum(rows[n] for n in b) for b in blocks])
             refs = [w.fit_layer.remote(cfg.masks, layer, blocks[r], width, spec, ckpt,
-                                       [rows[n] for n in blocks[r]], int(offsets[r]))
+                                       [rows[n] for n in blocks[r]], int(offsets[r]),
+                                       manifest.get("mask_site"))
                     for r, w in enumerate(workers)]
             try:
                 outs = _gather(refs)
@@ -280,10 +294,13 @@ def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int], faults)
     names = [s["name"] for s in mask_store.complete_shards(manifest)]
     width = mask_store.mask_width(manifest)
     spec = cfg.fit_spec()
+    site = manifest.get("mask_site")
     try:
         if cfg.pool_layers:
-            return {-1: ray.get(worker.fit_baseline.remote(cfg.masks, layers, names, width, spec))}
-        return {layer: ray.get(worker.fit_baseline.remote(cfg.masks, [layer], names, width, spec))
+            return {-1: ray.get(worker.fit_baseline.remote(cfg.masks, layers, names, width, spec,
+                                                           site))}
+        return {layer: ray.get(worker.fit_baseline.remote(cfg.masks, [layer], names, width, spec,
+                                                          site))
                 for layer in layers}
     finally:
         ray.kill(worker)

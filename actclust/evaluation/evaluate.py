@@ -11,6 +11,11 @@ of held-out windows. Each chunk runs one forward pass per mode:
 - ``random``: `a` times a random mask with exactly as many bits, per layer and chunk,
   as the centroids used in the cluster pass (so ``random_density == density``).
 
+With several sites (format version 2) every (site, layer) is masked in the same forward
+pass, each by its own threshold and centroids; a *slot* is one masked (site, layer),
+site-major (:func:`actclust.io.centroid_store.slots`), and the per-slot sums make the
+per-layer, per-site and overall figures.
+
 Positions ``< dense_prefix`` of every window are never masked: the first token is an
 attention sink whose activations are two orders of magnitude above the rest.
 Masks in the masked passes are computed on the fly from the activation that
@@ -30,7 +35,7 @@ from actclust.errors import UserError
 from actclust.evaluation.metrics import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
                                         empty_stats, summarize, window_nll)
 from actclust.io import centroid_store, eval_store, mask_store, storage
-from actclust.io.centroid_store import load_centroids
+from actclust.io.centroid_store import load_centroids, slots
 from actclust.orchestration.actors import FaultHooks
 
 log = logging.getLogger(__name__)
@@ -62,18 +67,19 @@ class Evaluator:
         self.model = load_model(model, trust_remote_code=trust_remote_code).model
         self.device = place_model(self.model, use_gpu)
         self.faults = faults or FaultHooks()
-        self.site = meta["sites"]
-        # Model layer -> its position in the clustered layers (others stay unmasked).
-        self.slot = {layer: i for i, layer in enumerate(meta["layers"])}
-        self.thresholds = meta["thresholds"]
+        masked = slots(meta)
+        self.sites = centroid_store.sites_of(meta)
+        # (site, model layer) -> its slot among the clustered ones (others stay unmasked).
+        self.slot = {(site, layer): i for i, (site, layer, _, _) in enumerate(masked)}
+        self.thresholds = [tau for _, _, _, tau in masked]
         self.seed = seed
         self.dense_prefix = dense_prefix
         self.mask_mode = mask_mode
         self.shape = (0, 0)  # (windows, seq_len) of the chunk in flight
         # Unpacked once onto the model's device, where the masks are made; masks are
         # assigned by the rule the centroids were fitted with (absent: Hamming).
-        self.centroids = [kernels.device_centroids(c, meta["d_ff"], self.device, meta.get("rule"))
-                          for c in centroids or []]
+        self.centroids = [kernels.device_centroids(c, width, self.device, meta.get("rule"))
+                          for c, (_, _, width, _) in zip(centroids or [], masked)]
         self.predicted = None
         if predictor_dir is not None:
             from actclust.predict.evaluation import PredictedMasks
@@ -101,9 +107,12 @@ class Evaluator:
             modes = tuple(modes) + ("predicted",)
         for mode in modes:
             fn = self._mask_fn(mode, chunk, stats)
-            inputs = self.predicted.capturing(self.model) if mode == "predicted" \
-                else contextlib.nullcontext()
-            with torch.inference_mode(), inputs, masking(self.model, fn, self.site):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.inference_mode())
+                if mode == "predicted":
+                    stack.enter_context(self.predicted.capturing(self.model))
+                for site in self.sites:  # every site masked in this same pass
+                    stack.enter_context(masking(self.model, self._by_layer(site, fn), site))
                 logits = self.model(ids_t).logits
             out["nll"][mode] = window_nll(logits, ids_t)
         out["stats"] = stats
@@ -204,9 +213,12 @@ class Evaluator:
                 return self._full(a, self._random_mask(slot, self._body(a), chunk, stats))
         else:
             raise ValueError(f"unknown mode {mode!r}")
+        return fn
 
+    def _by_layer(self, site: str, fn):
+        """The hook's mask function of ``site``: the slot of (site, layer), or unmasked."""
         def by_layer(layer, a):
-            slot = self.slot.get(layer)
+            slot = self.slot.get((site, layer))
             return None if slot is None else fn(slot, a)
         return by_layer
 
@@ -290,7 +302,8 @@ def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
     init_ray()
     options = actor_options(cfg.workers)
     Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
-    meta_fields = {k: meta.get(k) for k in ("sites", "layers", "thresholds", "d_ff", "rule")}
+    meta_fields = {k: meta.get(k) for k in ("format_version", "sites", "layers", "thresholds",
+                                            "d_ff", "rule")}
     group = ActorGroup(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"],
                                             cfg.seed, cfg.trust_remote_code,
                                             "num_gpus" in options, faults, predictor_dir,
@@ -347,6 +360,7 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     if cfg.predictor is not None:
         from actclust.predict.evaluation import check_predictor
 
+        centroid_store.require_single_site(meta, cfg.centroids, "--predictor")
         predictor = check_predictor(cfg.predictor, cfg, meta, windows)
     ident = baseline_identity(cfg, meta)
     baseline = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])

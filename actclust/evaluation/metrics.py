@@ -44,20 +44,26 @@ def empty_stats(layers: int) -> np.ndarray:
     return np.zeros((layers, len(STAT_FIELDS)), dtype=np.float64)
 
 
-def metric_values(stats: np.ndarray, width: int, prefix_tokens: int = 0) -> dict:
-    """Micro-averaged metrics from summed STAT_FIELDS (one layer's row, or summed over layers).
+def metric_values(stats: np.ndarray, width, prefix_tokens: int = 0) -> dict:
+    """Micro-averaged metrics from summed STAT_FIELDS.
 
-    ``prefix_tokens``: (token, layer) pairs of the dense prefix behind these sums, counted at
-    density 1.0 in the effective densities.
+    ``stats`` one row (one slot, or summed over slots of one ``width``) with
+    ``prefix_tokens`` the dense-prefix (token, slot) pairs behind it; or (R, F) rows of
+    slots with ``width`` a list of their widths and ``prefix_tokens`` the prefix tokens of
+    each row. Bit shares divide by the cells (tokens x width) summed over rows, so several
+    sites weigh by their widths; the prefix cells count at density 1.0 in the effective
+    densities.
     """
+    rows = np.atleast_2d(np.asarray(stats, dtype=np.float64))
+    widths = np.broadcast_to(np.asarray(width, dtype=np.float64), (len(rows),))
     # The kernels' assignment_stats give the first five fields only; the rest count as 0.
-    s = {name: float(stats[i]) if i < len(stats) else 0.0 for name, i in F.items()}
+    s = {name: float(rows[:, i].sum()) if i < rows.shape[1] else 0.0 for name, i in F.items()}
     precision = s["overlap"] / s["centroid_bits"] if s["centroid_bits"] else 0.0
     recall = s["overlap"] / s["true_bits"] if s["true_bits"] else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    cells = s["tokens"] * width
-    all_cells = (s["tokens"] + prefix_tokens) * width
-    prefix_cells = prefix_tokens * width
+    cells = float((rows[:, F["tokens"]] * widths).sum())
+    prefix_cells = float(prefix_tokens * widths.sum())
+    all_cells = cells + prefix_cells
 
     def share(bits):
         return bits / cells if cells else 0.0
@@ -97,9 +103,14 @@ def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefi
     nll = {m: np.asarray(baseline["nll"][m], dtype=np.float64) for m in BASELINE_MODES}
     for mode in ("cluster", "random"):
         nll[mode] = np.concatenate([r["nll"][mode] for r in results])
-    stats = sum(r["stats"] for r in results)  # (L, fields)
+    from actclust.io.centroid_store import slots
+
+    stats = sum(r["stats"] for r in results)  # (slots, fields): (site, layer), site-major
     stats[:, F["oracle_bits"]] = baseline["oracle_bits"]
-    width = meta["d_ff"]
+    masked = slots(meta)
+    widths = [width for _, _, width, _ in masked]
+    sites = list(dict.fromkeys(site for site, _, _, _ in masked))
+    several = meta.get("format_version") == 2
     predicted = float(per_window_tokens.sum())
     prefix = len(windows) * dense_prefix  # per layer
     intervals = paired_ppl_intervals(nll, per_window_tokens, resamples=resamples, seed=seed)
@@ -107,7 +118,7 @@ def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefi
     for mode in MODES:
         report[f"{mode}_ppl"] = math.exp(math.fsum(nll[mode]) / predicted)
         report[f"{mode}_ppl_ci95"] = list(intervals[mode])
-    report.update(metric_values(stats.sum(axis=0), width, prefix * len(stats)))
+    report.update(metric_values(stats, widths, prefix))  # over all masked (site, layer)
     report.update({
         "dense_prefix": dense_prefix,
         "mask_mode": mask_mode,
@@ -119,8 +130,14 @@ def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefi
         "k": meta["k"],
         "theta": meta["theta"],
         "algorithm": meta.get("algorithm", "hamming-kmeans"),
-        "per_layer": [{"layer": int(layer), **metric_values(stats[i], width, prefix)}
-                      for i, layer in enumerate(meta["layers"])],
+        "sites": sites if several else sites[0],
+        "per_layer": [{**({"site": site} if several else {}), "layer": int(layer),
+                       **metric_values(stats[i], width, prefix)}
+                      for i, (site, layer, width, _) in enumerate(masked)],
+        "per_site": [{"site": site, "d_ff": next(w for s, _, w, _ in masked if s == site),
+                      **metric_values(stats[rows], [widths[i] for i in rows], prefix)}
+                     for site in sites
+                     for rows in [[i for i, m in enumerate(masked) if m[0] == site]]],
         "definitions": DEFINITIONS,
     })
     return report
@@ -134,7 +151,11 @@ DEFINITIONS = {
                    "(Hamming) to the token's true mask m",
     "random_ppl": "random masks with exactly as many bits per layer as the centroids used",
     "effective_density": "fraction of FFN neurons kept over all evaluated tokens, the "
-                         "dense-prefix tokens at 1.0",
+                         "dense-prefix tokens at 1.0; with several sites, of all masked-site "
+                         "neurons, each site weighted by its width (gate/up d_ff, down_out "
+                         "d_model)",
+    "per_site": "the same metrics over the layers of one masked site (all sites masked in "
+                "the same forward pass)",
     "dense_prefix": "positions < dense_prefix of every window are never masked",
     "metrics_measured_in": "the cluster pass, on the activation each mask is applied to",
     "ci95": "percentile bootstrap over windows, the same resampled windows for every mode",

@@ -1,11 +1,16 @@
-"""The mask store (DESIGN.md format version 1): the one place that knows the mask
+"""The mask store (DESIGN.md format versions 1 and 2): the one place that knows the mask
 Parquet schema and the bit order, both ways (write and read), and the manifest.
 
 Layout of an extraction directory::
 
     DIR/manifest.json
-    DIR/masks/layer=<l>/<shard>.parquet    seq int64, pos int32, token int32,
-                                           bits fixed_size_binary(ceil(d/8))
+    DIR/masks/layer=<l>/<shard>.parquet          version 1 (one site)
+    DIR/masks/site=<s>/layer=<l>/<shard>.parquet version 2 (several sites)
+        seq int64, pos int32, token int32, bits fixed_size_binary(ceil(d/8))
+
+A version 2 manifest lists ``sites`` and holds ``d_ff`` and ``thresholds`` per site;
+:func:`site_view` turns it into a version-1-shaped manifest of one site (with
+``mask_site`` naming the partition), which every per-site reader here accepts.
 
 Bit order: neuron i is bit ``i % 8`` (least significant first) of byte ``i // 8``.
 ``DIR`` is a local path or an object-store URI (:mod:`actclust.io.storage`). Every
@@ -28,7 +33,9 @@ from actclust.errors import UserError
 from actclust.io import storage
 from actclust.io.storage import sha256_file, write_json_atomic, write_table_atomic  # noqa: F401
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one site
+SITES_FORMAT_VERSION = 2  # several sites from the same forward passes
+READABLE_VERSIONS = (FORMAT_VERSION, SITES_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 COMPLETE = "complete"
 PENDING = "pending"
@@ -98,12 +105,21 @@ def _located(location: str):
     return Path(location) if storage.is_local(location) else location
 
 
-def layer_dir(root, layer: int):
-    return _located(storage.join(root, "masks", f"layer={int(layer)}"))
+def _masks_parts(layer: int, site: str | None) -> list[str]:
+    """Path parts under DIR: version 1 ``masks/layer=l``, version 2 ``masks/site=s/layer=l``."""
+    return ["masks"] + ([f"site={site}"] if site is not None else []) + [f"layer={int(layer)}"]
 
 
-def shard_path(root, layer: int, shard: str):
-    return _located(storage.join(root, "masks", f"layer={int(layer)}", f"{shard}.parquet"))
+def layer_dir(root, layer: int, site: str | None = None):
+    return _located(storage.join(root, *_masks_parts(layer, site)))
+
+
+def shard_path(root, layer: int, shard: str, site: str | None = None):
+    return _located(storage.join(root, *_masks_parts(layer, site), f"{shard}.parquet"))
+
+
+def relative_shard_path(layer: int, shard: str, site: str | None = None) -> str:
+    return "/".join(_masks_parts(layer, site) + [f"{shard}.parquet"])
 
 
 def write_shard(root, shard: str, seq: np.ndarray, token_ids: np.ndarray,
@@ -112,14 +128,24 @@ def write_shard(root, shard: str, seq: np.ndarray, token_ids: np.ndarray,
 
     ``layer_bits[i]`` is the (W*T, B) packed masks of ``layers[i]``, rows in (seq, pos) order.
     """
+    return write_site_shard(root, shard, seq, token_ids, {None: layer_bits}, layers,
+                            {None: width})
+
+
+def write_site_shard(root, shard: str, seq: np.ndarray, token_ids: np.ndarray,
+                     site_bits: dict, layers: list[int], widths: dict) -> dict:
+    """Write one shard of every site and layer; ``site_bits[site][i]`` the packed masks of
+    ``layers[i]`` (site None: the version 1 layout). ``file_sha256`` lists the files site by
+    site, layer by layer (the manifest's ``sites`` order)."""
     w, t = token_ids.shape
     seq_col = np.repeat(np.asarray(seq, dtype=np.int64), t)
     pos_col = np.tile(np.arange(t, dtype=np.int32), w)
     tok_col = token_ids.reshape(-1).astype(np.int32)
     digests = []
-    for layer, packed in zip(layers, layer_bits):
-        table = mask_table(seq_col, pos_col, tok_col, packed, width)
-        digests.append(write_table_atomic(table, shard_path(root, layer, shard)))
+    for site, layer_bits in site_bits.items():
+        for layer, packed in zip(layers, layer_bits):
+            table = mask_table(seq_col, pos_col, tok_col, packed, widths[site])
+            digests.append(write_table_atomic(table, shard_path(root, layer, shard, site)))
     return {
         "name": shard,
         "windows": int(w),
@@ -141,13 +167,45 @@ def read_manifest(root) -> dict:
         manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); re-run actclust extract") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
         raise UserError(f"{path} is not an actclust mask manifest of format version "
-                        f"{FORMAT_VERSION}")
+                        f"{' or '.join(map(str, READABLE_VERSIONS))}")
     for key in ("model", "layers", "d_ff", "shards", "thresholds"):
         if key not in manifest:
             raise UserError(f"{path} lacks the field {key!r}; re-run actclust extract")
+    if manifest["format_version"] == SITES_FORMAT_VERSION:
+        sites = manifest.get("sites")
+        if not isinstance(sites, list) or not sites or any(
+                not isinstance(manifest[key], dict) or set(manifest[key]) != set(sites)
+                for key in ("d_ff", "thresholds")):
+            raise UserError(f"{path} is a version 2 manifest without a list of sites and their "
+                            "d_ff and thresholds; re-run actclust extract")
     return manifest
+
+
+def sites_of(manifest: dict) -> list[str]:
+    """The sites a manifest (or cluster.json) holds, in order."""
+    if manifest.get("format_version") == SITES_FORMAT_VERSION:
+        return list(manifest["sites"])
+    return [manifest.get("sites") or "intermediate"]
+
+
+def site_view(manifest: dict, site: str) -> dict:
+    """A version-1-shaped manifest of one site: ``sites`` the site, ``d_ff`` its width,
+    ``thresholds`` its list, ``file_sha256`` its files, ``mask_site`` its partition
+    (None for a version 1 directory, which is returned as it is)."""
+    sites = sites_of(manifest)
+    if site not in sites:
+        raise UserError(f"site {site!r} is not in these masks (they hold {', '.join(sites)})")
+    if manifest.get("format_version") != SITES_FORMAT_VERSION:
+        return manifest
+    n = len(manifest["layers"])
+    start = sites.index(site) * n
+    shards = [{**s, "file_sha256": (s.get("file_sha256") or [])[start:start + n]}
+              for s in manifest["shards"]]
+    return {**manifest, "format_version": FORMAT_VERSION, "sites": site,
+            "d_ff": manifest["d_ff"][site], "thresholds": manifest["thresholds"][site],
+            "shards": shards, "mask_site": site}
 
 
 def write_manifest(root, manifest: dict) -> None:
@@ -166,7 +224,9 @@ def require_complete(manifest: dict, root) -> None:
 
 
 def layer_files(root, manifest: dict, layer: int) -> list:
-    return [shard_path(root, layer, s["name"]) for s in complete_shards(manifest)]
+    """Files of one layer of a version 1 manifest or a :func:`site_view`."""
+    return [shard_path(root, layer, s["name"], manifest.get("mask_site"))
+            for s in complete_shards(manifest)]
 
 
 def read_layer(root, manifest: dict, layer: int, columns=("bits",)) -> dict:
@@ -192,14 +252,15 @@ def iter_layer_batches(root, manifest: dict, layer: int, batch_rows: int,
     """Stream one layer's packed masks as (<=batch_rows, B) uint8 arrays (bounded memory)."""
     names = shards if shards is not None else [s["name"] for s in complete_shards(manifest)]
     for name in names:
-        pf = storage.parquet_file(shard_path(root, layer, name))
+        pf = storage.parquet_file(shard_path(root, layer, name, manifest.get("mask_site")))
         for batch in pf.iter_batches(batch_size=batch_rows, columns=["bits"]):
             yield bits_to_numpy(batch.column(0))
 
 
-def read_shards(root, layer: int, names: list[str], width: int) -> np.ndarray:
-    """Packed masks (N, B) of one layer from the named shard files, in order."""
-    parts = [bits_to_numpy(storage.read_table(shard_path(root, layer, n), columns=["bits"])
+def read_shards(root, layer: int, names: list[str], width: int,
+                site: str | None = None) -> np.ndarray:
+    """Packed masks (N, B) of one layer (of ``site``, version 2) from the named shard files."""
+    parts = [bits_to_numpy(storage.read_table(shard_path(root, layer, n, site), columns=["bits"])
                            .column("bits")) for n in names]
     return np.concatenate(parts) if parts else np.zeros((0, row_bytes(width)), np.uint8)
 
@@ -221,7 +282,7 @@ def verify_layers(root: str, manifest: dict, layers: list[int]) -> None:
     for shard in complete_shards(manifest):
         digests = shard.get("file_sha256") or []
         for layer in layers:
-            path = shard_path(root, layer, shard["name"])
+            path = shard_path(root, layer, shard["name"], manifest.get("mask_site"))
             if not storage.is_file(path):
                 raise UserError(f"{path} is missing; run actclust verify {root}")
             if digests and sha256_file(path) != digests[index[layer]]:

@@ -76,7 +76,7 @@ def extract_stage(cfg: C.RunConfig) -> str:
     ecfg = C.build(C.ExtractConfig, dict(
         model=cfg.model, corpus=cfg.corpus, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens,
         heldout_every=cfg.heldout_every, sparsity=cfg.sparsity, threshold=cfg.threshold,
-        workers=cfg.workers, out=masks))
+        sites=getattr(cfg, "sites", "intermediate"), workers=cfg.workers, out=masks))
     run_extract(ecfg)
     return masks
 
@@ -88,9 +88,12 @@ def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float | None, alg
     out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm, density))
     if centroid_store.is_finished(out):
         return out
+    # Pooling applies to the baselines; hamming-kmeans points (the sweep's static K = 1)
+    # stay per layer.
+    pool = bool(getattr(cfg, "pool_layers", False)) and algorithm != "hamming-kmeans"
     ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, density=density,
                                          seed=cfg.seed, workers=cfg.workers,
-                                         algorithm=algorithm, out=out))
+                                         algorithm=algorithm, pool_layers=pool, out=out))
     run_cluster(ccfg)
     return out
 
@@ -117,8 +120,9 @@ def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
     from actclust.evaluation.evaluate import run_baseline
 
     manifest = mask_store.read_manifest(masks)
-    meta = {key: manifest[key] for key in ("model", "corpus", "seq_len", "heldout_every",
-                                           "split", "sites", "layers", "thresholds", "d_ff")}
+    meta = {key: manifest[key] for key in ("format_version", "model", "corpus", "seq_len",
+                                           "heldout_every", "split", "sites", "layers",
+                                           "thresholds", "d_ff")}
     meta["text_column"] = manifest.get("identity", {}).get("text_column", "text")
     return run_baseline(_evaluate_config(cfg, masks, None), meta)
 
@@ -142,7 +146,8 @@ def run_identity(cfg: C.RunConfig, masks: str) -> dict:
             "fit_tokens": manifest["tokens"], "eval_max_tokens": cfg.eval_max_tokens,
             "heldout_every": cfg.heldout_every, "dense_prefix": cfg.dense_prefix,
             "mask_mode": cfg.mask_mode, "thresholds": manifest["thresholds"],
-            "sites": manifest.get("sites"), "sparsity_target": manifest.get("sparsity_target"),
+            "sites": manifest.get("sites"), "pool_layers": getattr(cfg, "pool_layers", False),
+            "sparsity_target": manifest.get("sparsity_target"),
             "threshold": cfg.threshold, "seed": cfg.seed}
 
 

@@ -35,10 +35,11 @@ RUN_RECORD = "run.json"
 def run_train_predictor(cfg) -> dict:
     """Fit, finish and write the predictor; returns predictor.json's content."""
     from actclust.io.corpus import load_windows
-    from actclust.io.centroid_store import load_centroids
+    from actclust.io.centroid_store import load_centroids, require_single_site
     from actclust.io.models import load_tokenizer
 
     meta, _ = load_centroids(cfg.centroids)
+    require_single_site(meta, cfg.centroids, "train-predictor")
     out = Path(cfg.out).resolve()
     ident = _identity(cfg, meta)
     done = _finished(out, ident)

@@ -50,9 +50,10 @@ def centroid_masks(centroids_dir, model_name: Optional[str] = None) -> tuple[dic
     import torch
 
     from actclust.io import mask_store
-    from actclust.io.centroid_store import check_width, load_centroids
+    from actclust.io.centroid_store import check_width, load_centroids, require_single_site
 
     meta, packed = load_centroids(centroids_dir)
+    require_single_site(meta, centroids_dir, "the sparse FFN of actclust generate")
     check_width(meta, packed)
     if meta.get("sites", "intermediate") not in D_FF_SITES:
         raise UserError(f"centroids in {centroids_dir} are over site {meta['sites']!r}; the "
