@@ -131,9 +131,8 @@ def _add_extract(sub) -> None:
         epilog=_examples(
             "actclust extract --model tiny:opt --out /tmp/m --max-tokens 8192 --seq-len 64 "
             "--workers 2",
-            "actclust extract --out runs/masks --sparsity 0.5 --max-tokens 16384",
-            "actclust extract --model tiny:llama --sites gate,up,down_out --out /tmp/m3 "
-            "--max-tokens 4096 --seq-len 64"))
+            "actclust extract --out runs/masks3 --sites gate,up,down_out --sparsity 0.5 "
+            "--max-tokens 16384"))
     _config_flag(p)
     _corpus_flags(p)
     p.add_argument("--out", metavar="DIR",
