@@ -295,3 +295,28 @@ def test_sites_in_run_configs_and_the_paper_presets():
             assert cfg.sparsity == 0.5
     embedded = build(RunConfig, load_yaml(REPO / "jobs" / "presets" / "paper_embedded.yaml"))
     assert embedded.model == "embedded:smollm2-135m" and embedded.corpus == "embedded:pydoc"
+
+
+def test_a_multi_site_run_shares_its_baseline(tmp_path, ray_session):
+    from actclust.orchestration.pipeline import evaluate_stage, run_pipeline
+
+    cfg = build(RunConfig, dict(out=str(tmp_path / "run"), model=MODEL, seq_len=SEQ,
+                                max_tokens=FIT_TOKENS, eval_max_tokens=EVAL_TOKENS, k=[2],
+                                sites=["gate", "down_out"], pool_layers=True,
+                                algorithm=["activation-aware"], mask_mode="and",
+                                dense_prefix=0, workers=1))
+    run_pipeline(cfg)
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    assert len(rows) == 1 and len(rows[0]["per_layer_recall"]) == 4  # 2 sites x 2 layers
+    manifest = store.read_manifest(str(tmp_path / "run" / "masks"))
+    assert manifest["format_version"] == 2 and manifest["sites"] == ["gate", "down_out"]
+    # The trial read the run's baseline (dense and oracle passes from the manifest's
+    # thresholds): a changed baseline shows in a new evaluation of the same centroids.
+    path = tmp_path / "run" / "eval" / "baseline" / "baseline.json"
+    baseline = json.loads(path.read_text())
+    baseline["nll"]["dense"] = [v + 1.0 for v in baseline["nll"]["dense"]]
+    path.write_text(json.dumps(baseline))
+    centroids = str(tmp_path / "run" / "clusters" / "k=2-theta=0.5-activation-aware")
+    again = evaluate_stage(cfg, centroids, "again")
+    assert again["dense_ppl"] > rows[0]["dense_ppl"] * math.exp(0.9 / SEQ)
+    assert again["cluster_ppl"] == rows[0]["cluster_ppl"]

@@ -286,7 +286,9 @@ def baseline_identity(cfg, meta: dict) -> dict:
     return {"model": cfg.model, "corpus": cfg.corpus, "text_column": cfg.text_column,
             "seq_len": cfg.seq_len, "split": cfg.split, "max_tokens": cfg.max_tokens,
             "heldout_every": cfg.heldout_every, "sites": meta["sites"],
-            "layers": list(meta["layers"]), "thresholds": list(meta["thresholds"]),
+            "layers": list(meta["layers"]),
+            "thresholds": {s: list(t) for s, t in meta["thresholds"].items()}  # version 2
+            if isinstance(meta["thresholds"], dict) else list(meta["thresholds"]),
             "dense_prefix": cfg.dense_prefix, "batch_windows": cfg.batch_windows}
 
 

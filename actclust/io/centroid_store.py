@@ -168,14 +168,15 @@ def site_meta(meta: dict, site: str) -> dict:
             "thresholds": meta["thresholds"][site]}
 
 
-def slots(meta: dict) -> list[tuple[str, int, int, float]]:
+def slots(meta: dict) -> list[tuple[str, int, int, float | None]]:
     """(site, layer, width, threshold) of every masked (site, layer), site-major: the order
     of :func:`load_centroids`' list."""
     out = []
     for site in sites_of(meta):
         one = site_meta(meta, site)
-        out += [(site, layer, int(one["d_ff"]), float(tau))
-                for layer, tau in zip(one["layers"], one["thresholds"])]
+        taus = one.get("thresholds") or [None] * len(one["layers"])  # optional when reading
+        out += [(site, layer, int(one["d_ff"]), None if tau is None else float(tau))
+                for layer, tau in zip(one["layers"], taus)]
     return out
 
 
