@@ -272,7 +272,8 @@ def _add_train_predictor(sub) -> None:
     _config_flag(p)
     p.add_argument("--centroids", metavar="DIR",
                    help="clustering directory written by actclust cluster (required)")
-    p.add_argument("--out", metavar="DIR", help="output directory of the predictor (required)")
+    p.add_argument("--out", metavar="DIR", help="output directory of the predictor, a path or "
+                   "an s3:// or gs:// URI (required)")
     p.add_argument("--kind", metavar="NAME",
                    help=f"cluster or neuron (default: {_default(cls, 'kind')})")
     p.add_argument("--rank", type=int, metavar="R",
