@@ -205,6 +205,9 @@ class EvaluateConfig:
             raise UserError(f"seq_len must be at least 2, got {self.seq_len}")
 
 
+PREDICTOR_CHOICES = ("none", "cluster", "neuron", "both")
+
+
 @dataclasses.dataclass
 class PredictorConfig:
     """A cluster-id or neuron-mask predictor fitted on the centroids' fitting windows."""
@@ -258,8 +261,14 @@ class RunConfig:
     algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
     dense_prefix: int = 1
     mask_mode: str = "replace"
+    # Per trial, after its centroids: train this predictor kind (both: cluster and neuron)
+    # with Ray Train and evaluate it (eval.json's predicted_*).
+    predictor: str = "none"
+    predictor_epochs: int = 6
 
     def validate(self) -> None:
+        _choice(self.predictor, PREDICTOR_CHOICES, "predictor")
+        _positive(self.predictor_epochs, "predictor_epochs")
         if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
             raise UserError(f"k must be a list of positive integers, got {self.k}")
         if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.theta):

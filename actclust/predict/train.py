@@ -86,6 +86,7 @@ def run_train_predictor(cfg) -> dict:
         "epochs": cfg.epochs, "workers": cfg.workers, "batch_tokens": cfg.batch_tokens,
         "lr": cfg.lr, "seed": cfg.seed, "train_seconds": round(seconds, 1),
         "resumed_after_epoch": state["first_epoch"],
+        "placement": state["placement"],
         **figures, "identity": ident,
     }
     tensors = {n: p.detach() for n, p in net.state_dict().items()}
@@ -136,7 +137,7 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
 
     init_ray()
     path, filesystem = predictor_store.checkpoint_storage(out)
-    loop_config["threads"], scaling = _scaling(workers)
+    loop_config["threads"], scaling, placement = _scaling(workers)
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config, scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=path, storage_filesystem=filesystem,
@@ -147,6 +148,7 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
     state["first_epoch"] = int(result.metrics.get("first_epoch", 0))
+    state["placement"] = placement
     return state
 
 
@@ -160,7 +162,8 @@ TRIAL_WORKER_CPU = 0.01
 
 
 def _scaling(workers: int):
-    """(threads per worker, ScalingConfig) for a standalone run or one inside a trial."""
+    """(threads per worker, ScalingConfig, "own" or "trial") for a standalone run or one
+    inside a Tune trial."""
     import ray
     from ray.train import ScalingConfig
     from ray.util import get_current_placement_group
@@ -173,11 +176,12 @@ def _scaling(workers: int):
         node = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         return max(1, int(bundle.get("CPU", 1))), ScalingConfig(
             num_workers=workers, use_gpu=False, label_selector=node,
-            resources_per_worker={"CPU": TRIAL_WORKER_CPU})
+            resources_per_worker={"CPU": TRIAL_WORKER_CPU}), "trial"
     if cluster_gpus() > 0:
-        return 1, ScalingConfig(num_workers=workers, use_gpu=True)
+        return 1, ScalingConfig(num_workers=workers, use_gpu=True), "own"
     threads = max(1, _cpus() // workers)
-    return threads, ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads})
+    return threads, ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}), \
+        "own"
 
 
 def _cpus() -> int:
