@@ -95,7 +95,8 @@ def _cmd_sweep(args) -> int:
 
     if not args.config:
         raise UserError("sweep needs --config FILE (see jobs/presets/sweep_default.yaml)")
-    run_sweep(C.load_yaml(args.config), source=args.config)
+    overrides = {"predictor": args.predictor} if args.predictor is not None else None
+    run_sweep(C.load_yaml(args.config), source=args.config, overrides=overrides)
     return 0
 
 

@@ -274,7 +274,8 @@ def _add_train_predictor(sub) -> None:
     _config_flag(p)
     p.add_argument("--centroids", metavar="DIR",
                    help="clustering directory written by actclust cluster (required)")
-    p.add_argument("--out", metavar="DIR", help="output directory of the predictor (required)")
+    p.add_argument("--out", metavar="DIR", help="output directory of the predictor, a path or "
+                   "an s3:// or gs:// URI (required)")
     p.add_argument("--kind", metavar="NAME",
                    help=f"cluster or neuron (default: {_default(cls, 'kind')})")
     p.add_argument("--rank", type=int, metavar="R",
@@ -339,7 +340,7 @@ def _add_run(sub) -> None:
                     "for every K and theta, evaluate each clustering on held-out windows, and "
                     "write results.csv, results.json and report.html. Finished stages are "
                     "reused on a rerun. The config file also takes seq_len, eval_max_tokens, "
-                    "sparsity, threshold, k, theta, seed and algorithm.",
+                    "sparsity, threshold, k, theta, seed, algorithm and predictor_epochs.",
         epilog=_examples("actclust run --out runs/demo",
                          "actclust run --config jobs/presets/embedded_default.yaml"))
     _config_flag(p)
@@ -354,6 +355,13 @@ def _add_run(sub) -> None:
                         f"{_default(cls, 'max_tokens')}); held-out tokens for perplexity are the "
                         f"config's eval_max_tokens (default: {_default(cls, 'eval_max_tokens')})")
     _workers_flag(p, cls, "actors per stage")
+    _predictor_kind_flag(p)
+
+
+def _predictor_kind_flag(p) -> None:
+    p.add_argument("--predictor", metavar="KIND",
+                   help="per trial, train and evaluate a predictor: none, cluster, neuron or "
+                        f"both (default: {_default(C.RunConfig, 'predictor')})")
 
 
 def _add_sweep(sub) -> None:
@@ -367,6 +375,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="YAML sweep description: the keys of run plus lists for k, theta and "
                         "algorithm, worker_cpus, max_concurrent_trials (required)")
+    _predictor_kind_flag(p)
 
 
 def _add_verify(sub) -> None:

@@ -206,6 +206,9 @@ class EvaluateConfig:
             raise UserError(f"seq_len must be at least 2, got {self.seq_len}")
 
 
+PREDICTOR_CHOICES = ("none", "cluster", "neuron", "both")
+
+
 @dataclasses.dataclass
 class PredictorConfig:
     """A cluster-id or neuron-mask predictor fitted on the centroids' fitting windows."""
@@ -261,12 +264,21 @@ class RunConfig:
     mask_mode: str = "replace"
     sites: "list | str" = "intermediate"  # several: masked together (format version 2)
     pool_layers: bool = False  # one centroid set per site over all layers (baselines only)
+    # Per trial, after its centroids: train this predictor kind (both: cluster and neuron)
+    # with Ray Train and evaluate it (eval.json's predicted_*).
+    predictor: str = "none"
+    predictor_epochs: int = 6
 
     def validate(self) -> None:
         self.sites = ",".join(parse_sites(self.sites))
         if self.pool_layers and "hamming-kmeans" in self.algorithm:
             raise UserError("pool_layers needs algorithm brb-kmeans or activation-aware "
                             "(hamming-kmeans fits one centroid set per layer)")
+        _choice(self.predictor, PREDICTOR_CHOICES, "predictor")
+        _positive(self.predictor_epochs, "predictor_epochs")
+        if self.predictor != "none" and self.sites != "intermediate":
+            raise UserError(f"predictor: {self.predictor} needs sites: intermediate (a predictor "
+                            f"names FFN-intermediate centroids), got sites: {self.sites}")
         if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
             raise UserError(f"k must be a list of positive integers, got {self.k}")
         if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.theta):

@@ -237,6 +237,57 @@ def test_top_m_masks_with_the_union_of_centroids(fitted, trained, tmp_path):
     assert report["predicted_density"] == pytest.approx(np.mean([u.mean() for u in union]))
 
 
+def test_predicted_weighted_recall_equals_the_cluster_pass_when_prediction_is_assignment(
+        fitted, trained, tmp_path):
+    """K = 1: every token's oracle assignment is cluster 0, and so is every prediction, so
+    the predicted pass is the cluster pass and its figures must be the cluster pass's."""
+    run_cluster(build(ClusterConfig, dict(masks=str(fitted / "masks"), k=1, out=str(tmp_path / "c1"))))
+    record = json.loads((fitted / "p" / "predictor.json").read_text())
+    identity = {**record["identity"],
+                "centroids_sha256": store.sha256_file(tmp_path / "c1" / "centroids.parquet")}
+    M.save(tmp_path / "p1", {**record, "k": 1, "rank": 1, "identity": identity},
+           {"down": torch.zeros(2, 64, 1), "up": torch.zeros(2, 1, 1), "bias": torch.zeros(2, 1)})
+    report = run_evaluate(build(EvaluateConfig, dict(
+        centroids=str(tmp_path / "c1"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
+        predictor=str(tmp_path / "p1"))))
+    assert report["predicted_accuracy"] == 1.0
+    assert 0 < report["weighted_recall"] < 1
+    assert report["predicted_weighted_recall"] == pytest.approx(report["weighted_recall"], rel=1e-6)
+    assert report["predicted_ppl"] == pytest.approx(report["cluster_ppl"], rel=1e-9)
+    assert report["predicted_effective_density"] == pytest.approx(report["effective_density"])
+    for row in report["per_layer"]:
+        assert row["predicted_weighted_recall"] == pytest.approx(row["weighted_recall"], rel=1e-6)
+        assert row["predicted_recall"] == pytest.approx(row["recall"], rel=1e-9)
+
+
+def test_predicted_weighted_recall_of_the_union_of_all_centroids(fitted, trained, tmp_path):
+    """A fixed predictor with top-m 2 masks with the union of centroids 2 and 6; layer 0 sees
+    the dense input in every pass, so its weighted recall follows from a dense forward with
+    the dense prefix excluded."""
+    from actclust.capture.hooks import per_layer_on_host
+
+    meta, centroids = load_centroids(fitted / "c")
+    width = meta["d_ff"]
+    pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", "cluster", 2, 6)
+    report = run_evaluate(build(EvaluateConfig, dict(
+        centroids=str(fitted / "c"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
+        predictor=str(pred_dir), top_m=2)))  # default dense_prefix 1
+    union = store.unpack(centroids[0][[2, 6]], width).any(axis=0)
+    w = load_windows("embedded:pydoc", ByteTokenizer(), SEQ, split="heldout", max_tokens=SEQ * 8)
+    a = np.concatenate(per_layer_on_host(load_model("tiny:llama").model, w.ids, "intermediate", 4,
+                                         lambda layer, x: x.double())[0])  # (W, T, width)
+    body = np.abs(a[:, 1:].reshape(-1, width))
+    mass = body * (body > meta["thresholds"][0])
+    want = (mass * union).sum() / mass.sum()
+    assert 0 < want < 1
+    row = report["per_layer"][0]
+    assert row["predicted_weighted_recall"] == pytest.approx(want, rel=1e-5)
+    masked, prefix = len(body), len(w)
+    assert row["predicted_effective_density"] == pytest.approx(
+        (masked * union.sum() + prefix * width) / ((masked + prefix) * width))
+    assert 0 < report["predicted_weighted_recall"] <= 1
+
+
 def test_evaluation_refuses_foreign_or_overlapping_predictors(fitted, trained, tmp_path):
     base = ["evaluate", "--centroids", str(fitted / "c"), "--out", str(tmp_path / "e"),
             "--max-tokens", str(SEQ * 4)]

@@ -261,3 +261,103 @@ def test_the_readme_run_command_works_on_s3(bucket, s3_server):
     rows = storage.read_json(storage.join(out, "results.json"))["rows"]
     assert [r["k"] for r in rows] == [4, 8]
     assert all(0 < r["recall"] <= 1 and np.isfinite(r["cluster_ppl"]) for r in rows)
+
+
+# --- predictors on S3 -------------------------------------------------------------------
+
+PREDICTOR = dict(epochs=2, workers=1)
+
+
+@pytest.fixture(scope="module")
+def predictor_runs(bucket, tmp_path_factory):
+    """A cluster predictor trained and evaluated with every directory on S3, and the same
+    from a local directory as the reference (centroids from the same masks)."""
+    from actclust.evaluation.evaluate import run_evaluate
+    from actclust.predict.train import run_train_predictor
+
+    masks = storage.join(bucket, "p-masks")
+    extract(masks)
+    runs = {}
+    for name, root in (("s3", storage.join(bucket, "p")),
+                       ("local", str(tmp_path_factory.mktemp("plocal")))):
+        centroids = storage.join(root, "clusters")
+        cluster(masks, centroids)
+        out = storage.join(root, "predictor")
+        record = run_train_predictor(C.build(C.PredictorConfig, dict(
+            PREDICTOR, centroids=centroids, out=out)))
+        report = run_evaluate(C.build(C.EvaluateConfig, dict(
+            centroids=centroids, out=storage.join(root, "eval"), predictor=out,
+            max_tokens=SEQ_LEN * 8, workers=1)))
+        runs[name] = dict(root=root, centroids=centroids, out=out, record=record, report=report)
+    return runs
+
+
+def test_predictor_on_s3_evaluates_like_the_local_one(predictor_runs, s3_server):
+    s3, local = predictor_runs["s3"], predictor_runs["local"]
+    for key in ("training_tokens", "validation_tokens", "train_accuracy",
+                "validation_accuracy", "params", "rank"):
+        assert s3["record"][key] == local["record"][key], key
+    on_s3 = storage.read_json(storage.join(s3["root"], "eval", "eval.json"))
+    assert on_s3["predicted_ppl"] == s3["report"]["predicted_ppl"]
+    for key in ("cluster_ppl", "predicted_ppl", "predicted_ppl_ci95", "predicted_accuracy",
+                "predicted_precision", "predicted_recall", "predicted_density"):
+        assert s3["report"][key] == local["report"][key], key
+    assert np.isfinite(s3["report"]["predicted_ppl"]) and 0 < s3["report"]["predicted_recall"] <= 1
+    keys = {k.split("/predictor/", 1)[1] for k in s3_server.keys(s3["out"][len("s3://"):])}
+    assert {"predictor.json", "predictor.safetensors", "run.json", "features/features.json",
+            "features/shard-00000.parquet", "features/shard-00000.json"} <= keys
+    assert any(k.startswith("ray/train/checkpoint_") and k.endswith("/state.pt") for k in keys)
+    # The predictor on S3 also drives sparse generation.
+    done = run_cli("generate", "--centroids", s3["centroids"], "--predictor", s3["out"],
+                   "--prompt", "The for statement", "--max-new-tokens", "4")
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
+
+
+def test_predictor_on_s3_refuses_a_foreign_prefix(predictor_runs, bucket):
+    foreign = storage.join(bucket, "foreign")
+    storage.write_bytes_atomic(b"someone else's", storage.join(foreign, "data.bin"))
+    assert_user_error(run_cli("train-predictor", "--centroids", predictor_runs["s3"]["centroids"],
+                              "--out", foreign), "not empty")
+    assert storage.list_names(foreign) == ["data.bin"]
+
+
+@pytest.mark.timeout(1200)  # two Ray Train start-ups; slow on a loaded 2-core machine
+def test_killed_predictor_training_on_s3_resumes_from_its_checkpoint(predictor_runs, bucket):
+    """SIGKILL the CLI once Ray Train has recorded a checkpoint in the bucket; leave a stray
+    weights object and a feature shard without its record; rerun: it resumes after a
+    recorded epoch, rewrites the stray shard to the same bytes and commits the predictor."""
+    from actclust.io import predictor_store
+
+    out = storage.join(bucket, "killed-predictor")
+    args = ["train-predictor", "--centroids", predictor_runs["s3"]["centroids"], "--out", out,
+            "--epochs", "12", "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "actclust", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    snapshot = storage.join(out, "ray", "train", "checkpoint_manager_snapshot.json")
+    try:
+        while not storage.is_file(snapshot):
+            assert proc.poll() is None, "training ended before a checkpoint was recorded"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not predictor_store.is_finished(out)
+
+    features = storage.join(out, "features")
+    shard = "shard-00001.parquet"
+    record = storage.read_json(storage.join(features, "shard-00001.json"))
+    storage.delete_file(storage.join(features, "shard-00001.json"))
+    storage.write_bytes_atomic(b"half an upload", storage.join(features, shard))
+    storage.write_bytes_atomic(b"half an upload", storage.join(out, predictor_store.WEIGHTS))
+
+    done = run_cli(*args, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = predictor_store.read_meta(out)
+    assert result["resumed_after_epoch"] >= 1 and result["epochs"] == 12
+    assert storage.read_json(storage.join(features, "shard-00001.json")) == record
+    assert storage.sha256_file(storage.join(features, shard)) == record["sha256"]
+    from actclust.predict import load_predictor
+
+    assert load_predictor(out).k == 4

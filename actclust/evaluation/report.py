@@ -40,6 +40,10 @@ DEFINITIONS = [
                           "dense-prefix tokens counted at 1.0"),
     ("[lo, hi]", "95% percentile bootstrap over held-out windows, the same resampled windows "
                  "for every mode (paired)"),
+    ("predicted_ppl", "perplexity with each layer masked by what a trained predictor says from "
+                      "the FFN input before the FFN runs: the predicted cluster's centroid, or a "
+                      "neuron predictor's thresholded output (its figures: neuron_predicted_*)"),
+    ("predicted_weighted_recall", "sum |a| m p / sum |a| m, p the predicted mask"),
     ("held-out", "window seq is held out iff seq % heldout_every == heldout_every - 1; "
                  "fitting never sees those windows (evaluate refuses otherwise)"),
 ]
@@ -164,6 +168,11 @@ def _ppl_vs_effective_density(rows: list[dict], plt, save) -> None:
             ax.axhspan(*first[f"{key}_ci95"], color=style["color"], alpha=0.08)
     if first.get("oracle_effective_density") is not None:
         ax.plot([first["oracle_effective_density"]], [first["oracle_ppl"]], "g*", ms=10)
+    for label, prefix, series in predicted_series(rows):
+        key = f"{prefix}predicted_ppl"
+        ax.errorbar([r[f"{prefix}predicted_effective_density"] for r in series],
+                    [r[key] for r in series], yerr=_yerr(series, key), fmt="s--", capsize=3,
+                    mfc="none", label=f"predicted: {label}")
     ax.set_yscale("log")
     ax.set_xlabel("effective density (FFN neurons kept, dense prefix at 1.0)")
     ax.set_ylabel("held-out perplexity, 95% interval")
@@ -173,6 +182,41 @@ def _ppl_vs_effective_density(rows: list[dict], plt, save) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     save(fig, "perplexity_vs_effective_density")
+
+
+# Columns of the neuron predictor's figures in a ``predictor: both`` row.
+NEURON = "neuron_"
+
+
+def predicted_series(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """Every predicted curve: (label, column prefix, its rows by K), one per fit group and
+    predictor kind; the prefix is "" (the row's predictor_kind) or NEURON."""
+    found = []
+    for alg, obj in sorted({(r["algorithm"], objective(r)) for r in rows}):
+        for prefix in ("", NEURON):
+            series = sorted((r for r in rows if (r["algorithm"], objective(r)) == (alg, obj)
+                             and r.get(f"{prefix}predicted_ppl") is not None
+                             and r.get(f"{prefix}predicted_effective_density") is not None),
+                            key=lambda r: r["k"])
+            if series:
+                kind = "neuron" if prefix else series[0].get("predictor_kind")
+                found.append((f"{alg} {obj}, {kind} predictor", prefix, series))
+    return found
+
+
+def _predicted_list(rows: list[dict]) -> str:
+    """The predicted series, point by point, beside the oracle-assignment ones."""
+    items = []
+    for label, prefix, series in predicted_series(rows):
+        points = "; ".join(
+            f"K={r['k']}: {r[prefix + 'predicted_ppl']:.4g} "
+            f"[{r[prefix + 'predicted_ppl_ci95'][0]:.4g}, {r[prefix + 'predicted_ppl_ci95'][1]:.4g}]"
+            f" at effective density {r[prefix + 'predicted_effective_density']:.3f} "
+            f"(cluster, oracle assignment: {r['cluster_ppl']:.4g})" for r in series)
+        items.append(f"<li><b>predicted: {html.escape(label)}</b>: {html.escape(points)}</li>")
+    if not items:
+        return ""
+    return f"<h2>Predicted series</h2><ul>{''.join(items)}</ul>"
 
 
 def _yerr(series: list[dict], key: str):
@@ -195,6 +239,12 @@ def _table(rows: list[dict]) -> str:
     cols = ["k", "objective", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl", "random_ppl",
             "effective_density", "density", "random_density", "precision", "recall",
             "weighted_recall", "f1", "true_density", "cost", "fit_seconds", "hit_cap"]
+    for prefix in ("", NEURON):  # predictor columns only where a predictor ran
+        extra = [f"{prefix}{c}" for c in ("predicted_ppl", "predicted_effective_density",
+                                          "predicted_accuracy", "predicted_weighted_recall",
+                                          "predictor_params_fraction")]
+        if any(r.get(extra[0]) is not None for r in rows):
+            cols += ([] if prefix else ["predictor_kind"]) + extra
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = []
     for r in sorted(rows, key=lambda r: (r["algorithm"], objective(r), r["k"])):
@@ -234,6 +284,7 @@ figure{{display:inline-block;margin:8px}}img{{max-width:600px}}pre{{background:#
 </head><body>
 <h1>actclust report</h1>
 <h2>Results</h2>{_table(rows)}
+{_predicted_list(rows)}
 <h2>Plots</h2>{images}
 <h2>Definitions</h2><dl>{defs}</dl>
 <h2>Run identity</h2><pre>{html.escape(json.dumps(identity, indent=1))}</pre>

@@ -6,6 +6,8 @@ Layout of ``out``::
     out/clusters/k=<K>-theta=<t>/   actclust cluster (k=<K>-density=<D>/ in density mode)
     out/eval/baseline/              dense and oracle passes, computed once per run
     out/eval/k=<K>-theta=<t>/       actclust evaluate (held-out windows)
+    out/predictors/k=<K>-theta=<t>/<kind>/   actclust train-predictor (with ``predictor:``)
+    out/eval/k=<K>-theta=<t>/predicted-neuron/   the neuron predictor's eval.json (``both``)
     out/results.csv, results.json   one row per (K, objective)
     out/report.html, plots/         actclust report
 
@@ -29,7 +31,18 @@ RESULT_COLUMNS = ("k", "theta", "target_density", "objective", "algorithm", "den
                   "cluster_ppl_ci95", "random_ppl_ci95", "effective_density",
                   "oracle_effective_density", "density", "random_density", "precision", "recall",
                   "weighted_recall", "f1", "accuracy", "true_density", "dense_prefix",
-                  "mask_mode", "windows", "cost", "fit_seconds", "hit_cap", "tokens")
+                  "mask_mode", "windows", "cost", "fit_seconds", "hit_cap", "tokens",
+                  "predictor_kind", "predictor_params_fraction", "predicted_ppl",
+                  "predicted_ppl_ci95", "predicted_effective_density", "predicted_density",
+                  "predicted_accuracy", "predicted_precision", "predicted_recall",
+                  "predicted_weighted_recall")
+# With ``predictor: both`` the neuron predictor's figures sit beside the cluster predictor's.
+NEURON = "neuron_"
+NEURON_COLUMNS = tuple(NEURON + c for c in RESULT_COLUMNS
+                       if c.startswith("predict") and c != "predictor_kind")
+RESULT_COLUMNS += NEURON_COLUMNS
+PREDICTOR_KINDS = {"none": (), "cluster": ("cluster",), "neuron": ("neuron",),
+                   "both": ("cluster", "neuron")}
 # Algorithms without a theta: one trial per K for all the thetas listed (densities still vary).
 THETA_FREE = ("brb-kmeans", "activation-aware")
 
@@ -98,21 +111,69 @@ def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float | None, alg
     return out
 
 
-def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
+def predictor_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
+    """Train the run's predictor kind(s) on one trial's centroids (Ray Train); {kind: dir}.
+
+    The kinds share the trial's feature shards (the same fitting windows and true masks).
+    """
+    from actclust.predict.train import run_train_predictor
+
+    trained = {}
+    for kind in PREDICTOR_KINDS[cfg.predictor]:
+        out = storage.join(cfg.out, "predictors", name, kind)
+        run_train_predictor(C.build(C.PredictorConfig, dict(
+            centroids=centroids, out=out, kind=kind, epochs=cfg.predictor_epochs,
+            workers=cfg.workers, seed=cfg.seed,
+            features=storage.join(cfg.out, "predictors", name, "features"))))
+        trained[kind] = out
+    return trained
+
+
+def neuron_eval_dir(cfg: C.RunConfig, name: str) -> str:
+    """Where the neuron predictor's eval.json of a ``predictor: both`` trial lives."""
+    return storage.join(cfg.out, "eval", name, "predicted-neuron")
+
+
+def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str,
+                   predictors: dict | None = None) -> dict:
+    """eval.json of a trial, with the mode ``predicted`` of its first predictor kind.
+
+    With two kinds the neuron predictor is evaluated first, into its own eval.json (same
+    windows and bootstrap seed, so its intervals pair with the others); the trial's
+    eval.json, written last, stays its commit record.
+    """
     from actclust.evaluation.evaluate import run_evaluate
 
+    predictors = predictors or {}
+    kinds = list(predictors)
+    if len(kinds) > 1:
+        second = neuron_eval_dir(cfg, name)
+        if eval_store.read_eval(second) is None:
+            run_evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"]))
     out = storage.join(cfg.out, "eval", name)
     finished = eval_store.read_eval(out)
-    if finished is not None:
+    if finished is not None and finished.get("predictor_kind") == (kinds[0] if kinds else None):
         return finished
-    return run_evaluate(_evaluate_config(cfg, centroids, out))
+    return run_evaluate(_evaluate_config(cfg, centroids, out,
+                                         predictors[kinds[0]] if kinds else None))
 
 
-def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None):
+def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None,
+                     predictor: str | None = None):
     return C.build(C.EvaluateConfig, dict(
         centroids=centroids or "-", out=out or "-", max_tokens=cfg.eval_max_tokens,
         workers=cfg.workers, seed=cfg.seed, dense_prefix=cfg.dense_prefix,
-        mask_mode=cfg.mask_mode, baseline=storage.join(cfg.out, "eval", "baseline")))
+        mask_mode=cfg.mask_mode, baseline=storage.join(cfg.out, "eval", "baseline"),
+        predictor=predictor))
+
+
+def trial_evaluation(cfg: C.RunConfig, centroids: str, name: str) -> tuple[dict, dict | None]:
+    """Train the trial's predictors (if any) and evaluate: (eval.json, the neuron
+    predictor's eval.json with ``predictor: both``, else None)."""
+    predictors = predictor_stage(cfg, centroids, name)
+    report = evaluate_stage(cfg, centroids, name, predictors)
+    second = eval_store.read_eval(neuron_eval_dir(cfg, name)) if len(predictors) > 1 else None
+    return report, second
 
 
 def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
@@ -127,8 +188,10 @@ def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
     return run_baseline(_evaluate_config(cfg, masks, None), meta)
 
 
-def result_row(report: dict, cluster_meta: dict) -> dict:
+def result_row(report: dict, cluster_meta: dict, neuron_report: dict | None = None) -> dict:
     row = {key: report.get(key) for key in RESULT_COLUMNS}
+    for key in NEURON_COLUMNS:
+        row[key] = (neuron_report or {}).get(key[len(NEURON):])
     row.update(k=cluster_meta["k"], theta=cluster_meta["theta"],
                target_density=cluster_meta.get("density"),
                objective=objective_label(cluster_meta["theta"], cluster_meta.get("density")),
@@ -177,9 +240,9 @@ def run_pipeline(cfg: C.RunConfig) -> str:
     for point in trial_grid(cfg):
         name = trial_name(**point)
         centroids = cluster_stage(cfg, masks, **point)
-        report = evaluate_stage(cfg, centroids, name)
+        report, second = trial_evaluation(cfg, centroids, name)
         meta = centroid_store.read_meta(centroids)
-        rows.append(result_row(report, meta))
+        rows.append(result_row(report, meta, second))
         log.info("K=%d %s %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
                  "density %.3f, recall %.3f, weighted recall %.3f", point["k"],
                  objective_label(point["theta"], point["density"]), point["algorithm"],

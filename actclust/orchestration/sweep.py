@@ -4,7 +4,9 @@ The grid is one list of points (k, theta or density, algorithm); with ``static_p
 (default on) every objective also gets a K = 1 hamming-kmeans point, one static mask
 per layer: the "no clustering" floor the clusterings are read against.
 
-Each trial fits centroids with the distributed clusterer and evaluates them with
+Each trial fits centroids with the distributed clusterer, trains the configured
+predictor kind(s) on them with Ray Train (``predictor: cluster|neuron|both``; see
+:func:`actclust.predict.train._scaling` for where its workers run), evaluates with
 evaluation actors, then reports ``cluster_ppl``, ``precision``, ``recall``,
 ``density`` and the fit time through ``tune.report``. A trial declares a
 placement group (a small bundle for itself and one bundle per worker actor);
@@ -28,9 +30,9 @@ from actclust.errors import UserError
 from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, baseline_stage, cluster_stage,
-                                             evaluate_stage, extract_stage, objectives,
-                                             result_row, run_identity, trial_grid, trial_name,
-                                             write_results)
+                                             extract_stage, objectives, result_row,
+                                             run_identity, trial_evaluation, trial_grid,
+                                             trial_name, write_results)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ class SweepConfig(C.RunConfig):
     IDENTITY: typing.ClassVar[tuple] = (
         "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
         "sparsity", "threshold", "k", "theta", "density", "algorithm", "seed", "workers",
-        "static_point", "dense_prefix", "mask_mode", "sites", "pool_layers")
+        "static_point", "dense_prefix", "mask_mode", "sites", "pool_layers", "predictor",
+        "predictor_epochs")
 
     out: str = "runs/sweep"
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
@@ -67,9 +70,9 @@ def trial(config: dict) -> None:
     point = config["point"]
     name = trial_name(**point)
     centroids = cluster_stage(cfg, config["masks"], **point)
-    report = evaluate_stage(cfg, centroids, name)
+    report, second = trial_evaluation(cfg, centroids, name)
     meta = centroid_store.read_meta(centroids)
-    row = result_row(report, meta)
+    row = result_row(report, meta, second)
     tune.report({key: row[key] for key in RESULT_COLUMNS if row.get(key) is not None}
                 | {"per_layer_recall": row["per_layer_recall"], "trial": name})
 

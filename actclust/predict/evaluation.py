@@ -3,9 +3,11 @@ from that layer's FFN input in the same masked pass, before the FFN runs.
 
 Kind ``cluster``: the centroid of the top-1 predicted cluster (the union of the top-M
 centroids with ``--top-m M``); kind ``neuron``: the thresholded neuron prediction.
-Per layer the pass also counts, against the token's true mask in that pass:
-top-1 agreement with the true mask's own assignment (kind cluster), and the
-predicted mask's bits, the true bits and their overlap.
+Per layer the pass also counts, against the token's true mask in that pass and at
+the masked positions only (the dense prefix is excluded, as in the cluster pass):
+top-1 agreement with the true mask's own assignment (kind cluster), the predicted
+mask's bits, the true bits, their overlap, and the activation mass sum |a| m and
+the part of it the predicted mask keeps, sum |a| m p.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from actclust.io import mask_store as store
 from actclust.io import storage
 from actclust.errors import UserError
 
-# Per-layer integer sums of the predicted pass.
-FIELDS = ("tokens", "agree", "predicted_bits", "true_bits", "overlap")
+# Per-layer sums of the predicted pass (float64: counts exact below 2**53).
+FIELDS = ("tokens", "agree", "predicted_bits", "true_bits", "overlap", "true_mass", "kept_mass")
 
 
 def check_predictor(predictor_dir: str, cfg, meta: dict, windows) -> dict:
@@ -68,7 +70,7 @@ class PredictedMasks:
         self.top_m = top_m
         self.layers = self.predictor.layers
         self.inputs: list = []
-        self.stats = np.zeros((len(self.layers), len(FIELDS)), dtype=np.int64)
+        self.stats = np.zeros((len(self.layers), len(FIELDS)), dtype=np.float64)
 
     @contextlib.contextmanager
     def capturing(self, model):
@@ -79,11 +81,14 @@ class PredictedMasks:
             yield
 
     def mask(self, slot: int, a):
-        """The predicted mask of clustered layer ``slot``, shaped like its activation ``a``."""
+        """The predicted mask of clustered layer ``slot``, shaped like its activation ``a``
+        (ones on the dense prefix)."""
+        import torch
+
         layer = self.layers[slot]
-        width = a.shape[-1]
-        h = self.inputs[layer].reshape(-1, self.inputs[layer].shape[-1])
-        true = self.ev._true_mask(slot, a).reshape(-1, width)
+        body = self.ev._body(a)  # (N, width) masked positions
+        h = self.ev._body(self.inputs[layer])
+        true = self.ev._true_mask(slot, body)
         row = [len(true), 0]
         if self.predictor.kind == "cluster":
             ids = self.predictor.top_clusters(layer, h, self.top_m)  # (N, M)
@@ -93,31 +98,44 @@ class PredictedMasks:
             row[1] = int((ids[:, 0] == labels).sum())
         else:
             pred = self.predictor.neuron_mask(layer, h).to(self.ev.centroids[slot].dtype)
-        overlap = (pred * true.to(pred.dtype)).sum()
-        self.stats[slot] += np.array(row + [int(pred.sum()), int(true.sum()), int(overlap)],
-                                     dtype=np.int64)
-        return pred.reshape(a.shape)
+        f64 = torch.float64  # sums in float64, elementwise in the centroids' dtype as the
+        tf = true.to(pred.dtype)  # cluster pass does
+        mass = body.abs().to(pred.dtype) * tf
+        self.stats[slot] += np.array(row + [float(pred.sum(dtype=f64)), float(tf.sum(dtype=f64)),
+                                            float((pred * tf).sum(dtype=f64)),
+                                            float(mass.sum(dtype=f64)),
+                                            float((mass * pred).sum(dtype=f64))])
+        return self.ev._full(a, pred)
 
     def take_stats(self) -> np.ndarray:
         stats, self.stats = self.stats, np.zeros_like(self.stats)
         return stats
 
 
-def _figures(row: np.ndarray, width: int, kind: str) -> dict:
-    tokens, agree, pred, true, overlap = (float(v) for v in row)
+def _figures(row: np.ndarray, width: int, kind: str, prefix_tokens: int) -> dict:
+    """Figures of summed FIELDS; ``prefix_tokens`` dense-prefix (token, layer) pairs count
+    at density 1.0 in the effective density, as in the other modes."""
+    tokens, agree, pred, true, overlap, true_mass, kept_mass = (float(v) for v in row)
+    all_cells = (tokens + prefix_tokens) * width
     return {"predicted_accuracy": agree / tokens if kind == "cluster" and tokens else None,
             "predicted_precision": overlap / pred if pred else 0.0,
             "predicted_recall": overlap / true if true else 0.0,
-            "predicted_density": pred / (tokens * width) if tokens else 0.0}
+            "predicted_weighted_recall": kept_mass / true_mass if true_mass else 0.0,
+            "predicted_density": pred / (tokens * width) if tokens else 0.0,
+            "predicted_effective_density": (pred + prefix_tokens * width) / all_cells
+            if all_cells else 0.0}
 
 
-def summarize_predicted(stats: np.ndarray, record: dict, width: int, top_m: int) -> dict:
-    """eval.json's predicted_* figures from summed per-layer FIELDS (L, 5)."""
-    return {**_figures(stats.sum(axis=0), width, record["kind"]),
+def summarize_predicted(stats: np.ndarray, record: dict, width: int, top_m: int,
+                        prefix_tokens: int = 0) -> dict:
+    """eval.json's predicted_* figures from summed per-layer FIELDS (L, F);
+    ``prefix_tokens``: dense-prefix tokens per layer."""
+    kind = record["kind"]
+    return {**_figures(stats.sum(axis=0), width, kind, prefix_tokens * len(stats)),
             "predictor_params_fraction": record["params_fraction"],
-            "predictor_kind": record["kind"], "predictor_rank": record["rank"], "top_m": top_m,
-            "predicted_per_layer": [{"layer": int(layer), **_figures(stats[i], width,
-                                                                     record["kind"])}
+            "predictor_kind": kind, "predictor_rank": record["rank"], "top_m": top_m,
+            "predicted_per_layer": [{"layer": int(layer), **_figures(stats[i], width, kind,
+                                                                     prefix_tokens)}
                                     for i, layer in enumerate(record["layers"])]}
 
 
@@ -127,13 +145,18 @@ def add_predicted(report: dict, results: list, record: dict, meta: dict, top_m: 
 
     nll = math.fsum(float(v) for r in results for v in r["nll"]["predicted"])
     figures = summarize_predicted(sum(r["predicted_stats"] for r in results), record,
-                                  meta["d_ff"], top_m)
+                                  meta["d_ff"], top_m,
+                                  report["windows"] * report["dense_prefix"])
     for row, extra in zip(report["per_layer"], figures.pop("predicted_per_layer")):
         row.update({k: v for k, v in extra.items() if k != "layer"})
     report.update(predicted_ppl=math.exp(nll / report["predicted_tokens"]), **figures)
+    report["definitions"] = dict(report["definitions"])  # not the shared module constant
     report["definitions"]["predicted_ppl"] = (
         "a * the mask predicted from the layer's FFN input before the FFN runs: the centroid "
         "of the top-1 predicted cluster (union of the top-M with top_m), or a neuron "
         "predictor's thresholded output")
     report["definitions"]["predicted_accuracy"] = (
         "share of (token, layer) whose top-1 predicted cluster is the true mask's assignment")
+    report["definitions"]["predicted_weighted_recall"] = (
+        "sum |a| m p / sum |a| m, p the predicted mask, at masked positions of the predicted "
+        "pass: the share of active activation mass the predicted mask keeps")

@@ -2,9 +2,9 @@
 
 Why on disk: the frozen model's forward pass costs about fifty times a predictor's
 step, so it runs once, not once per epoch. Each shard of ``shard_windows`` windows
-is one Parquet file written under a temporary name and renamed into place: an
-existing file is a complete shard, so a rerun (or a restarted worker) writes only
-the missing ones, and training streams shard by shard (memory flat in the corpus).
+is one Parquet object committed by its own record (:mod:`actclust.io.predictor_store`,
+local directory or object store): a rerun (or a restarted worker) writes only the
+shards without a record, and training streams shard by shard (memory flat in the corpus).
 
 Shard columns: ``seq`` int64, ``pos`` int32, then per clustered layer ``l``:
 ``h<l>`` fixed_size_binary(2 * d_model), the FFN input as little-endian float16, and
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -29,7 +28,7 @@ VALIDATION_EVERY = 10  # shard i is a validation shard iff i % 10 == 9
 class FeatureSpec:
     """What a feature directory holds; travels from the driver to the workers."""
 
-    root: str
+    root: str  # local path or object-store URI
     model: str
     site: str
     layers: tuple
@@ -111,8 +110,11 @@ def write_missing(spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray, rank: int
 
     Loads the model only when something is missing; returns the number written.
     """
+    from actclust.io import predictor_store
+
     n = shard_count(len(seq), spec.shard_windows)
-    todo = [i for i in range(rank, n, world) if not (Path(spec.root) / shard_name(i)).exists()]
+    todo = [i for i in range(rank, n, world)
+            if not predictor_store.shard_complete(spec.root, shard_name(i))]
     if not todo:
         return 0
     from actclust.io.models import load_model
@@ -121,15 +123,15 @@ def write_missing(spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray, rank: int
     for i in todo:
         part = slice(i * spec.shard_windows, (i + 1) * spec.shard_windows)
         table = compute_shard(model, spec, seq[part], ids[part], device=device)
-        store.write_table_atomic(table, Path(spec.root) / shard_name(i))
+        predictor_store.write_shard(spec.root, shard_name(i), table)
     return len(todo)
 
 
 def read_shard(spec: FeatureSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
     """FFN inputs (N, L, d_model) float32 and packed true masks (N, L, B) uint8 of a shard."""
-    import pyarrow.parquet as pq
+    from actclust.io import predictor_store
 
-    table = pq.read_table(Path(spec.root) / shard_name(index))
+    table = predictor_store.read_shard(spec.root, shard_name(index))
     h = np.stack([store.bits_to_numpy(table.column(f"h{l}")).view("<f2")
                   for l in spec.layers], axis=1).astype(np.float32)
     bits = np.stack([store.bits_to_numpy(table.column(f"m{l}")) for l in spec.layers], axis=1)

@@ -4,21 +4,15 @@
     d_model --down--> rank --GELU--> --up--> K or width     (one map per layer)
 
 All layers' maps live in three stacked tensors so one einsum runs every layer.
-Files: ``predictor.json`` (the commit record, written last) and
-``predictor.safetensors`` (``down`` (L, d, R), ``up`` (L, R, O), ``bias`` (L, O), and
+Files (:mod:`actclust.io.predictor_store`): ``predictor.json`` (the commit record,
+written last) and ``predictor.safetensors`` (``down`` (L, d, R), ``up`` (L, R, O), ``bias`` (L, O), and
 for kind ``neuron`` ``threshold`` (L,)).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from actclust.errors import UserError
-
-KINDS = ("cluster", "neuron")
-WEIGHTS = "predictor.safetensors"
-META = "predictor.json"
+from actclust.io.predictor_store import KINDS, META, WEIGHTS, read_meta, save  # noqa: F401
 DEFAULT_BUDGET = 0.02  # of the FFN's parameters, per layer
 
 
@@ -116,46 +110,13 @@ class PredictorSet:
             raise ValueError(f"this is a {self.kind} predictor; that call needs kind {kind}")
 
 
-def save(directory: str | Path, meta: dict, tensors: dict) -> None:
-    """Weights first, then predictor.json (the record that the directory is complete).
+def load_predictor(directory) -> PredictorSet:
+    """Read a predictor directory (local path or object-store URI) written by
+    ``actclust train-predictor``."""
+    from actclust.io import predictor_store
 
-    ``directory`` is a local path or an object-store URI (:mod:`actclust.io.storage`).
-    """
-    from safetensors.torch import save as to_bytes
-
-    from actclust.io import storage
-
-    storage.makedirs(directory)
-    weights = to_bytes({n: t.detach().cpu().contiguous() for n, t in tensors.items()})
-    storage.write_bytes_atomic(weights, storage.join(directory, WEIGHTS))
-    storage.write_json_atomic(meta, storage.join(directory, META))
-
-
-def read_meta(directory: str | Path) -> dict:
-    from actclust.io import storage
-
-    path = storage.join(directory, META)
-    if not storage.is_file(path) or not storage.is_file(storage.join(directory, WEIGHTS)):
-        raise UserError(f"{directory} is not a predictor directory ({META} and {WEIGHTS} "
-                        "expected; create them with actclust train-predictor)")
-    try:
-        meta = storage.read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
-    missing = [k for k in ("kind", "k", "rank", "layers", "width", "identity") if k not in meta]
-    if missing or meta.get("kind") not in KINDS:
-        raise UserError(f"{path} is not a predictor record (missing {', '.join(missing) or 'kind'})")
-    return meta
-
-
-def load_predictor(directory: str | Path) -> PredictorSet:
-    """Read a predictor directory written by ``actclust train-predictor``."""
-    from safetensors.torch import load as from_bytes
-
-    from actclust.io import storage
-
-    meta = read_meta(directory)
-    tensors = from_bytes(storage.read_bytes(storage.join(directory, WEIGHTS)))
+    meta = predictor_store.read_meta(directory)
+    tensors = predictor_store.read_tensors(directory)
     if meta["kind"] == "neuron" and "threshold" not in tensors:
         raise UserError(f"{directory}/{WEIGHTS} lacks the neuron thresholds")
     return PredictorSet(meta, tensors)

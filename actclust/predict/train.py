@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from actclust.io import mask_store as store
-from actclust.errors import UserError
+from actclust.io import predictor_store, storage
 from actclust.predict import features as F
 from actclust.predict import model as M
 
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
-RUN_RECORD = "run.json"
 
 
 def run_train_predictor(cfg) -> dict:
@@ -40,9 +39,9 @@ def run_train_predictor(cfg) -> dict:
 
     meta, _ = load_centroids(cfg.centroids)
     require_single_site(meta, cfg.centroids, "train-predictor")
-    out = Path(cfg.out).resolve()
+    out = storage.normalize(cfg.out)
     ident = _identity(cfg, meta)
-    done = _finished(out, ident)
+    done = predictor_store.finished_run(out, ident)
     if done is not None:
         log.info("%s already holds this predictor", out)
         return done
@@ -52,11 +51,12 @@ def run_train_predictor(cfg) -> dict:
                            heldout_every=meta["heldout_every"], text_column=meta["text_column"])
     ident.update(first_seq=int(windows.seq[0]), last_seq=int(windows.seq[-1]),
                  windows=len(windows), split="train")
-    _open_out(out, ident)
+    if predictor_store.open_run(out, ident):
+        log.info("resuming the predictor run in %s", out)
     d_model, ffn_params = _model_shape(meta["model"], meta["layers"], cfg.trust_remote_code)
     out_dim = meta["k"] if cfg.kind == "cluster" else meta["d_ff"]
     rank = cfg.rank or M.default_rank(d_model, out_dim, min(ffn_params))
-    spec = F.FeatureSpec(root=str(Path(cfg.features or out / "features").resolve()),
+    spec = F.FeatureSpec(root=storage.normalize(cfg.features or storage.join(out, "features")),
                          model=meta["model"], site=meta["sites"], layers=tuple(meta["layers"]),
                          thresholds=tuple(meta["thresholds"]), d_model=d_model,
                          width=meta["d_ff"], shard_windows=cfg.shard_windows,
@@ -67,8 +67,8 @@ def run_train_predictor(cfg) -> dict:
     loop_config = {"spec": dataclasses.asdict(spec), "seq": windows.seq, "ids": windows.ids,
                    "kind": cfg.kind, "rank": rank, "k": meta["k"], "epochs": cfg.epochs,
                    "batch_tokens": cfg.batch_tokens, "lr": cfg.lr, "seed": cfg.seed,
-                   "centroids": str(Path(cfg.centroids).resolve())}
-    state = _fit(loop_config, cfg.workers, out / "ray")
+                   "centroids": storage.normalize(cfg.centroids)}
+    state = _fit(loop_config, cfg.workers, out)
     seconds = time.perf_counter() - start
     net = M.make_net(len(spec.layers), d_model, rank, out_dim)
     net.load_state_dict(state["model"])
@@ -87,6 +87,7 @@ def run_train_predictor(cfg) -> dict:
         "epochs": cfg.epochs, "workers": cfg.workers, "batch_tokens": cfg.batch_tokens,
         "lr": cfg.lr, "seed": cfg.seed, "train_seconds": round(seconds, 1),
         "resumed_after_epoch": state["first_epoch"],
+        "placement": state["placement"],
         **figures, "identity": ident,
     }
     tensors = {n: p.detach() for n, p in net.state_dict().items()}
@@ -94,7 +95,7 @@ def run_train_predictor(cfg) -> dict:
         import torch
 
         tensors["threshold"] = torch.tensor([r["threshold"] for r in record["per_layer"]])
-    M.save(out, record, tensors)
+    predictor_store.save(out, record, tensors)
     return record
 
 
@@ -103,53 +104,19 @@ def _identity(cfg, meta: dict) -> dict:
             "seq_len": meta["seq_len"], "heldout_every": meta["heldout_every"],
             "sites": meta["sites"], "thresholds": meta["thresholds"], "k": meta["k"],
             "theta": meta.get("theta"), "masks": meta.get("masks"),
-            "centroids": str(Path(cfg.centroids).resolve()),
-            "centroids_sha256": store.sha256_file(Path(cfg.centroids) / "centroids.parquet"),
+            "centroids": storage.normalize(cfg.centroids),
+            "centroids_sha256": store.sha256_file(storage.join(cfg.centroids,
+                                                               "centroids.parquet")),
             "kind": cfg.kind, "rank": cfg.rank, "epochs": cfg.epochs, "max_tokens": cfg.max_tokens,
             "seed": cfg.seed}
 
 
-def _finished(out: Path, ident: dict) -> dict | None:
-    if not (out / M.META).is_file():
-        return None
-    record = M.read_meta(out)
-    old = {k: v for k, v in record["identity"].items() if k in ident}
-    if old != ident:
-        raise UserError(f"{out} holds a predictor of another run; choose a new --out")
-    return record
-
-
-def _open_out(out: Path, ident: dict) -> None:
-    """Record the run in ``out``; a rerun must be the same run (then it resumes)."""
-    import json
-
-    path = out / RUN_RECORD
-    if path.is_file():
-        if json.loads(path.read_text(encoding="utf-8")) != ident:
-            raise UserError(f"{out} holds an unfinished predictor run with other settings; "
-                            "rerun that command or choose a new --out")
-        log.info("resuming the predictor run in %s", out)
-        return
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output directory {out} exists, is not empty and holds no predictor "
-                        "run; choose a new --out")
-    store.write_json_atomic(ident, path)
-
-
 def _open_features(spec: F.FeatureSpec, ident: dict) -> None:
-    import json
-
     keys = ("model", "corpus", "text_column", "seq_len", "heldout_every", "sites", "thresholds",
             "first_seq", "last_seq", "windows")
-    want = {**{k: ident[k] for k in keys}, "shard_windows": spec.shard_windows,
-            "layers": list(spec.layers)}
-    path = Path(spec.root) / "features.json"
-    if path.is_file():
-        if json.loads(path.read_text(encoding="utf-8")) != want:
-            raise UserError(f"feature directory {spec.root} was written for other windows, "
-                            "model or thresholds; choose another --features directory")
-        return
-    store.write_json_atomic(want, path)
+    predictor_store.open_features(spec.root, {**{k: ident[k] for k in keys},
+                                              "shard_windows": spec.shard_windows,
+                                              "layers": list(spec.layers)})
 
 
 def _model_shape(model_name: str, layers: list[int], trust_remote_code: bool):
@@ -160,22 +127,21 @@ def _model_shape(model_name: str, layers: list[int], trust_remote_code: bool):
     return int(model.config.hidden_size), [counts[layer] for layer in layers]
 
 
-def _fit(loop_config: dict, workers: int, storage: Path) -> dict:
+def _fit(loop_config: dict, workers: int, out: str) -> dict:
+    """Ray Train fit; checkpoints under ``out/ray`` (local or object store), so rerunning
+    the same command after the driver was killed resumes from the last one."""
     import torch
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from actclust.orchestration.raycluster import cluster_gpus, init_ray
+    from actclust.orchestration.raycluster import init_ray
 
     init_ray()
-    use_gpu = cluster_gpus() > 0
-    loop_config["threads"] = 1 if use_gpu else max(1, _cpus() // workers)
+    path, filesystem = predictor_store.checkpoint_storage(out)
+    loop_config["threads"], scaling, placement = _scaling(workers)
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu
-                                     else {"CPU": loop_config["threads"]}),
-        run_config=RunConfig(name="train", storage_path=str(storage),
+        train_loop, train_loop_config=loop_config, scaling_config=scaling,
+        run_config=RunConfig(name="train", storage_path=path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
     if result.checkpoint is None:
@@ -183,7 +149,40 @@ def _fit(loop_config: dict, workers: int, storage: Path) -> dict:
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
     state["first_epoch"] = int(result.metrics.get("first_epoch", 0))
+    state["placement"] = placement
     return state
+
+
+# Inside a Tune trial (a sweep that trains predictors) Ray Train cannot place its workers
+# in the trial's placement group: it gang-schedules a group of its own, and reserving the
+# trial's CPUs a second time could wait forever behind the trials that hold them. The
+# trial's stages run one after another, so its worker bundles sit idle while it trains:
+# the trainer's workers stand in for them, pinned to the trial's node, each running as
+# many threads as one bundle has CPUs, with only a nominal reservation of their own.
+TRIAL_WORKER_CPU = 0.01
+
+
+def _scaling(workers: int):
+    """(threads per worker, ScalingConfig, "own" or "trial") for a standalone run or one
+    inside a Tune trial."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray.util import get_current_placement_group
+
+    from actclust.orchestration.raycluster import cluster_gpus
+
+    group = get_current_placement_group()
+    if group is not None:
+        bundle = (group.bundle_specs[1:] or group.bundle_specs)[0]
+        node = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+        return max(1, int(bundle.get("CPU", 1))), ScalingConfig(
+            num_workers=workers, use_gpu=False, label_selector=node,
+            resources_per_worker={"CPU": TRIAL_WORKER_CPU}), "trial"
+    if cluster_gpus() > 0:
+        return 1, ScalingConfig(num_workers=workers, use_gpu=True), "own"
+    threads = max(1, _cpus() // workers)
+    return threads, ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}), \
+        "own"
 
 
 def _cpus() -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -145,7 +144,9 @@ def load_chooser(predictor_dir, meta: dict):
         raise UserError("this installation has no cluster predictor (actclust.predict); "
                         "train one with `actclust train-predictor` on a build that has it") \
             from None
-    if not Path(predictor_dir).exists():
+    from actclust.io import storage
+
+    if not storage.exists(predictor_dir):
         raise UserError(f"predictor directory {predictor_dir} does not exist; train one with "
                         "`actclust train-predictor --centroids DIR --out DIR`")
     predictor = load_predictor(predictor_dir)

@@ -1,0 +1,93 @@
+"""A sweep that trains predictors: each Tune trial fits its centroids, trains a cluster and
+a neuron predictor on them with Ray Train inside the trial, and evaluates both; the
+results and the report carry the predicted series beside the oracle-assignment ones."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from actclust.io import storage
+from conftest import assert_user_error, run_cli
+
+SEQ = 32
+
+
+@pytest.mark.timeout(1200)  # four Ray Train runs inside two Tune trials on 2 cores
+def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray_session):
+    from actclust.orchestration.sweep import run_sweep
+
+    out = tmp_path / "sweep"
+    values = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ, max_tokens=SEQ * 32,
+                  eval_max_tokens=SEQ * 4, k=[2, 4], theta=[0.5], workers=1, worker_cpus=0.5,
+                  static_point=False, predictor="both", predictor_epochs=1, out=str(out))
+    report = run_sweep(values)
+    rows = {r["k"]: r for r in pq.read_table(out / "sweep.parquet").to_pylist()}
+    assert sorted(rows) == [2, 4]
+    for k in (2, 4):
+        name = f"k={k}-theta=0.5"
+        evals = {"cluster": json.loads((out / "eval" / name / "eval.json").read_text()),
+                 "neuron": json.loads((out / "eval" / name / "predicted-neuron" /
+                                       "eval.json").read_text())}
+        digest = storage.sha256_file(str(out / "clusters" / name / "centroids.parquet"))
+        for kind, ev in evals.items():
+            assert ev["predictor_kind"] == kind
+            lo, hi = ev["predicted_ppl_ci95"]
+            assert math.isfinite(ev["predicted_ppl"]) and lo <= ev["predicted_ppl"] <= hi
+            assert 0 < ev["predicted_weighted_recall"] <= 1
+            assert 0 < ev["predicted_effective_density"] <= 1
+            record = json.loads((out / "predictors" / name / kind / "predictor.json").read_text())
+            assert record["k"] == k and record["epochs"] == 1
+            assert record["placement"] == "trial"  # Ray Train ran inside the Tune trial
+            assert record["identity"]["centroids_sha256"] == digest  # this trial's centroids
+            assert ev["predictor_params_fraction"] == record["params_fraction"]
+        # Same windows and bootstrap: the two evaluations agree on every shared mode.
+        assert evals["neuron"]["cluster_ppl"] == evals["cluster"]["cluster_ppl"]
+        assert evals["cluster"]["predicted_accuracy"] is not None
+        row = rows[k]
+        assert row["predicted_ppl"] == evals["cluster"]["predicted_ppl"]
+        assert row["predicted_ppl_ci95"] == evals["cluster"]["predicted_ppl_ci95"]
+        assert row["neuron_predicted_ppl"] == evals["neuron"]["predicted_ppl"]
+        assert row["neuron_predicted_effective_density"] == \
+            evals["neuron"]["predicted_effective_density"]
+
+    page = (out / "report.html").read_text()
+    assert str(report) == str(out / "report.html")
+    section = page.split("<h2>Predicted series</h2>", 1)[1].split("</ul>", 1)[0]
+    for kind in ("cluster", "neuron"):
+        assert f"predicted: hamming-kmeans theta=0.5, {kind} predictor" in section
+    assert section.count("K=2:") == 2 and section.count("K=4:") == 2
+    assert (out / "plots" / "perplexity_vs_effective_density.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(900)
+def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
+    """`actclust run` shares the trial's stages: outside Tune, Ray Train sizes its own."""
+    from actclust import config as C
+    from actclust.orchestration.pipeline import run_pipeline
+
+    out = tmp_path / "run"
+    run_pipeline(C.build(C.RunConfig, dict(
+        model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ, max_tokens=SEQ * 32,
+        eval_max_tokens=SEQ * 4, k=[4], theta=[0.5], workers=1, predictor="cluster",
+        predictor_epochs=1, out=str(out))))
+    row, = json.loads((out / "results.json").read_text())["rows"]
+    ev = json.loads((out / "eval" / "k=4-theta=0.5" / "eval.json").read_text())
+    record = json.loads((out / "predictors" / "k=4-theta=0.5" / "cluster" /
+                         "predictor.json").read_text())
+    assert record["placement"] == "own" and record["k"] == 4
+    assert row["predicted_ppl"] == ev["predicted_ppl"] and row["predictor_kind"] == "cluster"
+    assert row["neuron_predicted_ppl"] is None
+    lo, hi = ev["predicted_ppl_ci95"]
+    assert lo <= ev["predicted_ppl"] <= hi
+    assert "predicted: hamming-kmeans theta=0.5, cluster predictor" in \
+        (out / "report.html").read_text()
+
+
+def test_predictor_kind_is_checked(tmp_path):
+    assert_user_error(run_cli("run", "--out", str(tmp_path / "r"), "--predictor", "maybe"),
+                      "predictor must be one of none, cluster, neuron, both")
+    assert not (tmp_path / "r").exists()
