@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from sharedray import SharedRay
+
 REPO = Path(__file__).resolve().parents[1]
+# One `ray start --head` for the CLI processes of the whole session, started on first use.
+SHARED_RAY = SharedRay()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    SHARED_RAY.stop()
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +41,17 @@ def text_corpus(tmp_path) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m actclust ARGS`` in a fresh process (own Ray instance)."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300,
+            own_ray: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m actclust ARGS`` in a fresh process. It joins the session's shared
+    Ray cluster (as a job on a cluster would: starting a private Ray instance per command
+    costs seconds of CPU); ``own_ray=True`` lets it start its own, as on a laptop."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
+    if env and "RAY_ADDRESS" in env:
+        full_env["RAY_ADDRESS"] = env["RAY_ADDRESS"]
+    elif not own_ray:
+        full_env.update(RAY_ADDRESS=SHARED_RAY.address(), RAY_AUTH_MODE="token")
     return subprocess.run([sys.executable, "-m", "actclust", *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=str(REPO))
 

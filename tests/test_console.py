@@ -69,7 +69,8 @@ def test_default_output_of_a_tiny_run_is_our_lines_only(tmp_path):
     env = {"MPLCONFIGDIR": str(tmp_path / "mpl")}  # a fresh font cache, as on a new machine
     saved = os.environ.pop("RAY_AUTH_MODE", None)
     try:
-        proc = run_cli("run", "--config", str(config), "--out", str(tmp_path / "r"), env=env)
+        proc = run_cli("run", "--config", str(config), "--out", str(tmp_path / "r"), env=env,
+                       own_ray=True)  # a first run on a laptop: Ray starts here
     finally:
         if saved is not None:
             os.environ["RAY_AUTH_MODE"] = saved
