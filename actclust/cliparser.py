@@ -150,8 +150,11 @@ def _add_extract(sub) -> None:
                         "gate,up,down_out as a comma list (recorded from the same forward "
                         f"passes, format version 2) (default: {_default(cls, 'sites')})")
     p.add_argument("--split", metavar="SPLIT",
-                   help="windows to record: train (all but every 10th), heldout (every 10th) or "
+                   help="windows to record: train (all but every Nth), heldout (every Nth) or "
                         f"all (default: {_default(cls, 'split')})")
+    p.add_argument("--heldout-every", dest="heldout_every", type=int, metavar="N",
+                   help="every Nth window is held out for evaluation "
+                        f"(default: {_default(cls, 'heldout_every')})")
     _workers_flag(p, cls, "extraction actors, each with its own copy of the model")
     p.add_argument("--shard-windows", dest="shard_windows", type=int, metavar="N",
                    help=f"windows per Parquet shard (default: {_default(cls, 'shard_windows')})")
