@@ -131,7 +131,7 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     """Ray Train fit; checkpoints under ``out/ray`` (local or object store), so rerunning
     the same command after the driver was killed resumes from the last one."""
     import torch
-    from ray.train import CheckpointConfig, RunConfig
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from actclust.orchestration.raycluster import init_ray
@@ -139,10 +139,12 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     init_ray()
     path, filesystem = predictor_store.checkpoint_storage(out)
     loop_config["threads"], scaling, placement = _scaling(workers)
+    loop_config["log_level"] = _train_log_level()
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config, scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=path, storage_filesystem=filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level=_train_log_level())))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
@@ -151,6 +153,12 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     state["first_epoch"] = int(result.metrics.get("first_epoch", 0))
     state["placement"] = placement
     return state
+
+
+def _train_log_level() -> str:
+    """Ray Train's own lines (worker group, checkpoints, every reported result) at the
+    command's verbosity: warnings by default, everything with -v."""
+    return "WARNING" if logging.getLogger().getEffectiveLevel() >= logging.WARNING else "INFO"
 
 
 # Inside a Tune trial (a sweep that trains predictors) Ray Train cannot place its workers
@@ -247,6 +255,9 @@ def train_loop(config: dict) -> None:
     from actclust.io.centroid_store import load_centroids
 
     torch.set_num_threads(config["threads"])
+    # Ray Train's per-report lines come from loggers outside ``ray.train`` (its own
+    # LoggingConfig does not reach them); the worker's root level does.
+    logging.getLogger().setLevel(config.get("log_level", "INFO"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -314,7 +325,7 @@ def train_loop(config: dict) -> None:
                 torch.save({"epoch": epoch + 1, "model": net.state_dict(),
                             "optimizer": opt.state_dict()}, os.path.join(tmp, STATE))
                 saved = ray.train.Checkpoint.from_directory(tmp)
-                log.info("epoch %d: %s", epoch + 1, report)
+                log.debug("epoch %d: %s", epoch + 1, report)
             ray.train.report(report, checkpoint=saved)
 
 
