@@ -17,7 +17,6 @@ a list, ``d_ff`` and ``thresholds`` per site, and per-fit figures keyed ``<site>
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -196,10 +195,7 @@ def load_centroids(root) -> tuple[dict, list[np.ndarray]]:
     if not storage.is_file(meta_path) or not storage.is_file(storage.join(root, CENTROIDS_FILE)):
         raise UserError(f"{root} is not a clustering directory (cluster.json and "
                         "centroids.parquet expected; create them with actclust cluster)")
-    try:
-        meta = read_json(meta_path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{meta_path} is not valid JSON ({exc})") from None
+    meta = storage.read_json_record(meta_path)
     table = storage.read_table(storage.join(root, CENTROIDS_FILE))
     layer_col = table.column("layer").to_numpy()
     cluster_col = table.column("cluster").to_numpy()

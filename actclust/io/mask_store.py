@@ -23,7 +23,6 @@ list as complete are ignored and overwritten.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -163,10 +162,7 @@ def read_manifest(root) -> dict:
     if not storage.is_file(path):
         raise UserError(f"{root} is not a mask directory: {MANIFEST} is missing "
                         "(create one with actclust extract)")
-    try:
-        manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-run actclust extract") from None
+    manifest = storage.read_json_record(path, "; re-run actclust extract")
     if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
         raise UserError(f"{path} is not an actclust mask manifest of format version "
                         f"{' or '.join(map(str, READABLE_VERSIONS))}")

@@ -22,7 +22,6 @@ ever written by two processes.
 from __future__ import annotations
 
 import hashlib
-import json
 
 from actclust.errors import UserError
 from actclust.io import storage
@@ -59,10 +58,7 @@ def read_meta(directory) -> dict:
     if not storage.is_file(path) or not storage.is_file(storage.join(directory, WEIGHTS)):
         raise UserError(f"{directory} is not a predictor directory ({META} and {WEIGHTS} "
                         "expected; create them with actclust train-predictor)")
-    try:
-        meta = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    meta = storage.read_json_record(path)
     missing = [k for k in ("kind", "k", "rank", "layers", "width", "identity") if k not in meta]
     if missing or meta.get("kind") not in KINDS:
         raise UserError(f"{path} is not a predictor record (missing {', '.join(missing) or 'kind'})")

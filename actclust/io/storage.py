@@ -199,6 +199,15 @@ def read_json(location: Location) -> dict:
     return json.loads(read_bytes(location).decode("utf-8"))
 
 
+def read_json_record(location: Location, hint: str = "") -> dict:
+    """A record we wrote (manifest, cluster.json, predictor.json); a damaged one is the
+    user's input error, said in one line (``hint``: what to do about it)."""
+    try:
+        return read_json(location)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{location} is not valid JSON ({exc}){hint}") from None
+
+
 def read_table(location: Location, columns=None):
     """A whole Parquet file as a pyarrow Table."""
     import pyarrow.parquet as pq
