@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, assert_user_error, run_cli
+from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
 
+# Two trials: the same K at two thetas is all the run's assertions compare.
 TINY_RUN = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64, max_tokens=64 * 48,
-                eval_max_tokens=64 * 8, k=[4, 16], theta=[0.5, 0.3], workers=2)
+                eval_max_tokens=64 * 8, k=[16], theta=[0.5, 0.3], workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def run_dir(tmp_path_factory):
 @pytest.mark.timeout(1500)
 def test_run_writes_every_stage_and_a_table(run_dir):
     rows = json.loads((run_dir / "results.json").read_text())["rows"]
-    assert sorted((r["k"], r["theta"]) for r in rows) == [(4, 0.3), (4, 0.5), (16, 0.3), (16, 0.5)]
+    assert sorted((r["k"], r["theta"]) for r in rows) == [(16, 0.3), (16, 0.5)]
     for row in rows:
         assert row["oracle_ppl"] > 0 and 0 < row["precision"] <= 1 and 0 < row["recall"] <= 1
         assert len(row["per_layer_recall"]) == 2
@@ -114,10 +115,13 @@ def test_report_renders_its_plots_in_headless_chromium(run_dir, tmp_path):
 
 def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump({**TINY_RUN, "k": [4, 8], "theta": [0.5],
+    # Two trials (K=4 and the K=1 static-mask floor), one at a time: one finishes before
+    # the kill, the other after the resume.
+    config.write_text(yaml.safe_dump({**TINY_RUN, "k": [4], "theta": [0.5],
                                       "workers": 1, "out": str(tmp_path / "s"),
                                       "max_concurrent_trials": 1}))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Both drivers join the shared cluster; the killed one's trials die with it.
+    env = {**os.environ, "RAY_ADDRESS": SHARED_RAY.address(), "RAY_AUTH_MODE": "token"}
     args = [sys.executable, "-m", "actclust", "sweep", "--config", str(config)]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -134,7 +138,7 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming the sweep" in res.stderr
     table = pq.read_table(tmp_path / "s" / "sweep.parquet").to_pylist()
-    assert sorted(r["k"] for r in table) == [1, 4, 8]  # K=1: the static-mask floor
+    assert sorted(r["k"] for r in table) == [1, 4]  # K=1: the static-mask floor
     assert first[0].stat().st_mtime_ns == stamp  # the finished trial was not redone
     assert (tmp_path / "s" / "sweep.csv").is_file() and (tmp_path / "s" / "report.html").is_file()
     bad = tmp_path / "bad.yaml"
@@ -145,7 +149,8 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
 # jobs/pipeline.py --smoke-test runs under `ray job submit` in tests/test_job_submit.py.
 @pytest.mark.parametrize("job", ["extract", "cluster", "evaluate"])
 def test_job_entry_points_smoke(job, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A job joins a running cluster through RAY_ADDRESS, as under `ray job submit`.
+    env = {**os.environ, "RAY_ADDRESS": SHARED_RAY.address(), "RAY_AUTH_MODE": "token"}
     args = [sys.executable, f"jobs/{job}.py", "--smoke-test"]
     if job == "extract":
         args += ["--out", str(tmp_path / "o")]
