@@ -18,7 +18,7 @@ from actclust.io.corpus import load_windows
 from actclust.capture.extract import run_extract
 from actclust.io.models import ByteTokenizer, ffn_sites, load_model
 from actclust.capture.verify import verify
-from conftest import REPO, assert_user_error, run_cli
+from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
 
 
 def extract(tmp_path, name="out", **kw):
@@ -117,7 +117,8 @@ def test_killed_driver_resumes_to_identical_output(tmp_path, ray_session):
     args = [sys.executable, "-m", "actclust", "extract", "--model", "tiny:opt", "--corpus",
             "embedded:pydoc", "--seq-len", "32", "--max-tokens", str(32 * 40), "--out", str(out),
             "--shard-windows", "2", "--workers", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The killed driver joins the shared cluster, as the resumed one does.
+    env = {**os.environ, "RAY_ADDRESS": SHARED_RAY.address(), "RAY_AUTH_MODE": "token"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
