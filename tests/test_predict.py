@@ -352,8 +352,11 @@ def test_killed_driver_resumes_from_its_last_checkpoint(fitted, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "actclust", *argv], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     pattern = str(out / "ray" / "train" / "checkpoint_*" / "state.pt")
+    # A checkpoint counts once Ray Train has recorded it in its snapshot, not when its
+    # files land: a kill in between leaves nothing to resume from.
+    snapshot = out / "ray" / "train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
-    while time.time() < deadline and not glob.glob(pattern) and proc.poll() is None:
+    while time.time() < deadline and not snapshot.is_file() and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
