@@ -29,12 +29,14 @@ class MaskExtractor:
     """
 
     def __init__(self, model: str, sites: str, num_cpus: float = 1, use_gpu: bool = False,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, faults=None):
         from actclust.devices import place_model
         from actclust.io.models import ffn_sites, load_model, site_width
+        from actclust.orchestration.actors import FaultHooks
         from actclust.orchestration.raycluster import set_threads
 
         set_threads(num_cpus)
+        self.faults = faults or FaultHooks()
         self.error = None
         try:
             self.loaded = load_model(model, trust_remote_code=trust_remote_code)
@@ -65,6 +67,7 @@ class MaskExtractor:
         """``thresholds``: a list per layer (one site, version 1) or {site: list} (version 2)."""
         from actclust.capture.hooks import site_masks
 
+        self.faults.extraction_shard(shard)
         start = time.perf_counter()
         several = isinstance(thresholds, dict)
         by_site = thresholds if several else {self.sites[0]: thresholds}
@@ -104,8 +107,10 @@ def _open_manifest(out: str, cfg: ExtractConfig) -> dict | None:
     return manifest
 
 
-def run_extract(cfg: ExtractConfig) -> dict:
-    """Extract masks per ``cfg``; returns the final manifest. Resumable."""
+def run_extract(cfg: ExtractConfig, faults=None) -> dict:
+    """Extract masks per ``cfg``; returns the final manifest. Resumable.
+
+    ``faults``: fault-injection hooks handed to the actors (tests only)."""
     import ray
 
     from actclust.io.models import load_tokenizer
@@ -126,7 +131,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     use_gpu = "num_gpus" in options
     Actor = ray.remote(MaskExtractor).options(max_restarts=0, **options)
     pool = ActorGroup(lambda: Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
-                                          cfg.trust_remote_code), cfg.workers)
+                                          cfg.trust_remote_code, faults), cfg.workers)
     try:
         first = pool.first_actor()
         info = ray.get(first.info.remote())

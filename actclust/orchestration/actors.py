@@ -37,6 +37,9 @@ class FaultHooks:
     def evaluation_chunk(self, chunk: int) -> None:
         """Before an evaluation actor evaluates a chunk of windows."""
 
+    def extraction_shard(self, shard: str) -> None:
+        """Before an extraction actor computes a shard."""
+
 
 class ActorGroup:
     """Ray actors made by ``make_actor``, started ``size`` at a time."""

@@ -19,7 +19,7 @@ from actclust.evaluation.evaluate import run_evaluate
 from actclust.capture.extract import run_extract
 from actclust.capture.verify import verify
 
-from fault_injection import Delay
+from fault_injection import Delay, Together
 
 from .conftest import in_background, wait_for
 
@@ -53,8 +53,13 @@ def test_extraction_survives_a_lost_node(cluster, tmp_path, caplog):
     reference = str(tmp_path / "ref")
     run_extract(build(ExtractConfig, {**EXTRACT, "out": reference}))
     faulted = str(tmp_path / "faulted")
-    join = in_background(run_extract, build(ExtractConfig, {**EXTRACT, "out": faulted}))
+    # Both actors extract before the node goes: a node whose actor is still starting
+    # (minutes on a busy machine) would test a failed start, not a lost worker.
+    arrived = tmp_path / "arrived"
+    join = in_background(run_extract, build(ExtractConfig, {**EXTRACT, "out": faulted}),
+                         Together(0.05, arrived, peers=2))
     wait_for(lambda: complete(faulted) >= 4, what="four shards")
+    assert len(list(arrived.iterdir())) == 2
     with cluster.paused():
         assert join.running() and complete(faulted) < 40
         cluster.kill_worker()
@@ -97,12 +102,15 @@ def test_evaluation_survives_a_lost_node(cluster, masks, tmp_path, caplog):
     reference = run_evaluate(build(EvaluateConfig, {**values, "out": str(tmp_path / "ref")}),
                              SLOW)
     caplog.set_level(logging.DEBUG, logger="actclust.orchestration.actors")
+    arrived = tmp_path / "arrived"
     join = in_background(run_evaluate, build(EvaluateConfig, {**values,
                                                               "out": str(tmp_path / "faulted")}),
-                         SLOW)
-    # Both actors working: each has finished some chunks (the pool logs every result).
+                         Together(SLOW.seconds, arrived, peers=2))
+    # Both actors working (each waits for the other before its first chunk), and some
+    # chunks done (the pool logs every result).
     wait_for(lambda: sum("task done" in r.getMessage() for r in caplog.records) >= 6,
              what="evaluation chunks")
+    assert len(list(arrived.iterdir())) == 2
     with cluster.paused():
         assert join.running()
         cluster.kill_worker()
