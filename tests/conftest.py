@@ -14,6 +14,7 @@ from sharedray import SharedRay
 REPO = Path(__file__).resolve().parents[1]
 # One `ray start --head` for the CLI processes of the whole session, started on first use.
 SHARED_RAY = SharedRay()
+OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -48,6 +49,10 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300,
     costs seconds of CPU); ``own_ray=True`` lets it start its own, as on a laptop."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
+    # Object-store settings reach the actors through the environment of the Ray instance
+    # they run in (never a runtime env): the shared cluster started before a test set
+    # them, so such a command starts its own Ray, as it would on a laptop.
+    own_ray = own_ray or any(key in full_env for key in OBJECT_STORE_ENV)
     if env and "RAY_ADDRESS" in env:
         full_env["RAY_ADDRESS"] = env["RAY_ADDRESS"]
     elif not own_ray:
