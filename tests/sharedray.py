@@ -21,6 +21,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_ports() -> list[str]:
+    """`ray start` flags giving a head node free ports of its own: other clusters of the
+    session (the in-process one, the shared one, the multi-node tests) hold the defaults."""
+    return [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+        "object-manager-port")]
+
+
 class SharedRay:
     """Started on the first :meth:`address` call, stopped by :meth:`stop`."""
 
@@ -38,12 +47,7 @@ class SharedRay:
         self.port = free_port()
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
         env.pop("RAY_ADDRESS", None)
-        # Ports of its own: other clusters of the session (the in-process one, the job
-        # submission and multi-node tests) hold the defaults.
-        ports = [f"--{name}={free_port()}" for name in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-            "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
-            "object-manager-port")]
+        ports = own_ports()
         ray = str(Path(sys.executable).parent / "ray")
         self.proc = subprocess.Popen(
             [ray, "start", "--head", "--block", f"--port={self.port}",

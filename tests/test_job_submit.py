@@ -12,27 +12,20 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from sharedray import free_port, own_ports
 
 VENV_BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def head_node(tmp_path):
     """A one-node cluster with token authentication and the dashboard on localhost only."""
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    # Every port of its own: the test session's Ray instance already holds the defaults.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
-        "object-manager-port")]
+    ports = own_ports()
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
