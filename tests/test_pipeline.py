@@ -156,3 +156,26 @@ def test_job_entry_points_smoke(job, tmp_path):
         args += ["--out", str(tmp_path / "o")]
     res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_a_sweep_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    from actclust import config as C
+    from actclust.errors import UserError
+    from actclust.orchestration import sweep as S
+
+    newer = ("sites", "pool_layers", "predictor", "predictor_epochs")
+    record = tmp_path / S.SWEEP_RECORD
+
+    def write_old_record(cfg):
+        record.write_text(json.dumps({k: v for k, v in C.identity(cfg).items()
+                                      if k not in newer}))
+
+    at_defaults = C.build(S.SweepConfig, dict(out=str(tmp_path), k=[4]))
+    write_old_record(at_defaults)
+    S._check_identity(str(tmp_path), at_defaults)  # resumes: no error
+    assert json.loads(record.read_text()) == json.loads(json.dumps(C.identity(at_defaults)))
+
+    write_old_record(at_defaults)
+    other = C.build(S.SweepConfig, dict(out=str(tmp_path), k=[4], predictor="cluster"))
+    with pytest.raises(UserError, match="predictor"):
+        S._check_identity(str(tmp_path), other)

@@ -173,9 +173,25 @@ def grid_points(cfg: SweepConfig) -> list[dict]:
     return points
 
 
+SWEEP_RECORD = "sweep_config.json"
+
+
 def _check_identity(out: str, cfg: SweepConfig) -> None:
-    """Refuse a directory that holds another sweep (same contract as extract)."""
-    outdir.open_output(out, "sweep_config.json", C.identity(cfg), "a sweep with other settings",
+    """Refuse a directory that holds another sweep (same contract as extract).
+
+    A record written before a setting existed lacks its key; that sweep ran with the
+    setting's default, so a rerun at the default resumes it (the key is added)."""
+    current = C.identity(cfg)
+    path = storage.join(out, SWEEP_RECORD)
+    if storage.is_file(path):
+        recorded = storage.read_json_record(path)
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)
+                    if f.default is not dataclasses.MISSING}
+        added = {key: value for key, value in current.items()
+                 if key not in recorded and key in defaults and value == defaults[key]}
+        if added:
+            storage.write_json_atomic({**recorded, **added}, path)
+    outdir.open_output(out, SWEEP_RECORD, current, "a sweep with other settings",
                        fresh_only=False, hint="use a new out directory")
 
 
