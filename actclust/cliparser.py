@@ -247,6 +247,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--top-m", dest="top_m", type=int, metavar="M",
                    help="mask with the union of the top-M predicted centroids "
                         f"(default: {_default(cls, 'top_m')})")
+    p.add_argument("--neuron-select", dest="neuron_select", metavar="RULE",
+                   help="a neuron predictor's mask: threshold (its per-layer logit threshold) "
+                        "or topk (per token the top round(d * width) neurons, d the "
+                        "clustering's per-layer density on the training tokens: equal density "
+                        f"by construction) (default: {_default(cls, 'neuron_select')})")
     p.add_argument("--split", metavar="SPLIT",
                    help="windows to evaluate, heldout or train; never the split the centroids "
                         f"were fitted on (default: {_default(cls, 'split')})")

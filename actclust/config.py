@@ -24,6 +24,9 @@ SPLITS = ("train", "heldout", "all")
 BACKENDS = ("auto", "numpy", "torch", "cupy")
 ALGORITHMS = ("hamming-kmeans", "brb-kmeans", "activation-aware")
 MASK_MODES = ("replace", "and")
+# How a neuron predictor turns logits into a mask: its per-layer logit threshold, or per
+# token the top round(d * width) neurons, d the clustering's density on the training tokens.
+NEURON_SELECT = ("threshold", "topk")
 LAYOUTS = ("auto", "slab", "gather")  # sparse FFN weight layouts
 DEFAULT_SLAB_BUDGET_MB = 1024.0
 
@@ -190,12 +193,14 @@ class EvaluateConfig:
     baseline: Optional[str] = None  # directory caching the dense and oracle passes of a run
     predictor: Optional[str] = None  # adds the mode `predicted` (actclust train-predictor)
     top_m: int = 1
+    neuron_select: str = "threshold"
 
     def validate(self) -> None:
         _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
         _require(self.out, "out", "--out DIR")
         _choice(self.split, SPLITS, "split")
         _choice(self.mask_mode, MASK_MODES, "mask_mode")
+        _choice(self.neuron_select, NEURON_SELECT, "neuron_select")
         if self.dense_prefix < 0:
             raise UserError(f"dense_prefix must be >= 0, got {self.dense_prefix}")
         _positive(self.bootstrap_resamples, "bootstrap_resamples")
@@ -268,6 +273,7 @@ class RunConfig:
     # with Ray Train and evaluate it (eval.json's predicted_*).
     predictor: str = "none"
     predictor_epochs: int = 6
+    neuron_select: str = "threshold"  # topk: the neuron predictor at the clustering's density
 
     def validate(self) -> None:
         self.sites = ",".join(parse_sites(self.sites))
@@ -276,6 +282,7 @@ class RunConfig:
                             "(hamming-kmeans fits one centroid set per layer)")
         _choice(self.predictor, PREDICTOR_CHOICES, "predictor")
         _positive(self.predictor_epochs, "predictor_epochs")
+        _choice(self.neuron_select, NEURON_SELECT, "neuron_select")
         if self.predictor != "none" and self.sites != "intermediate":
             raise UserError(f"predictor: {self.predictor} needs sites: intermediate (a predictor "
                             f"names FFN-intermediate centroids), got sites: {self.sites}")

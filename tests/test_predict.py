@@ -227,6 +227,38 @@ def test_predicted_mode_equals_an_independent_masked_pass(fitted, trained, tmp_p
     assert report["predictor_params_fraction"] == trained["params_fraction"]
 
 
+def test_neuron_topk_keeps_each_layers_cluster_density_exactly(fitted, trained, tmp_path):
+    """--neuron-select topk: per token the round(d * width) highest logits, d the
+    clustering's per-layer density on the training tokens; a threshold need not transfer
+    to the masked pass's inputs, a budget does by construction."""
+    meta, _ = load_centroids(fitted / "c")
+    record = json.loads((fitted / "p" / "predictor.json").read_text())
+    width = meta["d_ff"]
+    order = torch.randperm(width, generator=torch.Generator().manual_seed(1))
+    bias = torch.stack([order.float(), -order.float()])  # distinct logits, other order per layer
+    M.save(tmp_path / "fixed", {**record, "kind": "neuron", "rank": 1},
+           {"down": torch.zeros(2, 64, 1), "up": torch.zeros(2, 1, width), "bias": bias,
+            "threshold": torch.full((2,), 1e9)})  # the threshold rule would keep nothing
+    budgets = [int(round(r["cluster_density"] * width)) for r in record["per_layer"]]
+    assert load_predictor(tmp_path / "fixed").neuron_budget(1) == budgets[1]
+    fixed = [torch.zeros(width, dtype=torch.bool).index_fill_(0, bias[i].topk(n).indices, True)
+             for i, n in enumerate(budgets)]
+    report = run_evaluate(build(EvaluateConfig, dict(
+        centroids=str(fitted / "c"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
+        predictor=str(tmp_path / "fixed"), neuron_select="topk", dense_prefix=0)))
+    want, _ = _masked_ppl(fitted, fixed, SEQ * 8)
+    assert report["predicted_ppl"] == pytest.approx(want, rel=1e-5)
+    assert report["neuron_select"] == "topk"
+    for row, n in zip(report["per_layer"], budgets):
+        assert row["predicted_density"] == pytest.approx(n / width, abs=1e-12)
+    cluster = run_cli("evaluate", "--centroids", str(fitted / "c"), "--predictor",
+                      str(fitted / "p"), "--neuron-select", "topk", "--out", str(tmp_path / "x"))
+    assert_user_error(cluster, "--neuron-select applies to a neuron predictor")
+    assert_user_error(run_cli("evaluate", "--centroids", str(fitted / "c"), "--out",
+                              str(tmp_path / "y"), "--neuron-select", "top"),
+                      "neuron_select must be one of threshold, topk")
+
+
 def test_top_m_masks_with_the_union_of_centroids(fitted, trained, tmp_path):
     meta, centroids = load_centroids(fitted / "c")
     pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", "cluster", 2, 6)

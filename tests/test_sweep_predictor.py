@@ -23,7 +23,8 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
     out = tmp_path / "sweep"
     values = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ, max_tokens=SEQ * 32,
                   eval_max_tokens=SEQ * 4, k=[2, 4], theta=[0.5], workers=1, worker_cpus=0.5,
-                  static_point=False, predictor="both", predictor_epochs=1, out=str(out))
+                  static_point=False, predictor="both", predictor_epochs=1, neuron_select="topk",
+                  out=str(out))
     report = run_sweep(values)
     rows = {r["k"]: r for r in pq.read_table(out / "sweep.parquet").to_pylist()}
     assert sorted(rows) == [2, 4]
@@ -44,6 +45,13 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
             assert record["placement"] == "trial"  # Ray Train ran inside the Tune trial
             assert record["identity"]["centroids_sha256"] == digest  # this trial's centroids
             assert ev["predictor_params_fraction"] == record["params_fraction"]
+        # The neuron predictor at the clustering's per-layer density, exactly (top-k).
+        record = json.loads((out / "predictors" / name / "neuron" / "predictor.json").read_text())
+        width = record["width"]
+        assert evals["neuron"]["neuron_select"] == "topk"
+        assert evals["cluster"]["neuron_select"] is None
+        for row, fit in zip(evals["neuron"]["per_layer"], record["per_layer"]):
+            assert row["predicted_density"] == round(fit["cluster_density"] * width) / width
         # Same windows and bootstrap: the two evaluations agree on every shared mode.
         assert evals["neuron"]["cluster_ppl"] == evals["cluster"]["cluster_ppl"]
         assert evals["cluster"]["predicted_accuracy"] is not None

@@ -54,7 +54,7 @@ class Evaluator:
                  seed: int = 0, trust_remote_code: bool = False, use_gpu: bool = False,
                  faults: FaultHooks | None = None, predictor_dir: str | None = None,
                  top_m: int = 1, dense_prefix: int = 1, mask_mode: str = "replace",
-                 meta: dict | None = None):
+                 meta: dict | None = None, neuron_select: str = "threshold"):
         from actclust import kernels
         from actclust.devices import place_model
         from actclust.io.models import load_model
@@ -84,7 +84,7 @@ class Evaluator:
         if predictor_dir is not None:
             from actclust.predict.evaluation import PredictedMasks
 
-            self.predicted = PredictedMasks(predictor_dir, self, top_m)
+            self.predicted = PredictedMasks(predictor_dir, self, top_m, neuron_select)
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
         """Per-window NLL sums (W,) per mode, tokens per window (W,), STAT_FIELDS (L, F)."""
@@ -310,7 +310,7 @@ def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
                                             cfg.seed, cfg.trust_remote_code,
                                             "num_gpus" in options, faults, predictor_dir,
                                             cfg.top_m, cfg.dense_prefix, cfg.mask_mode,
-                                            meta_fields), cfg.workers)
+                                            meta_fields, cfg.neuron_select), cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
@@ -383,7 +383,7 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
         from actclust.evaluation.bootstrap import paired_ppl_intervals
         from actclust.predict.evaluation import add_predicted
 
-        add_predicted(report, results, predictor, meta, cfg.top_m)
+        add_predicted(report, results, predictor, meta, cfg.top_m, cfg.neuron_select)
         # The same seed draws the same resampled windows: paired with the other modes.
         nll = np.concatenate([r["nll"]["predicted"] for r in results])
         tokens = np.concatenate([r["tokens"] for r in results])

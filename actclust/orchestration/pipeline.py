@@ -149,22 +149,24 @@ def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str,
     if len(kinds) > 1:
         second = neuron_eval_dir(cfg, name)
         if eval_store.read_eval(second) is None:
-            run_evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"]))
+            run_evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"],
+                                          cfg.neuron_select))
     out = storage.join(cfg.out, "eval", name)
     finished = eval_store.read_eval(out)
     if finished is not None and finished.get("predictor_kind") == (kinds[0] if kinds else None):
         return finished
-    return run_evaluate(_evaluate_config(cfg, centroids, out,
-                                         predictors[kinds[0]] if kinds else None))
+    return run_evaluate(_evaluate_config(
+        cfg, centroids, out, predictors[kinds[0]] if kinds else None,
+        cfg.neuron_select if kinds and kinds[0] == "neuron" else "threshold"))
 
 
 def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None,
-                     predictor: str | None = None):
+                     predictor: str | None = None, neuron_select: str = "threshold"):
     return C.build(C.EvaluateConfig, dict(
         centroids=centroids or "-", out=out or "-", max_tokens=cfg.eval_max_tokens,
         workers=cfg.workers, seed=cfg.seed, dense_prefix=cfg.dense_prefix,
         mask_mode=cfg.mask_mode, baseline=storage.join(cfg.out, "eval", "baseline"),
-        predictor=predictor))
+        predictor=predictor, neuron_select=neuron_select))
 
 
 def trial_evaluation(cfg: C.RunConfig, centroids: str, name: str) -> tuple[dict, dict | None]:

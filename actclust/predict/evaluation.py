@@ -2,7 +2,8 @@
 from that layer's FFN input in the same masked pass, before the FFN runs.
 
 Kind ``cluster``: the centroid of the top-1 predicted cluster (the union of the top-M
-centroids with ``--top-m M``); kind ``neuron``: the thresholded neuron prediction.
+centroids with ``--top-m M``); kind ``neuron``: the thresholded neuron prediction, or
+with ``--neuron-select topk`` each token's top neurons at the clustering's density.
 Per layer the pass also counts, against the token's true mask in that pass and at
 the masked positions only (the dense prefix is excluded, as in the cluster pass):
 top-1 agreement with the true mask's own assignment (kind cluster), the predicted
@@ -52,6 +53,9 @@ def check_predictor(predictor_dir: str, cfg, meta: dict, windows) -> dict:
             raise UserError(f"predictor {predictor_dir} was trained on {len(seen)} of the windows "
                             f"this evaluation would use (first: seq {seen[0]}); evaluate on the "
                             "held-out split with the predictor's --heldout-every")
+    if record["kind"] == "cluster" and cfg.neuron_select != "threshold":
+        raise UserError("--neuron-select applies to a neuron predictor; this one is a cluster "
+                        "predictor")
     if record["kind"] == "neuron" and cfg.top_m != 1:
         raise UserError("--top-m applies to a cluster predictor; this one is a neuron predictor")
     if not 1 <= cfg.top_m <= record["k"]:
@@ -62,12 +66,14 @@ def check_predictor(predictor_dir: str, cfg, meta: dict, windows) -> dict:
 class PredictedMasks:
     """Holds the predictor on the evaluator's device and counts FIELDS per layer."""
 
-    def __init__(self, predictor_dir: str, evaluator, top_m: int = 1):
+    def __init__(self, predictor_dir: str, evaluator, top_m: int = 1,
+                 neuron_select: str = "threshold"):
         from actclust.predict.model import load_predictor
 
         self.predictor = load_predictor(predictor_dir)
         self.ev = evaluator
         self.top_m = top_m
+        self.neuron_select = neuron_select
         self.layers = self.predictor.layers
         self.inputs: list = []
         self.stats = np.zeros((len(self.layers), len(FIELDS)), dtype=np.float64)
@@ -97,7 +103,8 @@ class PredictedMasks:
             labels, _ = centroids.nearest(true)
             row[1] = int((ids[:, 0] == labels).sum())
         else:
-            pred = self.predictor.neuron_mask(layer, h).to(self.ev.centroids[slot].dtype)
+            pred = self.predictor.neuron_mask(layer, h, self.neuron_select).to(
+                self.ev.centroids[slot].dtype)
         f64 = torch.float64  # sums in float64, elementwise in the centroids' dtype as the
         tf = true.to(pred.dtype)  # cluster pass does
         mass = body.abs().to(pred.dtype) * tf
@@ -127,26 +134,28 @@ def _figures(row: np.ndarray, width: int, kind: str, prefix_tokens: int) -> dict
 
 
 def summarize_predicted(stats: np.ndarray, record: dict, width: int, top_m: int,
-                        prefix_tokens: int = 0) -> dict:
+                        prefix_tokens: int = 0, neuron_select: str = "threshold") -> dict:
     """eval.json's predicted_* figures from summed per-layer FIELDS (L, F);
     ``prefix_tokens``: dense-prefix tokens per layer."""
     kind = record["kind"]
     return {**_figures(stats.sum(axis=0), width, kind, prefix_tokens * len(stats)),
             "predictor_params_fraction": record["params_fraction"],
             "predictor_kind": kind, "predictor_rank": record["rank"], "top_m": top_m,
+            "neuron_select": neuron_select if kind == "neuron" else None,
             "predicted_per_layer": [{"layer": int(layer), **_figures(stats[i], width, kind,
                                                                      prefix_tokens)}
                                     for i, layer in enumerate(record["layers"])]}
 
 
-def add_predicted(report: dict, results: list, record: dict, meta: dict, top_m: int) -> None:
+def add_predicted(report: dict, results: list, record: dict, meta: dict, top_m: int,
+                  neuron_select: str = "threshold") -> None:
     """Add predicted_ppl and the predicted_* figures (overall and per layer) to eval.json."""
     import math
 
     nll = math.fsum(float(v) for r in results for v in r["nll"]["predicted"])
     figures = summarize_predicted(sum(r["predicted_stats"] for r in results), record,
                                   meta["d_ff"], top_m,
-                                  report["windows"] * report["dense_prefix"])
+                                  report["windows"] * report["dense_prefix"], neuron_select)
     for row, extra in zip(report["per_layer"], figures.pop("predicted_per_layer")):
         row.update({k: v for k, v in extra.items() if k != "layer"})
     report.update(predicted_ppl=math.exp(nll / report["predicted_tokens"]), **figures)
@@ -154,7 +163,9 @@ def add_predicted(report: dict, results: list, record: dict, meta: dict, top_m: 
     report["definitions"]["predicted_ppl"] = (
         "a * the mask predicted from the layer's FFN input before the FFN runs: the centroid "
         "of the top-1 predicted cluster (union of the top-M with top_m), or a neuron "
-        "predictor's thresholded output")
+        "predictor's output: logits above its per-layer threshold (neuron_select threshold) "
+        "or each token's top round(d * width) logits, d the clustering's per-layer density "
+        "on the training tokens (neuron_select topk)")
     report["definitions"]["predicted_accuracy"] = (
         "share of (token, layer) whose top-1 predicted cluster is the true mask's assignment")
     report["definitions"]["predicted_weighted_recall"] = (

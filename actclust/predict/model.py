@@ -99,11 +99,26 @@ class PredictorSet:
             raise ValueError(f"m must be in [1, {self.k}], got {m}")
         return self.logits(layer, h).topk(m, dim=-1).indices
 
-    def neuron_mask(self, layer: int, h):
-        """Thresholded neuron prediction, (..., width) bool."""
+    def neuron_mask(self, layer: int, h, select: str = "threshold"):
+        """Neuron prediction, (..., width) bool: logits above the layer's threshold, or with
+        ``select="topk"`` the :meth:`neuron_budget` highest logits of each token."""
+        import torch
+
         self._need("neuron")
         _, _, _, threshold = self._weights(layer, h.device)
-        return self.logits(layer, h) > threshold
+        logits = self.logits(layer, h)
+        if select == "threshold":
+            return logits > threshold
+        if select != "topk":
+            raise ValueError(f"select must be threshold or topk, got {select!r}")
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        return keep.scatter_(-1, logits.topk(self.neuron_budget(layer), dim=-1).indices, True)
+
+    def neuron_budget(self, layer: int) -> int:
+        """Neurons kept per token under ``topk``: the clustering's density at this layer on
+        the training tokens (predictor.json's per-layer ``cluster_density``) times width."""
+        density = self.meta["per_layer"][self._slot[layer]]["cluster_density"]
+        return int(round(density * self.width))
 
     def _need(self, kind: str) -> None:
         if self.kind != kind:
