@@ -7,6 +7,7 @@ through ``RAY_ADDRESS`` is what a job on a real cluster does, and it costs a con
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -64,6 +65,8 @@ class SharedRay:
                 break
         else:
             raise RuntimeError("ray start --head failed:\n" + "".join(seen[-40:]))
+        # A process that started a head stops it when it exits, whoever else forgot to.
+        atexit.register(self.stop)
         # Keep draining its output so the pipe never fills.
         import threading
 
