@@ -251,6 +251,16 @@ def test_neuron_topk_keeps_each_layers_cluster_density_exactly(fitted, trained, 
     assert report["neuron_select"] == "topk"
     for row, n in zip(report["per_layer"], budgets):
         assert row["predicted_density"] == pytest.approx(n / width, abs=1e-12)
+    old = {**record, "kind": "neuron", "rank": 1,
+           "per_layer": [{k: v for k, v in r.items() if k != "cluster_density"}
+                         for r in record["per_layer"]]}
+    M.save(tmp_path / "old", old, {"down": torch.zeros(2, 64, 1), "up": torch.zeros(2, 1, width),
+                                   "bias": bias, "threshold": torch.zeros(2)})
+    with pytest.raises(UserError, match="no per-layer cluster_density"):
+        run_evaluate(build(EvaluateConfig, dict(
+            centroids=str(fitted / "c"), out=str(tmp_path / "o"), max_tokens=SEQ * 8,
+            predictor=str(tmp_path / "old"), neuron_select="topk")))
+    assert not (tmp_path / "o" / "eval.json").exists()
     cluster = run_cli("evaluate", "--centroids", str(fitted / "c"), "--predictor",
                       str(fitted / "p"), "--neuron-select", "topk", "--out", str(tmp_path / "x"))
     assert_user_error(cluster, "--neuron-select applies to a neuron predictor")

@@ -99,3 +99,18 @@ def test_predictor_kind_is_checked(tmp_path):
     assert_user_error(run_cli("run", "--out", str(tmp_path / "r"), "--predictor", "maybe"),
                       "predictor must be one of none, cluster, neuron, both")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_finished_evaluation_is_reused_only_for_its_predictor_kind_and_rule():
+    from actclust.orchestration.pipeline import _is_evaluation_of
+
+    assert not _is_evaluation_of(None, None, "threshold")
+    assert _is_evaluation_of({"dense_ppl": 3.0}, None, "threshold")
+    assert not _is_evaluation_of({"predictor_kind": "cluster"}, None, "threshold")
+    assert _is_evaluation_of({"predictor_kind": "cluster", "neuron_select": None}, "cluster",
+                             "threshold")
+    # eval.json written before the rule existed: the threshold.
+    assert _is_evaluation_of({"predictor_kind": "neuron"}, "neuron", "threshold")
+    assert not _is_evaluation_of({"predictor_kind": "neuron"}, "neuron", "topk")
+    assert _is_evaluation_of({"predictor_kind": "neuron", "neuron_select": "topk"}, "neuron",
+                             "topk")

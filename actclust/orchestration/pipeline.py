@@ -148,16 +148,24 @@ def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str,
     kinds = list(predictors)
     if len(kinds) > 1:
         second = neuron_eval_dir(cfg, name)
-        if eval_store.read_eval(second) is None:
+        if not _is_evaluation_of(eval_store.read_eval(second), "neuron", cfg.neuron_select):
             run_evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"],
                                           cfg.neuron_select))
     out = storage.join(cfg.out, "eval", name)
+    kind = kinds[0] if kinds else None
+    select = cfg.neuron_select if kind == "neuron" else "threshold"
     finished = eval_store.read_eval(out)
-    if finished is not None and finished.get("predictor_kind") == (kinds[0] if kinds else None):
+    if _is_evaluation_of(finished, kind, select):
         return finished
-    return run_evaluate(_evaluate_config(
-        cfg, centroids, out, predictors[kinds[0]] if kinds else None,
-        cfg.neuron_select if kinds and kinds[0] == "neuron" else "threshold"))
+    return run_evaluate(_evaluate_config(cfg, centroids, out, predictors.get(kind), select))
+
+
+def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str) -> bool:
+    """Whether a finished eval.json used this predictor kind (and neuron selection rule);
+    eval.json from before the rule existed used the threshold."""
+    if report is None or report.get("predictor_kind") != kind:
+        return False
+    return kind != "neuron" or (report.get("neuron_select") or "threshold") == neuron_select
 
 
 def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None,

@@ -56,6 +56,10 @@ def check_predictor(predictor_dir: str, cfg, meta: dict, windows) -> dict:
     if record["kind"] == "cluster" and cfg.neuron_select != "threshold":
         raise UserError("--neuron-select applies to a neuron predictor; this one is a cluster "
                         "predictor")
+    if cfg.neuron_select == "topk" and not all(
+            "cluster_density" in row for row in record.get("per_layer", [])):
+        raise UserError(f"predictor {predictor_dir} records no per-layer cluster_density for "
+                        "--neuron-select topk; train it again with actclust train-predictor")
     if record["kind"] == "neuron" and cfg.top_m != 1:
         raise UserError("--top-m applies to a cluster predictor; this one is a neuron predictor")
     if not 1 <= cfg.top_m <= record["k"]:
