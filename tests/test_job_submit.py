@@ -17,8 +17,6 @@ from sharedray import free_port, own_ports
 VENV_BIN = Path(sys.executable).parent
 
 
-
-
 @pytest.fixture
 def head_node(tmp_path):
     """A one-node cluster with token authentication and the dashboard on localhost only."""

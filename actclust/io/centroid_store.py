@@ -17,7 +17,6 @@ a list, ``d_ff`` and ``thresholds`` per site, and per-fit figures keyed ``<site>
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from actclust.errors import UserError

@@ -139,12 +139,12 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     init_ray()
     path, filesystem = predictor_store.checkpoint_storage(out)
     loop_config["threads"], scaling, placement = _scaling(workers)
-    loop_config["log_level"] = _train_log_level()
+    loop_config["log_level"] = log_level = _train_log_level()
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config, scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=LoggingConfig(log_level=_train_log_level())))
+                             logging_config=LoggingConfig(log_level=log_level)))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
