@@ -56,7 +56,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300,
     if env and "RAY_ADDRESS" in env:
         full_env["RAY_ADDRESS"] = env["RAY_ADDRESS"]
     elif not own_ray:
-        full_env.update(RAY_ADDRESS=SHARED_RAY.address(), RAY_AUTH_MODE="token")
+        full_env = SHARED_RAY.client_env(full_env)
     return subprocess.run([sys.executable, "-m", "actclust", *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=str(REPO))
 

@@ -44,6 +44,12 @@ class SharedRay:
             self._start()
         return f"127.0.0.1:{self.port}"
 
+    def client_env(self, base: dict | None = None) -> dict:
+        """``base`` (default: this process's environment) with what a Ray client needs
+        to join this cluster."""
+        return {**(os.environ if base is None else base), "RAY_ADDRESS": self.address(),
+                "RAY_AUTH_MODE": "token"}
+
     def _start(self) -> None:
         self.port = free_port()
         env = {**os.environ, "RAY_AUTH_MODE": "token"}

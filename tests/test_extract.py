@@ -118,7 +118,7 @@ def test_killed_driver_resumes_to_identical_output(tmp_path, ray_session):
             "embedded:pydoc", "--seq-len", "32", "--max-tokens", str(32 * 40), "--out", str(out),
             "--shard-windows", "2", "--workers", "1"]
     # The killed driver joins the shared cluster, as the resumed one does.
-    env = {**os.environ, "RAY_ADDRESS": SHARED_RAY.address(), "RAY_AUTH_MODE": "token"}
+    env = SHARED_RAY.client_env()
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120

@@ -121,7 +121,7 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
                                       "workers": 1, "out": str(tmp_path / "s"),
                                       "max_concurrent_trials": 1}))
     # Both drivers join the shared cluster; the killed one's trials die with it.
-    env = {**os.environ, "RAY_ADDRESS": SHARED_RAY.address(), "RAY_AUTH_MODE": "token"}
+    env = SHARED_RAY.client_env()
     args = [sys.executable, "-m", "actclust", "sweep", "--config", str(config)]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -150,7 +150,7 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
 @pytest.mark.parametrize("job", ["extract", "cluster", "evaluate"])
 def test_job_entry_points_smoke(job, tmp_path):
     # A job joins a running cluster through RAY_ADDRESS, as under `ray job submit`.
-    env = {**os.environ, "RAY_ADDRESS": SHARED_RAY.address(), "RAY_AUTH_MODE": "token"}
+    env = SHARED_RAY.client_env()
     args = [sys.executable, f"jobs/{job}.py", "--smoke-test"]
     if job == "extract":
         args += ["--out", str(tmp_path / "o")]

@@ -389,7 +389,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(fitted, tmp_path):
             "5", "--workers", "1"]
     # The killed driver joins the shared cluster, as the resumed one does; one worker: the
     # two-worker fit is the `trained` fixture's.
-    env = {**os.environ, "RAY_ADDRESS": SHARED_RAY.address(), "RAY_AUTH_MODE": "token"}
+    env = SHARED_RAY.client_env()
     with open(tmp_path / "first.err", "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "actclust", *argv], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
