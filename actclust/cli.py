@@ -58,9 +58,16 @@ def _cmd_cluster(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from actclust.evaluation.anchor_eval import run_anchor
     from actclust.evaluation.evaluate import run_evaluate
 
     cfg = _config(C.EvaluateConfig, args)
+    if cfg.anchor is not None:
+        result = run_anchor(cfg)
+        keys = ("anchor", "anchor_sparsity", "dense_ppl", "anchor_ppl", "anchor_ppl_ci95",
+                "anchor_realized_sparsity", "ffn_bytes_fraction")
+        print(json.dumps({k: result[k] for k in keys}))
+        return 0
     result = run_evaluate(cfg)
     keys = ("dense_ppl", "oracle_ppl", "cluster_ppl", "precision", "recall")
     if "predicted_ppl" in result:

@@ -224,7 +224,9 @@ def _add_evaluate(sub) -> None:
         epilog=_examples(
             "actclust evaluate --centroids /tmp/c --out /tmp/e --max-tokens 2048",
             "actclust evaluate --centroids runs/demo/clusters/k=64-theta=0.5 --out /tmp/e64 "
-            "--workers 2"))
+            "--workers 2",
+            "actclust evaluate --anchor teal --anchor-sparsity 0.5 --masks runs/demo/masks "
+            "--out /tmp/teal50"))
     _config_flag(p)
     p.add_argument("--centroids", metavar="DIR",
                    help="clustering directory written by actclust cluster (required)")
@@ -264,6 +266,19 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--mask-mode", dest="mask_mode", metavar="MODE",
                    help="replace (a*c) or and (a*m*c, the paper artifact's metric) "
                         f"(default: {_default(cls, 'mask_mode')})")
+    p.add_argument("--anchor", metavar="METHOD",
+                   help="evaluate a training-free method instead of centroids: "
+                        f"{', '.join(C.ANCHORS)}, FFN only; needs --masks and "
+                        "--anchor-sparsity (default: none)")
+    p.add_argument("--anchor-sparsity", dest="anchor_sparsity", type=float, metavar="S",
+                   help="the anchor's target sparsity, in (0, 1) (default: none)")
+    p.add_argument("--masks", metavar="DIR",
+                   help="with --anchor: masks directory from actclust extract --split train; "
+                        "gives model, corpus and windows, and its fitting windows calibrate "
+                        "the thresholds (default: none)")
+    p.add_argument("--calibration-windows", dest="calibration_windows", type=int, metavar="N",
+                   help="with --anchor: fitting windows the thresholds are calibrated on "
+                        f"(default: {_default(cls, 'calibration_windows')})")
     _trust_flag(p)
     _workers_flag(p, cls, "evaluation actors, each with its own copy of the model")
 

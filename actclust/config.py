@@ -27,6 +27,8 @@ MASK_MODES = ("replace", "and")
 # How a neuron predictor turns logits into a mask: its per-layer logit threshold, or per
 # token the top round(d * width) neurons, d the clustering's density on the training tokens.
 NEURON_SELECT = ("threshold", "topk")
+# Training-free FFN sparsity evaluated beside the clustering (actclust.evaluation.anchors).
+ANCHORS = ("teal", "cats", "wina")
 LAYOUTS = ("auto", "slab", "gather")  # sparse FFN weight layouts
 DEFAULT_SLAB_BUDGET_MB = 1024.0
 
@@ -194,10 +196,28 @@ class EvaluateConfig:
     predictor: Optional[str] = None  # adds the mode `predicted` (actclust train-predictor)
     top_m: int = 1
     neuron_select: str = "threshold"
+    # An anchor (teal, cats, wina) in place of centroids: calibrated on the fitting windows
+    # of the masks directory, evaluated on its held-out windows.
+    anchor: Optional[str] = None
+    anchor_sparsity: Optional[float] = None
+    masks: Optional[str] = None
+    calibration_windows: int = 16
 
     def validate(self) -> None:
-        _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
+        if self.anchor is None:
+            _require(self.centroids, "centroids",
+                     "--centroids DIR (the output of actclust cluster)")
+        else:
+            _choice(self.anchor, ANCHORS, "anchor")
+            _require(self.masks, "masks", "--masks DIR (the output of actclust extract)")
+            _require(self.anchor_sparsity, "anchor_sparsity", "--anchor-sparsity S")
+            if not 0.0 < self.anchor_sparsity < 1.0:
+                raise UserError(f"anchor_sparsity must be in (0, 1), got {self.anchor_sparsity}")
+            if self.centroids is not None or self.predictor is not None:
+                raise UserError("--anchor evaluates a training-free method on its own; drop "
+                                "--centroids and --predictor")
         _require(self.out, "out", "--out DIR")
+        _positive(self.calibration_windows, "calibration_windows")
         _choice(self.split, SPLITS, "split")
         _choice(self.mask_mode, MASK_MODES, "mask_mode")
         _choice(self.neuron_select, NEURON_SELECT, "neuron_select")
@@ -274,9 +294,21 @@ class RunConfig:
     predictor: str = "none"
     predictor_epochs: int = 6
     neuron_select: str = "threshold"  # topk: the neuron predictor at the clustering's density
+    anchors: list = dataclasses.field(default_factory=list)  # one point per (anchor, sparsity)
+    anchor_sparsity: list = dataclasses.field(default_factory=lambda: [0.3, 0.5, 0.7])
 
     def validate(self) -> None:
         self.sites = ",".join(parse_sites(self.sites))
+        for anchor in self.anchors:
+            _choice(anchor, ANCHORS, "anchors")
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 1
+                   for s in self.anchor_sparsity) or (self.anchors and not self.anchor_sparsity):
+            raise UserError("anchor_sparsity must be a non-empty list of values in (0, 1), "
+                            f"got {self.anchor_sparsity}")
+        self.anchor_sparsity = [float(s) for s in self.anchor_sparsity]
+        if self.anchors and self.sites != "intermediate":
+            raise UserError(f"anchors are compared with masks of sites: intermediate, got "
+                            f"sites: {self.sites}")
         if self.pool_layers and "hamming-kmeans" in self.algorithm:
             raise UserError("pool_layers needs algorithm brb-kmeans or activation-aware "
                             "(hamming-kmeans fits one centroid set per layer)")

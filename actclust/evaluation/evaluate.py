@@ -32,6 +32,8 @@ import logging
 import numpy as np
 
 from actclust.errors import UserError
+from actclust.evaluation.anchors import AnchorSpec, Sparsifier
+from actclust.evaluation.ffn_bytes import matrix_weights
 from actclust.evaluation.metrics import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
                                         empty_stats, summarize, window_nll)
 from actclust.io import centroid_store, eval_store, mask_store, storage
@@ -54,10 +56,11 @@ class Evaluator:
                  seed: int = 0, trust_remote_code: bool = False, use_gpu: bool = False,
                  faults: FaultHooks | None = None, predictor_dir: str | None = None,
                  top_m: int = 1, dense_prefix: int = 1, mask_mode: str = "replace",
-                 meta: dict | None = None, neuron_select: str = "threshold"):
+                 meta: dict | None = None, neuron_select: str = "threshold",
+                 anchor: AnchorSpec | None = None):
         from actclust import kernels
         from actclust.devices import place_model
-        from actclust.io.models import load_model
+        from actclust.io.models import ffn_projections, load_model
         from actclust.orchestration.raycluster import set_threads
 
         set_threads(num_cpus)
@@ -80,6 +83,9 @@ class Evaluator:
         # assigned by the rule the centroids were fitted with (absent: Hamming).
         self.centroids = [kernels.device_centroids(c, width, self.device, meta.get("rule"))
                           for c, (_, _, width, _) in zip(centroids or [], masked)]
+        self.ffn_weights = matrix_weights(ffn_projections(self.model))
+        self.sparsifier = None if anchor is None else Sparsifier(self.model, anchor,
+                                                                 dense_prefix, model)
         self.predicted = None
         if predictor_dir is not None:
             from actclust.predict.evaluation import PredictedMasks
@@ -101,8 +107,11 @@ class Evaluator:
             raise ValueError("the random pass takes its bit counts from a cluster pass before it")
         self.shape = ids.shape
         ids_t = model_input(self.model, ids)
-        out = {"nll": {}, "tokens": np.full(len(ids), ids.shape[1] - 1, dtype=np.int64)}
+        out = {"nll": {}, "tokens": np.full(len(ids), ids.shape[1] - 1, dtype=np.int64),
+               "ffn_weights": self.ffn_weights}
         stats = empty_stats(len(self.slot))
+        if "anchor" in modes:
+            out["anchor_stats"] = self.sparsifier.empty_stats()
         if self.predicted is not None:
             modes = tuple(modes) + ("predicted",)
         for mode in modes:
@@ -111,8 +120,11 @@ class Evaluator:
                 stack.enter_context(torch.inference_mode())
                 if mode == "predicted":
                     stack.enter_context(self.predicted.capturing(self.model))
-                for site in self.sites:  # every site masked in this same pass
-                    stack.enter_context(masking(self.model, self._by_layer(site, fn), site))
+                if mode == "anchor":
+                    stack.enter_context(self.sparsifier.applied(self.shape, out["anchor_stats"]))
+                else:
+                    for site in self.sites:  # every site masked in this same pass
+                        stack.enter_context(masking(self.model, self._by_layer(site, fn), site))
                 logits = self.model(ids_t).logits
             out["nll"][mode] = window_nll(logits, ids_t)
         out["stats"] = stats
@@ -194,7 +206,7 @@ class Evaluator:
         return r
 
     def _mask_fn(self, mode: str, chunk: int, stats: np.ndarray):
-        if mode == "dense":
+        if mode in ("dense", "anchor"):  # an anchor sparsifies through its own hooks
             def fn(slot, a):
                 return None
         elif mode == "oracle":
@@ -233,11 +245,12 @@ def fitted_split(meta: dict) -> str | None:
     return None
 
 
-def _resolve(cfg, meta: dict):
-    """Fill the evaluation config from the centroids' identity; refuse a mismatch."""
+def resolve(cfg, meta: dict, where: str | None = None):
+    """Fill the evaluation config from the identity of what it evaluates (the centroids',
+    or a masks directory's for an anchor); refuse a mismatch."""
     import dataclasses
 
-    where = f"centroids in {cfg.centroids}"
+    where = where or f"centroids in {cfg.centroids}"
     cfg = dataclasses.replace(cfg, **{key: meta[key] for key in
                                       ("model", "corpus", "seq_len", "text_column",
                                        "heldout_every") if getattr(cfg, key) is None})
@@ -271,13 +284,15 @@ def _resolve(cfg, meta: dict):
     return cfg
 
 
-def _load_windows(cfg):
+def load_eval_windows(cfg, split: str | None = None, max_tokens: int | None = None):
+    """The windows of ``cfg``'s corpus (its split and max_tokens unless given)."""
     from actclust.io.corpus import load_windows
     from actclust.io.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    return load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
-                        max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
+    return load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=split or cfg.split,
+                        max_tokens=cfg.max_tokens if split is None else max_tokens,
+                        heldout_every=cfg.heldout_every,
                         text_column=cfg.text_column)
 
 
@@ -292,8 +307,9 @@ def baseline_identity(cfg, meta: dict) -> dict:
             "dense_prefix": cfg.dense_prefix, "batch_windows": cfg.batch_windows}
 
 
-def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
-                faults: FaultHooks | None = None, predictor_dir: str | None = None) -> list:
+def run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
+                faults: FaultHooks | None = None, predictor_dir: str | None = None,
+                anchor: AnchorSpec | None = None) -> list:
     """Evaluate ``modes`` on every chunk of ``windows`` with a group of actors, in order."""
     import ray
 
@@ -310,7 +326,8 @@ def _run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
                                             cfg.seed, cfg.trust_remote_code,
                                             "num_gpus" in options, faults, predictor_dir,
                                             cfg.top_m, cfg.dense_prefix, cfg.mask_mode,
-                                            meta_fields, cfg.neuron_select), cfg.workers)
+                                            meta_fields, cfg.neuron_select, anchor),
+                       cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
@@ -337,13 +354,13 @@ def run_baseline(cfg, meta: dict) -> dict:
     ``meta`` needs cluster.json's model, corpus, seq_len, text_column, heldout_every,
     split, sites, layers, thresholds and d_ff (a mask manifest has them all).
     """
-    cfg = _resolve(cfg, meta)
-    windows = _load_windows(cfg)
+    cfg = resolve(cfg, meta)
+    windows = load_eval_windows(cfg)
     ident = baseline_identity(cfg, meta)
     cached = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])
     if cached is not None:
         return cached
-    results = _run_chunks(cfg, meta, None, windows, BASELINE_MODES)
+    results = run_chunks(cfg, meta, None, windows, BASELINE_MODES)
     baseline = baseline_from(results, windows, ident)
     eval_store.write_baseline(cfg.baseline, baseline)
     return baseline
@@ -355,8 +372,8 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     ``faults``: fault-injection hooks handed to the actors (tests only).
     """
     meta, centroids = load_centroids(cfg.centroids)
-    cfg = _resolve(cfg, meta)
-    windows = _load_windows(cfg)
+    cfg = resolve(cfg, meta)
+    windows = load_eval_windows(cfg)
     centroid_store.check_width(meta, centroids)
     predictor = None
     if cfg.predictor is not None:
@@ -369,7 +386,7 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
     modes = ("cluster", "random") if baseline is not None else MODES
     centroids_dir = storage.normalize(cfg.centroids)
     predictor_dir = None if predictor is None else storage.normalize(cfg.predictor)
-    results = _run_chunks(cfg, meta, centroids_dir, windows, modes, faults, predictor_dir)
+    results = run_chunks(cfg, meta, centroids_dir, windows, modes, faults, predictor_dir)
     if baseline is None:
         baseline = baseline_from(results, windows, ident)
         if cfg.baseline is not None:

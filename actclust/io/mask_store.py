@@ -179,6 +179,16 @@ def read_manifest(root) -> dict:
     return manifest
 
 
+def evaluation_meta(manifest: dict) -> dict:
+    """What evaluating against these masks' windows needs: model, corpus, window rule,
+    split, sites, layers, thresholds and widths."""
+    meta = {key: manifest[key] for key in ("format_version", "model", "corpus", "seq_len",
+                                           "heldout_every", "split", "sites", "layers",
+                                           "thresholds", "d_ff")}
+    meta["text_column"] = manifest.get("identity", {}).get("text_column", "text")
+    return meta
+
+
 def sites_of(manifest: dict) -> list[str]:
     """The sites a manifest (or cluster.json) holds, in order."""
     if manifest.get("format_version") == SITES_FORMAT_VERSION:

@@ -33,6 +33,8 @@ _DOWN_PROJ = ("mlp.down_proj", "fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc
               "feed_forward.w2", "mlp.w2")
 _GATE_PROJ = ("mlp.gate_proj", "feed_forward.w1", "mlp.w1")
 _UP_PROJ = ("mlp.up_proj", "feed_forward.w3", "mlp.w3")
+# The first projection of an ungated FFN (its input is the FFN input).
+_IN_PROJ = ("fc1", "mlp.c_fc", "mlp.dense_h_to_4h", "mlp.fc1")
 # The FFN itself (its input is the hidden state after the post-attention norm); OPT has
 # no FFN module, so its first projection stands in (same input).
 _FFN_INPUT = ("mlp", "feed_forward", "fc1")
@@ -325,6 +327,49 @@ def ffn_param_counts(model) -> list[int]:
         parts = [_get(layer, p) for p in _FFN_PARTS.get(name, (name,))]
         counts.append(int(sum(p.numel() for part in parts for p in part.parameters())))
     return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNProjections:
+    """One layer's FFN weights: ``gate``/``up`` (gated) or ``up`` alone (ungated, e.g. fc1),
+    then ``down``; ``act`` the gated FFN's activation function (None when ungated)."""
+
+    up: Any
+    down: Any
+    gate: Any = None
+    act: Any = None
+
+    @property
+    def matrices(self) -> dict:
+        """Name -> module of every weight matrix, in the order the FFN reads them."""
+        named = {"gate": self.gate, "up": self.up, "down": self.down}
+        return {name: module for name, module in named.items() if module is not None}
+
+
+def ffn_projections(model) -> list[FFNProjections]:
+    """Every layer's FFN projections (gated: gate, up, down; otherwise: in and out)."""
+    layers = []
+    for i, layer in enumerate(decoder_layers(model)):
+        gate, down = _find(layer, _GATE_PROJ), _find(layer, _DOWN_PROJ)
+        up = _find(layer, _UP_PROJ if gate is not None else _IN_PROJ)
+        if up is None or down is None:
+            raise UserError(_unsupported(model, f"no FFN projections in layer {i}"))
+        act = None
+        if gate is not None:
+            ffn = _find(layer, _FFN_INPUT)
+            act = getattr(ffn, "act_fn", None)
+            if act is None:
+                raise UserError(_unsupported(model, f"no activation function on the gated FFN "
+                                                    f"of layer {i}"))
+        layers.append(FFNProjections(up=up, down=down, gate=gate, act=act))
+    return layers
+
+
+def input_column_norms(module):
+    """``||W[:, i]||_2`` of every input ``i`` of a projection (nn.Linear or GPT-2 Conv1D)."""
+    weight = module.weight.detach().float()
+    is_conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+    return weight.norm(dim=1) if is_conv1d else weight.norm(dim=0)
 
 
 def site_width(module, site: str) -> int:

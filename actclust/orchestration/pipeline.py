@@ -190,11 +190,7 @@ def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
     """The dense and oracle passes of the run, computed once for every trial."""
     from actclust.evaluation.evaluate import run_baseline
 
-    manifest = mask_store.read_manifest(masks)
-    meta = {key: manifest[key] for key in ("format_version", "model", "corpus", "seq_len",
-                                           "heldout_every", "split", "sites", "layers",
-                                           "thresholds", "d_ff")}
-    meta["text_column"] = manifest.get("identity", {}).get("text_column", "text")
+    meta = mask_store.evaluation_meta(mask_store.read_manifest(masks))
     return run_baseline(_evaluate_config(cfg, masks, None), meta)
 
 

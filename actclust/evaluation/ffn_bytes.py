@@ -1,0 +1,86 @@
+"""FFN weight bytes read per token, as a fraction of the dense FFN's: the compute-fair axis.
+
+Every mode reads each FFN weight matrix (gate, up, down; ungated: fc1 as ``up``, fc2 as
+``down``) at some fraction of its rows or columns, counted from what was kept at the
+masked positions. A matrix weighs by its number of weights (all share the dtype), a layer
+that is not masked reads everything, and the overall fraction sums bytes over layers:
+
+- teal, wina: gate and up at the kept share of ``x``, down at the kept share of ``h``;
+- cats: gate whole (``g`` must exist to be thresholded), up and down at the kept share;
+- masks that need the token's true mask (oracle; cluster, unless one static centroid is
+  applied in mask mode replace; random in mask mode ``and``): gate and up whole, down at
+  the kept share. These are upper bounds, not operating points;
+- masks known before the FFN runs (static, random replace, predicted replace): every
+  matrix at the mask's density; predicted in mask mode ``and``: gate and up at the
+  predicted density, down at the kept share (m AND p). A predictor adds its own
+  parameters as a fraction of the FFN's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actclust.evaluation.metrics import F
+
+IN = ("gate", "up")  # the matrices that read the FFN input
+
+
+def matrix_weights(projections: list) -> list[dict]:
+    """Per layer, matrix name -> number of weights (:func:`actclust.io.models.ffn_projections`)."""
+    return [{name: int(module.weight.numel()) for name, module in p.matrices.items()}
+            for p in projections]
+
+
+def fraction(weights: list[dict], reads: dict[int, dict]) -> float:
+    """Bytes read over dense bytes; ``reads`` layer -> matrix -> share read (absent: 1)."""
+    total = sum(sum(layer.values()) for layer in weights)
+    read = sum(count * reads.get(layer, {}).get(name, 1.0)
+               for layer, matrices in enumerate(weights) for name, count in matrices.items())
+    return read / total
+
+
+def per_layer(weights: list[dict], reads: dict[int, dict]) -> list[float]:
+    return [fraction([weights[layer]], {0: reads.get(layer, {})}) for layer in range(len(weights))]
+
+
+def split_reads(in_share: float, down_share: float) -> dict:
+    return {"gate": in_share, "up": in_share, "down": down_share}
+
+
+def anchor_reads(method: str, kept: dict[str, list[float]]) -> dict[int, dict]:
+    """Layer -> matrix -> share read, from each input's per-layer kept share."""
+    if method == "cats":
+        return {layer: {"gate": 1.0, "up": share, "down": share}
+                for layer, share in enumerate(kept["g"])}
+    return {layer: split_reads(x, h) for layer, (x, h) in enumerate(zip(kept["x"], kept["h"]))}
+
+
+def mask_fractions(stats: np.ndarray, layers: list[int], width: int, weights: list[dict],
+                   k: int, mask_mode: str) -> dict:
+    """ffn_bytes_fraction of dense, oracle, cluster and random from their per-slot sums
+    (one site, ``intermediate``; ``layers`` the model layer of each slot)."""
+    cells = stats[:, F["tokens"]] * width
+
+    def reads(field: str, needs_true_mask: bool) -> dict:
+        shares = np.divide(stats[:, F[field]], cells, out=np.zeros(len(cells)), where=cells > 0)
+        return {layer: split_reads(1.0 if needs_true_mask else float(s), float(s))
+                for layer, s in zip(layers, shares)}
+
+    static = k == 1 and mask_mode == "replace"  # one centroid, known before the FFN runs
+    return {"dense": 1.0,
+            "oracle": fraction(weights, reads("oracle_bits", True)),
+            "cluster": fraction(weights, reads("kept_bits", not static)),
+            "random": fraction(weights, reads("random_kept_bits", mask_mode == "and"))}
+
+
+def predicted_fraction(stats: np.ndarray, layers: list[int], width: int, weights: list[dict],
+                       mask_mode: str, params_fraction: float) -> float:
+    """ffn_bytes_fraction of the predicted mode from the predictor's per-layer sums
+    (columns: tokens, agree, predicted bits, true bits, overlap, ...)."""
+    cells = stats[:, 0] * width
+    shares = {}
+    for layer, row, n in zip(layers, stats, cells):
+        density = row[2] / n if n else 0.0
+        shares[layer] = split_reads(density, (row[4] / n if n else 0.0)
+                                    if mask_mode == "and" else density)
+    return fraction(weights, shares) + params_fraction
