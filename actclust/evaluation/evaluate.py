@@ -33,7 +33,7 @@ import numpy as np
 
 from actclust.errors import UserError
 from actclust.evaluation.anchors import AnchorSpec, Sparsifier
-from actclust.evaluation.ffn_bytes import matrix_weights
+from actclust.evaluation.ffn_bytes import BYTES_DEFINITION, matrix_weights, mode_fractions
 from actclust.evaluation.metrics import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
                                         empty_stats, summarize, window_nll)
 from actclust.io import centroid_store, eval_store, mask_store, storage
@@ -407,6 +407,9 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
         report["predicted_ppl_ci95"] = list(paired_ppl_intervals(
             {"predicted": nll}, tokens, resamples=cfg.bootstrap_resamples,
             seed=cfg.seed)["predicted"])
+    report["ffn_bytes_fraction"] = mode_fractions(results, baseline, meta, cfg.mask_mode,
+                                                  predictor)
+    report["definitions"] = {**report["definitions"], "ffn_bytes_fraction": BYTES_DEFINITION}
     report.update(identity=_identity(cfg, meta, windows))
     eval_store.write_eval(report, cfg.out)
     return report

@@ -21,8 +21,33 @@ from __future__ import annotations
 import numpy as np
 
 from actclust.evaluation.metrics import F
+from actclust.io.centroid_store import slots
 
-IN = ("gate", "up")  # the matrices that read the FFN input
+BYTES_DEFINITION = (
+    "per mode, FFN weight bytes read per token over the dense FFN's at masked positions "
+    "(site intermediate only): oracle, cluster and random-and need the true mask, so gate and "
+    "up count whole and down at the kept share; a static centroid (k = 1, replace) and random "
+    "replace read every matrix at their density; predicted: gate and up at the predicted "
+    "density, down at the kept share, plus the predictor's parameters")
+
+
+def mode_fractions(results: list, baseline: dict, meta: dict, mask_mode: str,
+                   predictor: dict | None = None) -> dict | None:
+    """ffn_bytes_fraction of every mode (None with sites other than intermediate)."""
+    masked = slots(meta)
+    if any(site != "intermediate" for site, _, _, _ in masked):
+        return None
+    stats = sum(r["stats"] for r in results)
+    stats[:, F["oracle_bits"]] = baseline["oracle_bits"]
+    layers = [layer for _, layer, _, _ in masked]
+    width = masked[0][2]
+    weights = results[0]["ffn_weights"]
+    fractions = mask_fractions(stats, layers, width, weights, meta["k"], mask_mode)
+    if predictor is not None:
+        fractions["predicted"] = predicted_fraction(
+            sum(r["predicted_stats"] for r in results), layers, width, weights, mask_mode,
+            predictor["params_fraction"])
+    return fractions
 
 
 def matrix_weights(projections: list) -> list[dict]:

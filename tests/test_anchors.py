@@ -1,0 +1,250 @@
+"""TEAL, CATS and WINA anchors: each against an independent masked forward written here
+with plain hooks, calibration against its target, FFN bytes by hand, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from actclust.capture.extract import run_extract
+from actclust.errors import UserError
+from actclust.config import EvaluateConfig, ExtractConfig, build
+from actclust.evaluation import ffn_bytes
+from actclust.evaluation.anchor_eval import run_anchor
+from actclust.evaluation.metrics import F, STAT_FIELDS
+from actclust.io.corpus import load_windows
+from actclust.io.models import load_model, load_tokenizer
+from conftest import assert_user_error, run_cli
+
+SEQ = 32
+PREFIX = 1
+
+
+def extract(name, root, split="train", tokens=SEQ * 40):
+    out = root / f"masks-{split}"
+    run_extract(build(ExtractConfig, dict(model=name, corpus="embedded:pydoc", seq_len=SEQ,
+                                           max_tokens=tokens, split=split, sparsity=0.5,
+                                           out=str(out))))
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny:llama", "tiny:opt"])
+def masks(request, tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp(request.param.replace(":", "-"))
+    return request.param, extract(request.param, root)
+
+
+def anchor(masks_dir, method, sparsity, out, **kw):
+    values = dict(anchor=method, anchor_sparsity=sparsity, masks=str(masks_dir), out=str(out),
+                  max_tokens=SEQ * 8, dense_prefix=PREFIX)
+    values.update(kw)
+    return run_anchor(build(EvaluateConfig, values))
+
+
+def ffn_parts(layer):
+    """(module whose input is x, gate or None, up/fc1, down/fc2, act) of a decoder layer."""
+    if hasattr(layer, "mlp"):
+        mlp = layer.mlp
+        return mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+    return layer.fc1, None, layer.fc1, layer.fc2, None
+
+
+def body(t, windows):
+    return t.reshape(windows, SEQ, t.shape[-1])[:, PREFIX:]
+
+
+def keep_prefix(keep, windows):
+    keep = keep.reshape(windows, SEQ, keep.shape[-1]).clone()
+    keep[:, :PREFIX] = True
+    return keep
+
+
+def reference(name, method, report):
+    """Held-out perplexity and per-layer kept counts of ``method``, from eval.json's
+    thresholds, with hooks written independently of actclust's."""
+    loaded = load_model(name)
+    model = loaded.model
+    layers = model.model.layers if hasattr(model.model, "layers") else model.model.decoder.layers
+    windows = load_windows("embedded:pydoc", load_tokenizer(name), SEQ, split="heldout",
+                           max_tokens=SEQ * 8)
+    t = report["thresholds"]
+    s = report["anchor_sparsity"]
+    kept = {}
+    handles = []
+
+    def count(key, keep, w):
+        kept[key] = kept.get(key, 0) + int(body(keep, w).sum())
+
+    def topk_keep(a, weight):
+        n = a.shape[-1]
+        scores = a.abs() * weight.norm(dim=0)
+        idx = scores.topk(int(round((1 - s) * n)), dim=-1).indices
+        return torch.zeros_like(a, dtype=torch.bool).scatter(-1, idx, True)
+
+    current = {}
+    for i, layer in enumerate(layers):
+        x_module, gate, up, down, act = ffn_parts(layer)
+        if method == "cats":
+            def cats(mod, args, out, i=i, gate=gate, up=up, down=down, act=act):
+                x = args[0]
+                g = act(gate(x))
+                keep = keep_prefix(g.abs() > t["g"][i], current["w"]).reshape(g.shape)
+                count((i, "g"), keep, current["w"])
+                return down(g * keep * up(x))
+            handles.append(layer.mlp.register_forward_hook(cats))
+            continue
+
+        def sparsify(a, key, i, weight):
+            if method == "teal":
+                keep = a.abs() > t[key][i]
+            else:
+                keep = topk_keep(a, weight)
+            keep = keep_prefix(keep, current["w"]).reshape(a.shape)
+            count((i, key), keep, current["w"])
+            return a * keep
+        handles.append(x_module.register_forward_pre_hook(
+            lambda mod, args, i=i, w=(gate if gate is not None else up).weight:
+            (sparsify(args[0], "x", i, w),)))
+        handles.append(down.register_forward_pre_hook(
+            lambda mod, args, i=i, w=down.weight: (sparsify(args[0], "h", i, w),)))
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(windows), 4):
+            ids = torch.tensor(windows.ids[start:start + 4])
+            current["w"] = len(ids)
+            logp = torch.log_softmax(model(ids).logits[:, :-1].double(), dim=-1)
+            total += float(-logp.gather(-1, ids[:, 1:, None]).sum())
+            tokens += ids.shape[0] * (SEQ - 1)
+    for h in handles:
+        h.remove()
+    return math.exp(total / tokens), kept
+
+
+@pytest.fixture(scope="module")
+def embedded_masks(tmp_path_factory, ray_session):
+    name = "embedded:smollm2-135m"
+    return name, extract(name, tmp_path_factory.mktemp("embedded"), tokens=SEQ * 20)
+
+
+def widths_of(name):
+    config = load_model(name).model.config
+    d_ff = getattr(config, "intermediate_size", None) or config.ffn_dim
+    return {"x": config.hidden_size, "h": d_ff, "g": d_ff}
+
+
+@pytest.mark.parametrize("method", ["teal", "cats", "wina"])
+def test_anchor_equals_an_independent_masked_forward(masks, method, tmp_path):
+    name, masks_dir = masks
+    if method == "cats" and name == "tiny:opt":
+        with pytest.raises(UserError, match="no gated FFN"):
+            anchor(masks_dir, method, 0.5, tmp_path / method)
+        return
+    check_against_reference(name, masks_dir, method, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["teal", "cats", "wina"])
+def test_anchor_on_the_embedded_model(embedded_masks, method, tmp_path):
+    check_against_reference(*embedded_masks, method, tmp_path)
+
+
+def check_against_reference(name, masks_dir, method, tmp_path):
+    report = anchor(masks_dir, method, 0.5, tmp_path / method)
+    ppl, kept = reference(name, method, report)
+    assert report["anchor_ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert report["anchor_ppl"] != pytest.approx(report["dense_ppl"], rel=1e-9)
+    masked_tokens = 8 * (SEQ - PREFIX)
+    assert report["masked_tokens"] == masked_tokens
+    widths = widths_of(name)
+    assert {key for _, key in kept} == set(report["anchor_realized_sparsity"])
+    for row in report["per_layer"]:
+        for key, sparsity in row["sparsity"].items():
+            entries = masked_tokens * widths[key]
+            assert kept[(row["layer"], key)] == round((1 - sparsity) * entries)
+    lo, hi = report["anchor_ppl_ci95"]
+    assert lo <= report["anchor_ppl"] <= hi
+    assert report["bootstrap"]["paired"] and report["dense_ppl_ci95"][0] <= report["dense_ppl"]
+
+
+def test_wina_keeps_exactly_its_count_and_bytes_follow(masks, tmp_path):
+    name, masks_dir = masks
+    report = anchor(masks_dir, "wina", 0.4, tmp_path / "w")
+    d_model, d_ff = 64, (192 if name == "tiny:llama" else 256)
+    kx, kh = round(0.6 * d_model) / d_model, round(0.6 * d_ff) / d_ff
+    assert report["anchor_realized_sparsity"] == pytest.approx({"x": 1 - kx, "h": 1 - kh})
+    gated = name == "tiny:llama"
+    matrices = 3 if gated else 2
+    expected = ((matrices - 1) * kx + kh) / matrices  # every matrix d_model x d_ff
+    assert report["ffn_bytes_fraction"]["anchor"] == pytest.approx(expected, rel=1e-12)
+    assert all(row["ffn_bytes_fraction"] == pytest.approx(expected) for row in report["per_layer"])
+
+
+def test_calibration_meets_the_target_on_the_calibration_tokens(masks, tmp_path):
+    name, masks_dir = masks
+    s = 0.3
+    report = anchor(masks_dir, "teal", s, tmp_path / "t", calibration_windows=6)
+    assert report["calibration"]["tokens"] == 6 * (SEQ - PREFIX)
+    # Independently: |x| of the first six fitting windows, dense, at masked positions.
+    model = load_model(name).model
+    fitting = load_windows("embedded:pydoc", load_tokenizer(name), SEQ, split="train",
+                           max_tokens=SEQ * 40)
+    layers = model.model.layers if hasattr(model.model, "layers") else model.model.decoder.layers
+    seen = {}
+    handles = [ffn_parts(layer)[0].register_forward_pre_hook(
+        lambda mod, args, i=i: seen.__setitem__(i, args[0].detach()))
+        for i, layer in enumerate(layers)]
+    with torch.inference_mode():
+        model(torch.tensor(fitting.ids[:6]))
+    for h in handles:
+        h.remove()
+    for i, threshold in enumerate(report["thresholds"]["x"]):
+        share = float((body(seen[i], 6).abs() <= threshold).float().mean())
+        assert abs(share - s) <= 0.01
+        assert abs(report["calibration"]["sparsity"]["x"][i] - s) <= 0.01
+    if name == "tiny:llama":  # h of a SiLU FFN has no ties at zero
+        assert all(abs(v - s) <= 0.01 for v in report["calibration"]["sparsity"]["h"])
+
+
+def test_ffn_bytes_by_hand():
+    weights = [{"gate": 6, "up": 6, "down": 6}, {"gate": 6, "up": 6, "down": 6}]
+    teal = ffn_bytes.anchor_reads("teal", {"x": [0.5, 1.0], "h": [0.25, 0.5]})
+    # layer 0: 3 + 3 + 1.5 of 18; layer 1: 6 + 6 + 3 of 18
+    assert ffn_bytes.fraction(weights, teal) == pytest.approx((7.5 + 15) / 36)
+    cats = ffn_bytes.anchor_reads("cats", {"g": [0.25, 0.5]})
+    assert ffn_bytes.fraction(weights, cats) == pytest.approx((6 + 3 + 6 + 6) / 36)
+    # One clustered slot (model layer 1) of width 4 over 10 tokens; layer 0 stays dense.
+    stats = np.zeros((1, len(STAT_FIELDS)))
+    stats[0, F["tokens"]] = 10
+    stats[0, F["oracle_bits"]] = 20  # density 0.5
+    stats[0, F["kept_bits"]] = 10  # 0.25
+    stats[0, F["random_kept_bits"]] = 10
+    replace = ffn_bytes.mask_fractions(stats, [1], 4, weights, k=8, mask_mode="replace")
+    assert replace["oracle"] == pytest.approx((18 + 12 + 3) / 36)
+    assert replace["cluster"] == pytest.approx((18 + 12 + 1.5) / 36)  # needs the true mask
+    assert replace["random"] == pytest.approx((18 + 4.5) / 36)  # known before the FFN
+    static = ffn_bytes.mask_fractions(stats, [1], 4, weights, k=1, mask_mode="replace")
+    assert static["cluster"] == pytest.approx((18 + 4.5) / 36)
+    predicted = np.array([[10, 0, 10, 20, 5, 0, 0]], dtype=float)  # density 0.25, m AND p 0.125
+    assert ffn_bytes.predicted_fraction(predicted, [1], 4, weights, "and", 0.01) == \
+        pytest.approx((18 + 3 + 0.75) / 36 + 0.01)
+    assert ffn_bytes.predicted_fraction(predicted, [1], 4, weights, "replace", 0.0) == \
+        pytest.approx((18 + 4.5) / 36)
+
+
+def test_bad_anchor_input_is_one_line(masks, tmp_path):
+    name, masks_dir = masks
+    base = ("evaluate", "--masks", str(masks_dir), "--out", str(tmp_path / "e"))
+    assert_user_error(run_cli(*base, "--anchor", "deja-vu", "--anchor-sparsity", "0.5"),
+                      "anchor must be one of teal, cats, wina")
+    for s in ("0", "1", "1.5"):
+        assert_user_error(run_cli(*base, "--anchor", "teal", "--anchor-sparsity", s),
+                          "anchor_sparsity must be in (0, 1)")
+    if name == "tiny:opt":
+        assert_user_error(run_cli(*base, "--anchor", "cats", "--anchor-sparsity", "0.5"),
+                          "no gated FFN")
+        heldout = extract(name, tmp_path, split="heldout", tokens=SEQ * 20)
+        assert_user_error(run_cli("evaluate", "--masks", str(heldout), "--out",
+                                  str(tmp_path / "h"), "--anchor", "teal",
+                                  "--anchor-sparsity", "0.5"), "holds no fitting windows")
+    assert not (tmp_path / "e" / "eval.json").exists()
