@@ -10,7 +10,7 @@ import torch
 from actclust.capture.extract import run_extract
 from actclust.errors import UserError
 from actclust.config import EvaluateConfig, ExtractConfig, build
-from actclust.evaluation import ffn_bytes
+from actclust.evaluation import ffn_bytes, fronts
 from actclust.evaluation.anchor_eval import run_anchor
 from actclust.evaluation.metrics import F, STAT_FIELDS
 from actclust.io.corpus import load_windows
@@ -248,3 +248,27 @@ def test_bad_anchor_input_is_one_line(masks, tmp_path):
                                   str(tmp_path / "h"), "--anchor", "teal",
                                   "--anchor-sparsity", "0.5"), "holds no fitting windows")
     assert not (tmp_path / "e" / "eval.json").exists()
+
+
+def test_budget_table_takes_each_method_best_within_the_budget():
+    rows = [{"k": 1, "objective": "theta=0.5", "algorithm": "hamming-kmeans",
+             "mask_mode": "replace", "cluster_ffn_bytes_fraction": 0.45, "cluster_ppl": 30.0,
+             "cluster_ppl_ci95": [29.0, 31.0]},
+            {"k": 64, "objective": "theta=0.5", "algorithm": "hamming-kmeans",
+             "mask_mode": "replace", "cluster_ffn_bytes_fraction": 0.8, "cluster_ppl": 12.0,
+             "cluster_ppl_ci95": [11.5, 12.5], "predictor_kind": "cluster",
+             "predicted_ffn_bytes_fraction": 0.52, "predicted_ppl": 20.0,
+             "predicted_ppl_ci95": [19.0, 21.0]}]
+    anchors = [{"anchor": "teal", "anchor_sparsity": s, "ffn_bytes_fraction": f,
+                "anchor_ppl": p, "anchor_ppl_ci95": [p - 1, p + 1]}
+               for s, f, p in ((0.6, 0.4, 25.0), (0.5, 0.5, 19.5), (0.4, 0.6, 15.0))]
+    found = fronts.points(rows, anchors)
+    assert sum(p["method"] == fronts.UPPER_BOUND for p in found) == 1  # K=64, oracle assignment
+    table = {row["budget"]: row for row in fronts.budget_table(found)}
+    assert table[0.4]["winner"] == "teal" and table[0.4]["best"]["static"] is None
+    assert table[0.5]["winner"] == "teal" and table[0.5]["best"]["static"]["ppl"] == 30.0
+    assert table[0.5]["best"]["teal"]["ppl"] == 19.5
+    assert table[0.6]["winner"] == "teal" and table[0.6]["best"]["predicted cluster"]["ppl"] == 20
+    assert table[0.5]["best"]["predicted cluster"] is None  # 0.52 > 0.5
+    assert not table[0.6]["overlaps"] and not table[0.5]["overlaps"]
+    assert "| 0.6 | 20 [19, 21] @ 0.520" in fronts.markdown(fronts.budget_table(found))

@@ -17,7 +17,8 @@ from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
 
 # Two trials: the same K at two thetas is all the run's assertions compare.
 TINY_RUN = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64, max_tokens=64 * 48,
-                eval_max_tokens=64 * 8, k=[16], theta=[0.5, 0.3], workers=1)
+                eval_max_tokens=64 * 8, k=[16], theta=[0.5, 0.3], workers=1,
+                anchors=["teal", "wina"], anchor_sparsity=[0.5])
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,31 @@ def test_run_writes_every_stage_and_a_table(run_dir):
     assert header.startswith("k,theta,target_density,objective,algorithm,dense_ppl,oracle_ppl,"
                              "cluster_ppl")
     assert (run_dir / "masks" / "manifest.json").is_file()
-    assert len(list((run_dir / "plots").glob("*.png"))) == 6
+    assert len(list((run_dir / "plots").glob("*.png"))) == 7
+
+
+@pytest.mark.timeout(1500)
+def test_run_puts_anchors_on_the_front_by_ffn_bytes(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    rows, anchors = results["rows"], results["anchors"]
+    assert [(a["anchor"], a["anchor_sparsity"]) for a in anchors] == [("teal", 0.5),
+                                                                      ("wina", 0.5)]
+    for a in anchors:
+        report = json.loads((run_dir / "eval" / f"anchor={a['anchor']}-s=0.5" /
+                             "eval.json").read_text())
+        # The run's shared baseline: the anchors pair with every trial's intervals.
+        assert report["dense_ppl_ci95"] == rows[0]["dense_ppl_ci95"]
+        assert report["windows"] == rows[0]["windows"] == 8
+        assert a["ffn_bytes_fraction"] == report["ffn_bytes_fraction"]["anchor"]
+    wina = next(a for a in anchors if a["anchor"] == "wina")
+    assert wina["ffn_bytes_fraction"] == pytest.approx(0.5)  # 64 and 192 inputs: exact halves
+    for row in rows:  # the oracle assignment reads gate and up whole: over 2/3 of the bytes
+        assert 2 / 3 < row["cluster_ffn_bytes_fraction"] < 1
+        assert 2 / 3 < row["oracle_ffn_bytes_fraction"] < 1
+    budgets = (run_dir / "budgets.md").read_text()
+    assert budgets.splitlines()[0].startswith("| FFN bytes ≤ | predicted cluster")
+    assert "| 0.5 |" in budgets and "wina" in budgets.split("| 0.5 |")[1].splitlines()[0]
+    assert "perplexity_vs_ffn_bytes" in (run_dir / "report.html").read_text()
 
 
 @pytest.mark.timeout(1500)
@@ -119,7 +144,7 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     # the kill, the other after the resume.
     config.write_text(yaml.safe_dump({**TINY_RUN, "k": [4], "theta": [0.5],
                                       "workers": 1, "out": str(tmp_path / "s"),
-                                      "max_concurrent_trials": 1}))
+                                      "max_concurrent_trials": 1, "anchors": ["wina"]}))
     # Both drivers join the shared cluster; the killed one's trials die with it.
     env = SHARED_RAY.client_env()
     args = [sys.executable, "-m", "actclust", "sweep", "--config", str(config)]
@@ -141,6 +166,8 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     assert sorted(r["k"] for r in table) == [1, 4]  # K=1: the static-mask floor
     assert first[0].stat().st_mtime_ns == stamp  # the finished trial was not redone
     assert (tmp_path / "s" / "sweep.csv").is_file() and (tmp_path / "s" / "report.html").is_file()
+    anchors = json.loads((tmp_path / "s" / "results.json").read_text())["anchors"]
+    assert [(a["anchor"], a["anchor_sparsity"]) for a in anchors] == [("wina", 0.5)]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"k": [4], "colour": "red"}))
     assert_user_error(run_cli("sweep", "--config", str(bad)), "unknown key colour")

@@ -15,6 +15,7 @@ import json
 import platform
 
 from actclust.errors import UserError
+from actclust.evaluation import fronts
 from actclust.io import storage
 
 DEFINITIONS = [
@@ -44,6 +45,11 @@ DEFINITIONS = [
                       "the FFN input before the FFN runs: the predicted cluster's centroid, or a "
                       "neuron predictor's thresholded output (its figures: neuron_predicted_*)"),
     ("predicted_weighted_recall", "sum |a| m p / sum |a| m, p the predicted mask"),
+    ("ffn_bytes_fraction", "FFN weight bytes read per token over the dense FFN's, at masked "
+                           "positions; a mask that needs the true mask (oracle, cluster with "
+                           "the oracle assignment) reads gate and up whole: an upper bound"),
+    ("teal / cats / wina", "training-free FFN sparsity at target s (arXiv 2408.14690, "
+                           "2404.08763, 2505.19427), calibrated on fitting windows"),
     ("held-out", "window seq is held out iff seq % heldout_every == heldout_every - 1; "
                  "fitting never sees those windows (evaluate refuses otherwise)"),
 ]
@@ -75,7 +81,8 @@ def _series(rows: list[dict], algorithm: str, obj: str, key: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def make_plots(rows: list[dict], plots: str) -> list[tuple[str, bytes]]:
+def make_plots(rows: list[dict], plots: str,
+               anchors: list[dict] | None = None) -> list[tuple[str, bytes]]:
     """PNG plots written under ``plots`` (a directory or URI); returns (name, png bytes)."""
     import matplotlib
 
@@ -104,6 +111,9 @@ def make_plots(rows: list[dict], plots: str) -> list[tuple[str, bytes]]:
         paths.append((name, buffer.getvalue()))
 
     _ppl_vs_effective_density(rows, plt, save)
+    by_bytes = fronts.points(rows, anchors or [])
+    if by_bytes:
+        fronts.plot(by_bytes, rows[0], plt, save)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for alg, obj in groups:
@@ -259,6 +269,16 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _anchor_table(anchors: list[dict]) -> str:
+    if not anchors:
+        return ""
+    cols = ["anchor", "anchor_sparsity", "anchor_ppl", "dense_ppl", "ffn_bytes_fraction",
+            "realized_sparsity", "windows"]
+    body = "".join("<tr>" + "".join(_cell(a, c) for c in cols) + "</tr>" for a in anchors)
+    return (f"<h2>Anchors (training-free)</h2><table><tr>"
+            f"{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table>")
+
+
 def write_report(directory: str) -> str:
     """Write ``directory/report.html`` (and its plots); returns its location."""
     root = storage.normalize(directory)
@@ -269,7 +289,10 @@ def write_report(directory: str) -> str:
     rows = data["rows"]
     if not rows:
         raise UserError(f"{results} holds no results yet")
-    plots = make_plots(rows, storage.join(root, "plots"))
+    anchors = data.get("anchors") or []
+    plots = make_plots(rows, storage.join(root, "plots"), anchors)
+    budgets = fronts.markdown(fronts.budget_table(fronts.points(rows, anchors)))
+    storage.write_bytes_atomic(budgets.encode("utf-8"), storage.join(root, "budgets.md"))
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode()}"><figcaption>{name}</figcaption></figure>'
@@ -285,6 +308,8 @@ figure{{display:inline-block;margin:8px}}img{{max-width:600px}}pre{{background:#
 <h1>actclust report</h1>
 <h2>Results</h2>{_table(rows)}
 {_predicted_list(rows)}
+<h2>Best perplexity within each FFN-bytes budget</h2><pre>{html.escape(budgets)}</pre>
+{_anchor_table(anchors)}
 <h2>Plots</h2>{images}
 <h2>Definitions</h2><dl>{defs}</dl>
 <h2>Run identity</h2><pre>{html.escape(json.dumps(identity, indent=1))}</pre>

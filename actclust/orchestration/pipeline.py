@@ -8,6 +8,7 @@ Layout of ``out``::
     out/eval/k=<K>-theta=<t>/       actclust evaluate (held-out windows)
     out/predictors/k=<K>-theta=<t>/<kind>/   actclust train-predictor (with ``predictor:``)
     out/eval/k=<K>-theta=<t>/predicted-neuron/   the neuron predictor's eval.json (``both``)
+    out/eval/anchor=<method>-s=<s>/ actclust evaluate --anchor (with ``anchors:``)
     out/results.csv, results.json   one row per (K, objective)
     out/report.html, plots/         actclust report
 
@@ -18,6 +19,7 @@ started and reuses what it finished.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from actclust import config as C
@@ -35,7 +37,9 @@ RESULT_COLUMNS = ("k", "theta", "target_density", "objective", "algorithm", "den
                   "predictor_kind", "predictor_params_fraction", "predicted_ppl",
                   "predicted_ppl_ci95", "predicted_effective_density", "predicted_density",
                   "predicted_accuracy", "predicted_precision", "predicted_recall",
-                  "predicted_weighted_recall")
+                  "predicted_weighted_recall", "oracle_ffn_bytes_fraction",
+                  "cluster_ffn_bytes_fraction", "random_ffn_bytes_fraction",
+                  "predicted_ffn_bytes_fraction")
 # With ``predictor: both`` the neuron predictor's figures sit beside the cluster predictor's.
 NEURON = "neuron_"
 NEURON_COLUMNS = tuple(NEURON + c for c in RESULT_COLUMNS
@@ -194,10 +198,57 @@ def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
     return run_baseline(_evaluate_config(cfg, masks, None), meta)
 
 
+# What an anchor's eval.json depends on beyond the masks directory (which fixes the rest).
+ANCHOR_IDENTITY = ("masks", "anchor", "anchor_sparsity", "dense_prefix", "max_tokens",
+                   "calibration_windows", "batch_windows")
+ANCHOR_COLUMNS = ("anchor", "anchor_sparsity", "anchor_ppl", "anchor_ppl_ci95", "dense_ppl",
+                  "dense_ppl_ci95", "ffn_bytes_fraction", "realized_sparsity", "windows")
+
+
+def anchor_stage(cfg: C.RunConfig, masks: str, method: str, sparsity: float) -> dict:
+    """eval.json of one anchor point, reused when it was made from the same settings."""
+    from actclust.evaluation.anchor_eval import run_anchor
+
+    out = storage.join(cfg.out, "eval", f"anchor={method}-s={sparsity:g}")
+    ecfg = dataclasses.replace(_evaluate_config(cfg, None, out), centroids=None, anchor=method,
+                               anchor_sparsity=sparsity, masks=storage.normalize(masks))
+    ecfg.validate()
+    finished = (eval_store.read_eval(out) or {}).get("identity", {})
+    if all(finished.get(key) == getattr(ecfg, key) for key in ANCHOR_IDENTITY):
+        return eval_store.read_eval(out)
+    return run_anchor(ecfg)
+
+
+def anchor_row(report: dict) -> dict:
+    row = {key: report.get(key) for key in ANCHOR_COLUMNS}
+    row["ffn_bytes_fraction"] = report["ffn_bytes_fraction"]["anchor"]
+    row["realized_sparsity"] = report["anchor_realized_sparsity"]
+    return row
+
+
+def anchor_rows(cfg: C.RunConfig, masks: str) -> list[dict]:
+    """One row per (anchor, sparsity) of the run, each logged as it lands."""
+    rows = []
+    for method in cfg.anchors:
+        for sparsity in cfg.anchor_sparsity:
+            report = anchor_stage(cfg, masks, method, sparsity)
+            rows.append(anchor_row(report))
+            log.info("%s s=%.2f: ppl %.3f [%.3f, %.3f] (dense %.3f) at FFN bytes %.3f", method,
+                     sparsity, report["anchor_ppl"], *report["anchor_ppl_ci95"],
+                     report["dense_ppl"], rows[-1]["ffn_bytes_fraction"])
+    return rows
+
+
 def result_row(report: dict, cluster_meta: dict, neuron_report: dict | None = None) -> dict:
     row = {key: report.get(key) for key in RESULT_COLUMNS}
+    for mode, fraction in (report.get("ffn_bytes_fraction") or {}).items():
+        if mode != "dense":
+            row[f"{mode}_ffn_bytes_fraction"] = fraction
     for key in NEURON_COLUMNS:
         row[key] = (neuron_report or {}).get(key[len(NEURON):])
+    if neuron_report is not None:
+        row[NEURON + "predicted_ffn_bytes_fraction"] = \
+            (neuron_report.get("ffn_bytes_fraction") or {}).get("predicted")
     row.update(k=cluster_meta["k"], theta=cluster_meta["theta"],
                target_density=cluster_meta.get("density"),
                objective=objective_label(cluster_meta["theta"], cluster_meta.get("density")),
@@ -221,7 +272,7 @@ def run_identity(cfg: C.RunConfig, masks: str) -> dict:
 
 
 def write_results(rows: list[dict], out: str, identity: dict,
-                  csv_name: str = "results.csv") -> None:
+                  csv_name: str = "results.csv", anchors: list[dict] | None = None) -> None:
     import csv
     import io
 
@@ -231,7 +282,8 @@ def write_results(rows: list[dict], out: str, identity: dict,
     for row in rows:
         writer.writerow({k: row.get(k) for k in RESULT_COLUMNS})
     write_bytes_atomic(buffer.getvalue().encode("utf-8"), storage.join(out, csv_name))
-    write_json_atomic({"identity": identity, "rows": rows}, storage.join(out, "results.json"))
+    write_json_atomic({"identity": identity, "rows": rows, "anchors": anchors or []},
+                      storage.join(out, "results.json"))
 
 
 def run_pipeline(cfg: C.RunConfig) -> str:
@@ -254,7 +306,8 @@ def run_pipeline(cfg: C.RunConfig) -> str:
                  objective_label(point["theta"], point["density"]), point["algorithm"],
                  report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
                  report["effective_density"], report["recall"], report["weighted_recall"])
-    write_results(rows, out, run_identity(cfg, masks))
+    anchors = anchor_rows(cfg, masks)
+    write_results(rows, out, run_identity(cfg, masks), anchors=anchors)
     path = write_report(out)
     log.info("report: %s", path)
     return path

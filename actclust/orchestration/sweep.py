@@ -29,7 +29,8 @@ from actclust import config as C
 from actclust.errors import UserError
 from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
-from actclust.orchestration.pipeline import (RESULT_COLUMNS, baseline_stage, cluster_stage,
+from actclust.orchestration.pipeline import (RESULT_COLUMNS, anchor_rows, baseline_stage,
+                                             cluster_stage,
                                              extract_stage, objectives, result_row,
                                              run_identity, trial_evaluation, trial_grid,
                                              trial_name, write_results)
@@ -120,7 +121,7 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     rows = [dict(r.metrics) for r in grid]
     rows = [{key: row.get(key) for key in (*RESULT_COLUMNS, "per_layer_recall")} for row in rows]
     rows.sort(key=lambda r: (r["algorithm"], r["objective"], r["k"]))
-    _write_table(rows, out, masks, cfg)
+    _write_table(rows, out, masks, cfg, anchor_rows(cfg, masks))
     path = write_report(out)
     log.info("sweep of %d trials done; report: %s", len(rows), path)
     return path
@@ -195,11 +196,12 @@ def _check_identity(out: str, cfg: SweepConfig) -> None:
                        fresh_only=False, hint="use a new out directory")
 
 
-def _write_table(rows: list[dict], out: str, masks: str, cfg: SweepConfig) -> None:
+def _write_table(rows: list[dict], out: str, masks: str, cfg: SweepConfig,
+                 anchors: list[dict]) -> None:
     import pyarrow as pa
 
     identity = run_identity(cfg, masks)
-    write_results(rows, out, identity, csv_name="sweep.csv")
+    write_results(rows, out, identity, csv_name="sweep.csv", anchors=anchors)
     table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_COLUMNS} for r in rows])
     table = table.replace_schema_metadata({"actclust.identity": json.dumps(identity)})
     write_table_atomic(table, storage.join(out, "sweep.parquet"))

@@ -1,0 +1,109 @@
+"""The compute-fair front: perplexity against FFN weight bytes read per token, and the best
+perplexity of each method within fixed byte budgets.
+
+A point is an *operating point* when its mask is known before the FFN runs (predicted
+cluster, neuron predictor, static K = 1 in mask mode replace, the anchors); cluster points
+with the oracle assignment need the true mask and are drawn as upper bounds only.
+"""
+
+from __future__ import annotations
+
+BUDGETS = (0.4, 0.5, 0.6, 0.7)
+OPERATING = ("predicted cluster", "neuron predictor", "teal", "cats", "wina", "static")
+UPPER_BOUND = "cluster (oracle assignment)"
+
+
+def _point(method: str, label: str, fraction, ppl, ci95) -> dict | None:
+    if fraction is None or ppl is None:
+        return None
+    return {"method": method, "label": label, "ffn_bytes_fraction": float(fraction),
+            "ppl": float(ppl), "ppl_ci95": list(ci95) if ci95 else None}
+
+
+def points(rows: list[dict], anchors: list[dict]) -> list[dict]:
+    """Every point of a results table by FFN bytes: trials, their predictors, anchors."""
+    found = []
+    for r in rows:
+        name = f"K={r['k']} {r.get('objective') or ''} {r.get('algorithm')}".strip()
+        static = r["k"] == 1 and r.get("mask_mode", "replace") == "replace"
+        found.append(_point("static" if static else UPPER_BOUND, name,
+                            r.get("cluster_ffn_bytes_fraction"), r.get("cluster_ppl"),
+                            r.get("cluster_ppl_ci95")))
+        kind = r.get("predictor_kind")
+        if kind:
+            method = "predicted cluster" if kind == "cluster" else "neuron predictor"
+            found.append(_point(method, name, r.get("predicted_ffn_bytes_fraction"),
+                                r.get("predicted_ppl"), r.get("predicted_ppl_ci95")))
+        found.append(_point("neuron predictor", name,
+                            r.get("neuron_predicted_ffn_bytes_fraction"),
+                            r.get("neuron_predicted_ppl"), r.get("neuron_predicted_ppl_ci95")))
+    for a in anchors:
+        found.append(_point(a["anchor"], f"s={a['anchor_sparsity']:g}", a["ffn_bytes_fraction"],
+                            a["anchor_ppl"], a.get("anchor_ppl_ci95")))
+    return [p for p in found if p is not None]
+
+
+def budget_table(found: list[dict], budgets=BUDGETS) -> list[dict]:
+    """Per budget: each operating method's best point within it, and the winner (lowest
+    perplexity; ``overlaps`` when the runner-up's interval overlaps the winner's)."""
+    table = []
+    for budget in budgets:
+        best = {}
+        for method in OPERATING:
+            within = [p for p in found if p["method"] == method
+                      and p["ffn_bytes_fraction"] <= budget + 1e-12]
+            best[method] = min(within, key=lambda p: p["ppl"]) if within else None
+        ranked = sorted((p for p in best.values() if p is not None), key=lambda p: p["ppl"])
+        winner = ranked[0]["method"] if ranked else None
+        overlaps = len(ranked) > 1 and ranked[0]["ppl_ci95"] is not None and \
+            ranked[1]["ppl_ci95"] is not None and ranked[1]["ppl_ci95"][0] <= ranked[0]["ppl_ci95"][1]
+        table.append({"budget": budget, "best": best, "winner": winner,
+                      "runner_up": ranked[1]["method"] if len(ranked) > 1 else None,
+                      "overlaps": bool(overlaps)})
+    return table
+
+
+def _cell(p: dict | None) -> str:
+    if p is None:
+        return "–"
+    ci = f" [{p['ppl_ci95'][0]:.4g}, {p['ppl_ci95'][1]:.4g}]" if p["ppl_ci95"] else ""
+    return f"{p['ppl']:.4g}{ci} @ {p['ffn_bytes_fraction']:.3f} ({p['label']})"
+
+
+def markdown(table: list[dict]) -> str:
+    """The budget table as Markdown: one row per budget, a column per method."""
+    lines = ["| FFN bytes ≤ | " + " | ".join(OPERATING) + " | winner |",
+             "|---" * (len(OPERATING) + 2) + "|"]
+    for row in table:
+        winner = row["winner"] or "–"
+        if row["overlaps"]:
+            winner += f" (interval overlaps {row['runner_up']})"
+        lines.append(f"| {row['budget']:g} | "
+                     + " | ".join(_cell(row["best"][m]) for m in OPERATING) + f" | {winner} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(found: list[dict], baseline: dict, plt, save) -> None:
+    """Perplexity with intervals against FFN bytes read, one series per method."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in (*OPERATING, UPPER_BOUND):
+        series = sorted((p for p in found if p["method"] == method),
+                        key=lambda p: p["ffn_bytes_fraction"])
+        if not series:
+            continue
+        yerr = None
+        if all(p["ppl_ci95"] for p in series):
+            yerr = [[p["ppl"] - p["ppl_ci95"][0] for p in series],
+                    [p["ppl_ci95"][1] - p["ppl"] for p in series]]
+        ax.errorbar([p["ffn_bytes_fraction"] for p in series], [p["ppl"] for p in series],
+                    yerr=yerr, fmt="x:" if method == UPPER_BOUND else "o-", capsize=3,
+                    label=method + (" (upper bound)" if method == UPPER_BOUND else ""))
+    if baseline.get("dense_ppl") is not None:
+        ax.axhline(baseline["dense_ppl"], color="k", ls="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("FFN weight bytes read per token / dense")
+    ax.set_ylabel("held-out perplexity, 95% interval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, "perplexity_vs_ffn_bytes")
