@@ -1,4 +1,5 @@
-"""Ray job: precision/recall and masked perplexity of fitted centroids.
+"""Ray job: precision/recall and masked perplexity of fitted centroids, or of a
+training-free anchor (``anchor``, ``anchor_sparsity`` and ``masks`` in the config).
 
     ray job submit --working-dir . -- python jobs/evaluate.py --config my_eval.yaml
 """
@@ -8,6 +9,7 @@ import json
 import _common
 
 from actclust.config import EvaluateConfig
+from actclust.evaluation.anchor_eval import run_anchor
 from actclust.evaluation.evaluate import run_evaluate
 
 
@@ -19,9 +21,13 @@ def job() -> int:
         smoke = dict(centroids=paths["centroids"], out=f"{paths['root']}/eval",
                      max_tokens=64 * 4)
     cfg = _common.build_from(EvaluateConfig, _common.values(args, smoke), args)
-    report = run_evaluate(cfg)
-    print(json.dumps({k: report[k] for k in ("dense_ppl", "oracle_ppl", "cluster_ppl",
-                                             "precision", "recall")}))
+    if cfg.anchor is not None:
+        report = run_anchor(cfg)
+        keys = ("anchor", "anchor_sparsity", "dense_ppl", "anchor_ppl", "ffn_bytes_fraction")
+    else:
+        report = run_evaluate(cfg)
+        keys = ("dense_ppl", "oracle_ppl", "cluster_ppl", "precision", "recall")
+    print(json.dumps({k: report[k] for k in keys}))
     return 0
 
 

@@ -94,7 +94,7 @@ def test_sweep_grid_has_density_points_and_one_static_mask_per_objective():
 
 def test_predictor_targets_follow_the_recorded_rule():
     from actclust import kernels
-    from actclust.predict.train import Targets
+    from actclust.predict.features import Targets
 
     rng = np.random.default_rng(0)
     cents = [np.packbits(rng.random((8, 64)) < 0.5, axis=1, bitorder="little") for _ in range(2)]

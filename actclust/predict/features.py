@@ -136,3 +136,32 @@ def read_shard(spec: FeatureSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
                   for l in spec.layers], axis=1).astype(np.float32)
     bits = np.stack([store.bits_to_numpy(table.column(f"m{l}")) for l in spec.layers], axis=1)
     return h, bits
+
+
+def split_shards(n_shards: int) -> tuple[list[int], list[int]]:
+    train = [i for i in range(n_shards) if not is_validation(i, n_shards)]
+    return train, [i for i in range(n_shards) if is_validation(i, n_shards)]
+
+
+class Targets:
+    """Training targets of one shard, from its packed true masks (N, L, B)."""
+
+    def __init__(self, kind: str, centroids: list[np.ndarray], width: int, rule=None):
+        self.kind, self.centroids, self.width = kind, centroids, width
+        self.rule = rule  # cluster.json's assignment rule (None: Hamming)
+
+    def labels(self, bits: np.ndarray) -> np.ndarray:
+        """The clustering's own assignment of each true mask: (N, L) int64."""
+        from actclust import kernels
+
+        return np.stack([kernels.assign_scored(np.ascontiguousarray(bits[:, i]), c, self.rule)[0]
+                         for i, c in enumerate(self.centroids)], axis=1)
+
+    def __call__(self, bits: np.ndarray):
+        import torch
+
+        if self.kind == "cluster":
+            return torch.from_numpy(self.labels(bits))
+        n, L, b = bits.shape
+        return torch.from_numpy(store.unpack(bits.reshape(n * L, b), self.width)
+                                .reshape(n, L, self.width).astype(np.float32))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from actclust import kernels
+from actclust.io.centroid_store import load_centroids
 from actclust.predict import features as F
 
 CHUNK = 512  # tokens per forward, to keep (chunk, L, width) logits small
@@ -31,17 +33,13 @@ def finish(net, spec, config: dict) -> dict:
     """Thresholds (kind neuron) and per-layer figures; streams the feature shards."""
     import torch
 
-    from actclust import kernels
-    from actclust.io.centroid_store import load_centroids
-    from actclust.predict.train import Targets, split_shards
-
     net.eval()
     kind = config["kind"]
     meta, centroids = load_centroids(config["centroids"])
-    targets = Targets(kind, centroids, spec.width, meta.get("rule"))
+    targets = F.Targets(kind, centroids, spec.width, meta.get("rule"))
     norms = [kernels.popcount(c).astype(np.int64) for c in centroids]
     L = len(spec.layers)
-    train, val = split_shards(F.shard_count(len(config["seq"]), spec.shard_windows))
+    train, val = F.split_shards(F.shard_count(len(config["seq"]), spec.shard_windows))
 
     tokens, hits, centroid_bits, sample, sampled = 0, np.zeros(L), np.zeros(L), [], 0
     for logits, bits in _chunks(net, spec, train):

@@ -25,6 +25,8 @@ from actclust.io import mask_store as store
 from actclust.io import predictor_store, storage
 from actclust.predict import features as F
 from actclust.predict import model as M
+from actclust.predict.features import Targets, split_shards
+from actclust.predict.figures import finish
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ def run_train_predictor(cfg) -> dict:
     seconds = time.perf_counter() - start
     net = M.make_net(len(spec.layers), d_model, rank, out_dim)
     net.load_state_dict(state["model"])
-    from actclust.predict.figures import finish
-
     figures = finish(net, spec, loop_config)
     params = M.params_per_layer(d_model, rank, out_dim)
     record = {
@@ -201,35 +201,6 @@ def _cpus() -> int:
 
 def shard_tokens(n_windows: int, shard_windows: int, seq_len: int, index: int) -> int:
     return min(shard_windows, n_windows - index * shard_windows) * seq_len
-
-
-def split_shards(n_shards: int) -> tuple[list[int], list[int]]:
-    train = [i for i in range(n_shards) if not F.is_validation(i, n_shards)]
-    return train, [i for i in range(n_shards) if F.is_validation(i, n_shards)]
-
-
-class Targets:
-    """Training targets of one shard, from its packed true masks (N, L, B)."""
-
-    def __init__(self, kind: str, centroids: list[np.ndarray], width: int, rule=None):
-        self.kind, self.centroids, self.width = kind, centroids, width
-        self.rule = rule  # cluster.json's assignment rule (None: Hamming)
-
-    def labels(self, bits: np.ndarray) -> np.ndarray:
-        """The clustering's own assignment of each true mask: (N, L) int64."""
-        from actclust import kernels
-
-        return np.stack([kernels.assign_scored(np.ascontiguousarray(bits[:, i]), c, self.rule)[0]
-                         for i, c in enumerate(self.centroids)], axis=1)
-
-    def __call__(self, bits: np.ndarray):
-        import torch
-
-        if self.kind == "cluster":
-            return torch.from_numpy(self.labels(bits))
-        n, L, b = bits.shape
-        return torch.from_numpy(store.unpack(bits.reshape(n * L, b), self.width)
-                                .reshape(n, L, self.width).astype(np.float32))
 
 
 def loss_fn(kind: str, logits, target):
