@@ -24,6 +24,7 @@ import uuid
 
 import numpy as np
 
+from actclust.clustering.policy import fit_policy
 from actclust.config import ClusterConfig, FitSpec, identity
 from actclust.errors import UserError
 from actclust.io import centroid_store, kmeans_state, mask_store, outdir, storage
@@ -166,8 +167,10 @@ def run_cluster(cfg: ClusterConfig, faults: FaultHooks | None = None) -> dict:
         else:
             by_site[site] = _fit_baseline(cfg, view, layers, faults)
     if several:
-        return centroid_store.write_site_centroids(cfg, manifest, layers, by_site, out)
-    return centroid_store.write_centroids(cfg, manifest, layers, by_site[sites[0]], out)
+        return centroid_store.write_site_centroids(cfg, manifest, layers, by_site, out,
+                                                   fit_policy(cfg))
+    return centroid_store.write_centroids(cfg, manifest, layers, by_site[sites[0]], out,
+                                          fit_policy(cfg))
 
 
 def _layers(cfg: ClusterConfig, manifest: dict) -> list[int]:

@@ -27,26 +27,11 @@ CENTROIDS_FILE = "centroids.parquet"
 META_FILE = "cluster.json"
 
 
-def cluster_rule(cfg):
-    """The assignment rule that evaluation must use for centroids fitted with ``cfg``.
-
-    hamming-kmeans fits its own theta or density objective. The baselines' centroids
-    are binarised at 0.5 (BRB) or at their own quantile (activation-aware) and are
-    assigned by Hamming distance, or by highest overlap with ``--density``.
-    """
-    from actclust.kernels.rules import AssignRule
-
-    if cfg.density is not None:
-        return AssignRule.from_args(density=cfg.density)
-    if cfg.algorithm == "hamming-kmeans" and not cfg.pool_layers:
-        return AssignRule.from_args(theta=cfg.theta)
-    return AssignRule.hamming()
-
-
 SITES_FORMAT_VERSION = 2
 
 
-def write_site_centroids(cfg, manifest: dict, layers: list[int], by_site: dict, out) -> dict:
+def write_site_centroids(cfg, manifest: dict, layers: list[int], by_site: dict, out,
+                         policy: dict) -> dict:
     """Version 2: centroids of several sites, ``by_site[site]`` as :func:`write_centroids`'s
     results (key -1: the site's layers pooled)."""
     import pyarrow as pa
@@ -65,7 +50,7 @@ def write_site_centroids(cfg, manifest: dict, layers: list[int], by_site: dict, 
     write_table_atomic(pa.concat_tables(tables), storage.join(out, CENTROIDS_FILE))
     flat = {f"{site}:{key}": res for site, results in by_site.items()
             for key, res in sorted(results.items())}
-    meta = _meta(cfg, manifest, flat)
+    meta = _meta(cfg, manifest, flat, policy)
     meta.update({
         "format_version": SITES_FORMAT_VERSION, "sites": list(by_site),
         "layers": layers, "d_ff": {site: manifest["d_ff"][site] for site in by_site},
@@ -76,7 +61,8 @@ def write_site_centroids(cfg, manifest: dict, layers: list[int], by_site: dict, 
     return meta
 
 
-def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out) -> dict:
+def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out,
+                    policy: dict) -> dict:
     """centroids.parquet and cluster.json of per-layer fit results (key -1: pooled layers)."""
     import pyarrow as pa
 
@@ -92,7 +78,7 @@ def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out) 
         }))
     table = pa.concat_tables(tables)
     write_table_atomic(table, storage.join(out, CENTROIDS_FILE))
-    meta = _meta(cfg, manifest, results)
+    meta = _meta(cfg, manifest, results, policy)
     meta.update({
         "sites": manifest.get("sites", "intermediate"), "layers": layers,
         "d_ff": manifest["d_ff"],
@@ -102,15 +88,16 @@ def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out) 
     return meta
 
 
-def _meta(cfg, manifest: dict, results: dict) -> dict:
-    """cluster.json's fields common to both versions; figures keyed by ``str(key)``."""
+def _meta(cfg, manifest: dict, results: dict, policy: dict) -> dict:
+    """cluster.json's fields common to both versions; figures keyed by ``str(key)``;
+    ``policy``: the fit's rule and max_iter (:func:`actclust.clustering.policy.fit_policy`)."""
     keys = list(results) if any(isinstance(k, str) for k in results) else sorted(results)
     costs = {str(k): float(results[k]["cost"]) for k in keys}
     converged = {str(k): bool(results[k]["converged"]) for k in keys}
     meta = {
         "k": cfg.k, "theta": cfg.theta, "density": cfg.density, "seed": cfg.seed,
-        "algorithm": cfg.algorithm, "rule": cluster_rule(cfg).to_json(),
-        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": _max_iter(cfg), "tol": cfg.tol,
+        "algorithm": cfg.algorithm, "rule": policy["rule"],
+        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": policy["max_iter"], "tol": cfg.tol,
         "workers": cfg.workers, "pooled": bool(cfg.pool_layers),
         "iterations": {str(k): int(results[k]["iterations"]) for k in keys},
         "converged": converged,
@@ -132,13 +119,6 @@ def _meta(cfg, manifest: dict, results: dict) -> dict:
         "tokens": manifest["tokens"],
     }
     return meta
-
-
-def _max_iter(cfg) -> int:
-    """The iteration cap the fit actually ran under."""
-    from actclust.clustering.baselines import BRB_MAX_ITER
-
-    return BRB_MAX_ITER if cfg.algorithm == "brb-kmeans" else cfg.max_iter
 
 
 def read_meta(root) -> dict:
