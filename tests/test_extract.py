@@ -18,6 +18,7 @@ from actclust.io.corpus import load_windows
 from actclust.capture.extract import run_extract
 from actclust.io.models import ByteTokenizer, ffn_sites, load_model
 from actclust.capture.verify import verify
+from helpers import assert_same_layers
 from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
 
 
@@ -100,7 +101,7 @@ def test_two_workers_write_identical_content(tmp_path, ray_session):
     one, _ = extract(tmp_path, "one", model="tiny:llama", workers=1)
     two, _ = extract(tmp_path, "two", model="tiny:llama", workers=2)
     a, b = read_all(one.out), read_all(two.out)
-    assert all(a[layer].equals(b[layer]) for layer in a)
+    assert_same_layers(a, b)
 
 
 def test_foreign_config_on_existing_out_is_refused(tmp_path, ray_session):
@@ -139,7 +140,7 @@ def test_killed_driver_resumes_to_identical_output(tmp_path, ray_session):
     assert res.returncode == 0, res.stderr[-2000:]
     assert verify(str(out)) == []
     a, b = read_all(reference.out), read_all(str(out))
-    assert all(a[layer].equals(b[layer]) for layer in a)
+    assert_same_layers(a, b)
 
 
 def test_verify_detects_truncation_and_flipped_byte(tmp_path, ray_session):

@@ -14,6 +14,8 @@ import pytest
 from conftest import REPO
 from sharedray import free_port, own_ports
 
+pytestmark = pytest.mark.slow  # a second Ray cluster (job submit), or Ray Tune with Ray Train
+
 VENV_BIN = Path(sys.executable).parent
 
 

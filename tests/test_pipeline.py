@@ -138,6 +138,7 @@ def test_report_renders_its_plots_in_headless_chromium(run_dir, tmp_path):
     assert blue > 500 and orange > 500, (blue, orange)
 
 
+@pytest.mark.slow  # Ray Tune
 def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     config = tmp_path / "sweep.yaml"
     # Two trials (K=4 and the K=1 static-mask floor), one at a time: one finishes before

@@ -382,6 +382,7 @@ def test_train_predictor_bad_inputs(fitted, tmp_path):
                               str(tmp_path / "busy")), "not empty")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)  # two Ray Train start-ups; slow on a loaded 2-core machine
 def test_killed_driver_resumes_from_its_last_checkpoint(fitted, tmp_path):
     out = tmp_path / "p"

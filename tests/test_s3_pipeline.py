@@ -24,6 +24,7 @@ from actclust.capture.verify import verify
 from actclust.errors import UserError
 from actclust.io import mask_store
 from actclust.io import storage
+from helpers import assert_same_layers
 from conftest import REPO, assert_user_error, run_cli
 
 SEQ_LEN = 32
@@ -115,7 +116,7 @@ def test_masks_on_s3_equal_masks_on_disk(stages):
         assert s3["manifest"][key] == local["manifest"][key], key
     a = layer_tables(s3["masks"], s3["manifest"])
     b = layer_tables(local["masks"], local["manifest"])
-    assert all(a[layer].equals(b[layer]) for layer in a)
+    assert_same_layers(a, b)
 
 
 def test_verify_reads_every_object_against_its_hash(stages, s3_server):
@@ -250,7 +251,7 @@ def test_killed_extraction_on_s3_resumes_to_the_same_masks(stages, bucket, s3_se
     assert [s["sha256"] for s in manifest["shards"]] == \
         [s["sha256"] for s in reference["manifest"]["shards"]]
     a, b = layer_tables(out, manifest), layer_tables(reference["masks"], reference["manifest"])
-    assert all(a[layer].equals(b[layer]) for layer in a)
+    assert_same_layers(a, b)
 
 
 def test_the_readme_run_command_works_on_s3(bucket, s3_server):

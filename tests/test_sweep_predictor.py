@@ -13,6 +13,8 @@ import pytest
 from actclust.io import storage
 from conftest import assert_user_error, run_cli
 
+pytestmark = pytest.mark.slow  # a second Ray cluster (job submit), or Ray Tune with Ray Train
+
 SEQ = 32
 
 

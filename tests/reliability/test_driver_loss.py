@@ -19,7 +19,7 @@ from conftest import REPO
 from .conftest import RAY_START_ATTEMPTS, RAY_START_TIMEOUT, run_cli
 
 # Four CLI runs, each starting its own Ray instance: minutes each on a busy machine.
-pytestmark = pytest.mark.timeout(2400)
+pytestmark = [pytest.mark.timeout(2400), pytest.mark.slow]
 
 
 def test_killed_cluster_driver_resumes_to_identical_centroids(tmp_path):

@@ -20,6 +20,7 @@ from actclust.capture.extract import run_extract
 from actclust.capture.verify import verify
 
 from fault_injection import Delay, Together
+from helpers import assert_same_layers
 
 from .conftest import in_background, wait_for
 
@@ -29,7 +30,7 @@ SLOW = Delay(0.15)
 
 # A first test pays for starting the cluster; all three together stay far below this
 # on a machine whose cores are shared with a busy process each.
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
 
 EXTRACT = dict(model="tiny:opt", corpus="embedded:pydoc", seq_len=32, max_tokens=32 * 80,
                shard_windows=2, workers=2)
@@ -68,7 +69,7 @@ def test_extraction_survives_a_lost_node(cluster, tmp_path, caplog):
     assert complete(faulted) == len(manifest["shards"]) == 40
     assert verify(faulted) == []
     a, b = tables(reference), tables(faulted)
-    assert all(a[layer].equals(b[layer]) for layer in a)
+    assert_same_layers(a, b)
 
 
 @pytest.fixture(scope="module")
