@@ -1,6 +1,6 @@
 """Fault injection for the tests: hooks handed to the library's actors.
 
-The library calls :class:`actclust.orchestration.actors.FaultHooks` at fixed
+The library calls :class:`actclust.runtime.actors.FaultHooks` at fixed
 points and does nothing there itself; these subclasses add latency or crash the
 actor's process. They are pickled by value, so Ray workers need not import
 this module.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray.cloudpickle
 
-from actclust.orchestration.actors import FaultHooks
+from actclust.runtime.actors import FaultHooks
 
 
 class Delay(FaultHooks):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from actclust.orchestration.actors import ActorGroup
-from actclust.orchestration.raycluster import WORK_PRIORITY, actor_options
+from actclust.runtime.actors import ActorGroup
+from actclust.runtime.raycluster import WORK_PRIORITY, actor_options
 
 
 def remote_probe(ray, **options):
@@ -82,7 +82,7 @@ def test_actors_in_a_trials_placement_group_keep_its_bundles_and_priority(ray_se
 
         import ray as ray_in_trial
 
-        from actclust.orchestration.raycluster import actor_options
+        from actclust.runtime.raycluster import actor_options
 
         class Probe:
             def niceness(self) -> int:

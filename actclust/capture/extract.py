@@ -32,8 +32,8 @@ class MaskExtractor:
                  trust_remote_code: bool = False, faults=None):
         from actclust.devices import place_model
         from actclust.io.models import ffn_sites, load_model, site_width
-        from actclust.orchestration.actors import FaultHooks
-        from actclust.orchestration.raycluster import set_threads
+        from actclust.runtime.actors import FaultHooks
+        from actclust.runtime.raycluster import set_threads
 
         set_threads(num_cpus)
         self.faults = faults or FaultHooks()
@@ -114,8 +114,8 @@ def run_extract(cfg: ExtractConfig, faults=None) -> dict:
     import ray
 
     from actclust.io.models import load_tokenizer
-    from actclust.orchestration.actors import ActorGroup
-    from actclust.orchestration.raycluster import actor_options, init_ray
+    from actclust.runtime.actors import ActorGroup
+    from actclust.runtime.raycluster import actor_options, init_ray
 
     out = storage.normalize(cfg.out)
     manifest = _open_manifest(out, cfg)

@@ -28,7 +28,7 @@ from actclust.clustering.policy import fit_policy
 from actclust.config import ClusterConfig, FitSpec, identity
 from actclust.errors import UserError
 from actclust.io import centroid_store, kmeans_state, mask_store, outdir, storage
-from actclust.orchestration.actors import FaultHooks
+from actclust.runtime.actors import FaultHooks
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ClusterWorker:
     """
 
     def __init__(self, num_cpus: float = 1, faults: FaultHooks | None = None):
-        from actclust.orchestration.raycluster import set_threads
+        from actclust.runtime.raycluster import set_threads
 
         set_threads(num_cpus)
         self.faults = faults or FaultHooks()
@@ -138,7 +138,7 @@ def run_cluster(cfg: ClusterConfig, faults: FaultHooks | None = None) -> dict:
 
     ``faults``: fault-injection hooks handed to the workers (tests only).
     """
-    from actclust.orchestration.raycluster import init_ray
+    from actclust.runtime.raycluster import init_ray
 
     manifest = mask_store.read_manifest(cfg.masks)
     mask_store.require_complete(manifest, cfg.masks)
@@ -192,8 +192,8 @@ def _start_group(cfg: ClusterConfig, world_size: int, faults, grace_s: float = 1
     """
     import ray
 
-    from actclust.orchestration.actors import ActorGroup
-    from actclust.orchestration.raycluster import actor_options, cluster_gpus
+    from actclust.runtime.actors import ActorGroup
+    from actclust.runtime.raycluster import actor_options, cluster_gpus
 
     options = actor_options(world_size)
     Worker = ray.remote(ClusterWorker).options(max_restarts=0, **options)
@@ -287,7 +287,7 @@ def _gather(refs: list) -> list:
 def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int], faults) -> dict:
     import ray
 
-    from actclust.orchestration.raycluster import actor_options
+    from actclust.runtime.raycluster import actor_options
 
     if cfg.algorithm == "hamming-kmeans":
         raise UserError("--pool-layers needs --algorithm brb-kmeans or activation-aware")

@@ -24,7 +24,7 @@ from actclust.evaluation.evaluate import (baseline_identity, load_eval_windows, 
                                           run_chunks)
 from actclust.io import eval_store, mask_store, storage
 from actclust.io.models import load_model
-from actclust.orchestration.raycluster import actor_options, init_ray, set_threads
+from actclust.runtime.raycluster import actor_options, init_ray, set_threads
 
 DEFINITIONS = {
     "anchor_ppl": "perplexity with the anchor's FFN sparsity at masked positions (attention "

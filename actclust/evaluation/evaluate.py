@@ -38,7 +38,7 @@ from actclust.evaluation.metrics import (BASELINE_MODES, F, MODES, STAT_FIELDS, 
                                         empty_stats, summarize, window_nll)
 from actclust.io import centroid_store, eval_store, mask_store, storage
 from actclust.io.centroid_store import load_centroids, slots
-from actclust.orchestration.actors import FaultHooks
+from actclust.runtime.actors import FaultHooks
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Evaluator:
         from actclust import kernels
         from actclust.devices import place_model
         from actclust.io.models import ffn_projections, load_model
-        from actclust.orchestration.raycluster import set_threads
+        from actclust.runtime.raycluster import set_threads
 
         set_threads(num_cpus)
         centroids = None
@@ -313,8 +313,8 @@ def run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
     """Evaluate ``modes`` on every chunk of ``windows`` with a group of actors, in order."""
     import ray
 
-    from actclust.orchestration.actors import ActorGroup
-    from actclust.orchestration.raycluster import actor_options, init_ray
+    from actclust.runtime.actors import ActorGroup
+    from actclust.runtime.raycluster import actor_options, init_ray
     from actclust.progress import Progress
 
     init_ray()

@@ -1,1 +1,1 @@
-"""Orchestration: the actor lifecycle, Ray setup, the pipeline and the sweep."""
+"""Orchestration: the whole pipeline and the Tune sweep, on top of the stages."""

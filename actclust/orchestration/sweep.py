@@ -82,7 +82,7 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     """Run (or resume) the sweep described by ``values``; returns report.html."""
     from ray import tune
 
-    from actclust.orchestration.raycluster import init_ray
+    from actclust.runtime.raycluster import init_ray
     from actclust.evaluation.report import write_report
 
     cfg = C.build(SweepConfig, values, overrides, source)

@@ -134,7 +134,7 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     from ray.train import CheckpointConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from actclust.orchestration.raycluster import init_ray
+    from actclust.runtime.raycluster import init_ray
 
     init_ray()
     path, filesystem = predictor_store.checkpoint_storage(out)
@@ -177,7 +177,7 @@ def _scaling(workers: int):
     from ray.train import ScalingConfig
     from ray.util import get_current_placement_group
 
-    from actclust.orchestration.raycluster import cluster_gpus
+    from actclust.runtime.raycluster import cluster_gpus
 
     group = get_current_placement_group()
     if group is not None:

@@ -102,7 +102,7 @@ def test_evaluation_survives_a_lost_node(cluster, masks, tmp_path, caplog):
     values = dict(centroids=str(tmp_path / "c"), max_tokens=32 * 60, workers=2, batch_windows=1)
     reference = run_evaluate(build(EvaluateConfig, {**values, "out": str(tmp_path / "ref")}),
                              SLOW)
-    caplog.set_level(logging.DEBUG, logger="actclust.orchestration.actors")
+    caplog.set_level(logging.DEBUG, logger="actclust.runtime.actors")
     arrived = tmp_path / "arrived"
     join = in_background(run_evaluate, build(EvaluateConfig, {**values,
                                                               "out": str(tmp_path / "faulted")}),
