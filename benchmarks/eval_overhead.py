@@ -49,7 +49,7 @@ def main() -> None:
     import torch
 
     from actclust.io.corpus import load_windows
-    from actclust.evaluation.evaluate import MODES, Evaluator, load_centroids
+    from actclust.evaluation.evaluate import MODES, Evaluator, EvaluatorSpec, load_centroids
     from actclust.io.models import load_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="actclust-bench-")
@@ -58,7 +58,7 @@ def main() -> None:
         args.tokens = min(args.tokens, 1024)
     meta, _ = load_centroids(args.centroids)
     threads = os.cpu_count() or 1
-    evaluator = Evaluator(meta["model"], args.centroids, num_cpus=threads)
+    evaluator = Evaluator(EvaluatorSpec(meta["model"], args.centroids, num_cpus=threads))
     windows = load_windows(meta["corpus"], load_tokenizer(meta["model"]), meta["seq_len"],
                            split="heldout", max_tokens=args.tokens)
     chunks = [windows.ids[i:i + 4] for i in range(0, len(windows), 4)]

@@ -27,7 +27,7 @@ def check(model: str, max_tokens: int, seq_len: int, k: int) -> dict:
     from actclust import kmeans
     from actclust.capture.extract import MaskExtractor
     from actclust.clustering.policy import fit_policy
-    from actclust.evaluation.evaluate import STAT_FIELDS, Evaluator
+    from actclust.evaluation.evaluate import STAT_FIELDS, Evaluator, EvaluatorSpec
     from actclust.io import centroid_store, mask_store
     from actclust.io.corpus import load_windows
     from actclust.io.models import load_tokenizer
@@ -71,7 +71,8 @@ def check(model: str, max_tokens: int, seq_len: int, k: int) -> dict:
                     "thresholds": thresholds, "tokens": int(ids.size)}
         centroid_store.write_centroids(cfg, manifest, info["layers"], results, root / "c",
                                        fit_policy(cfg))
-        evals = {dev: Evaluator(model, str(root / "c"), use_gpu=dev == "cuda").evaluate(0, ids)
+        evals = {dev: Evaluator(EvaluatorSpec(model, str(root / "c"), use_gpu=dev == "cuda"))
+                 .evaluate(0, ids)
                  for dev in ("cuda", "cpu")}
     tokens = int(np.sum(evals["cpu"]["tokens"]))
     # Bit counts must agree exactly; the activation-mass sums are float and may round apart.

@@ -176,10 +176,10 @@ def test_centroids_of_another_width_are_refused(fitted, tmp_path):
 def test_in_pass_assignment_matches_the_hamming_kernels(fitted):
     """The evaluator's GEMM-form assignment equals hamming.assign, ties included."""
     from actclust import hamming
-    from actclust.evaluation.evaluate import Evaluator
+    from actclust.evaluation.evaluate import Evaluator, EvaluatorSpec
 
     name, root = fitted
-    ev = Evaluator(name, str(root / "c"))
+    ev = Evaluator(EvaluatorSpec(name, str(root / "c")))
     rows = ev.centroids[0].rows.numpy()
     d = rows.shape[1]
     rng = np.random.default_rng(1)

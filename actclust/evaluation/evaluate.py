@@ -27,6 +27,7 @@ on the centroids and are computed once per run when a baseline directory is give
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -42,55 +43,70 @@ from actclust.runtime.actors import FaultHooks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "STAT_FIELDS", "Evaluator", "load_centroids", "run_baseline", "run_evaluate"]
+__all__ = ["MODES", "STAT_FIELDS", "Evaluator", "EvaluatorSpec", "load_centroids", "run_baseline", "run_evaluate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluatorSpec:
+    """What an evaluation actor is built from; travels from the driver to the actors.
+
+    ``meta`` (cluster.json's model, sites, layers, thresholds, d_ff) stands in for the
+    centroids when only centroid-free modes (dense, oracle, anchor) are evaluated.
+    """
+
+    model: str
+    centroids_dir: str | None = None
+    num_cpus: float = 1
+    seed: int = 0
+    trust_remote_code: bool = False
+    use_gpu: bool = False
+    predictor_dir: str | None = None
+    top_m: int = 1
+    dense_prefix: int = 1
+    mask_mode: str = "replace"
+    meta: dict | None = None
+    neuron_select: str = "threshold"
+    anchor: AnchorSpec | None = None
 
 
 class Evaluator:
-    """Loads the model and centroids once; evaluates one chunk of windows per call.
+    """Loads the model and centroids once; evaluates one chunk of windows per call."""
 
-    ``meta`` (cluster.json's model, sites, layers, thresholds, d_ff) stands in for the
-    centroids when only the centroid-free modes (dense, oracle) are evaluated.
-    """
-
-    def __init__(self, model: str, centroids_dir: str | None = None, num_cpus: float = 1,
-                 seed: int = 0, trust_remote_code: bool = False, use_gpu: bool = False,
-                 faults: FaultHooks | None = None, predictor_dir: str | None = None,
-                 top_m: int = 1, dense_prefix: int = 1, mask_mode: str = "replace",
-                 meta: dict | None = None, neuron_select: str = "threshold",
-                 anchor: AnchorSpec | None = None):
+    def __init__(self, spec: EvaluatorSpec, faults: FaultHooks | None = None):
         from actclust import kernels
         from actclust.devices import place_model
         from actclust.io.models import ffn_projections, load_model
         from actclust.runtime.raycluster import set_threads
 
-        set_threads(num_cpus)
-        centroids = None
-        if centroids_dir is not None:
-            meta, centroids = load_centroids(centroids_dir)
-        self.model = load_model(model, trust_remote_code=trust_remote_code).model
-        self.device = place_model(self.model, use_gpu)
+        set_threads(spec.num_cpus)
+        meta, centroids = spec.meta, None
+        if spec.centroids_dir is not None:
+            meta, centroids = load_centroids(spec.centroids_dir)
+        self.model = load_model(spec.model, trust_remote_code=spec.trust_remote_code).model
+        self.device = place_model(self.model, spec.use_gpu)
         self.faults = faults or FaultHooks()
         masked = slots(meta)
         self.sites = centroid_store.sites_of(meta)
         # (site, model layer) -> its slot among the clustered ones (others stay unmasked).
         self.slot = {(site, layer): i for i, (site, layer, _, _) in enumerate(masked)}
         self.thresholds = [tau for _, _, _, tau in masked]
-        self.seed = seed
-        self.dense_prefix = dense_prefix
-        self.mask_mode = mask_mode
+        self.seed = spec.seed
+        self.dense_prefix = spec.dense_prefix
+        self.mask_mode = spec.mask_mode
         self.shape = (0, 0)  # (windows, seq_len) of the chunk in flight
         # Unpacked once onto the model's device, where the masks are made; masks are
         # assigned by the rule the centroids were fitted with (absent: Hamming).
         self.centroids = [kernels.device_centroids(c, width, self.device, meta.get("rule"))
                           for c, (_, _, width, _) in zip(centroids or [], masked)]
         self.ffn_weights = matrix_weights(ffn_projections(self.model))
-        self.sparsifier = None if anchor is None else Sparsifier(self.model, anchor,
-                                                                 dense_prefix, model)
+        self.sparsifier = None if spec.anchor is None else Sparsifier(
+            self.model, spec.anchor, spec.dense_prefix, spec.model)
         self.predicted = None
-        if predictor_dir is not None:
+        if spec.predictor_dir is not None:
             from actclust.predict.evaluation import PredictedMasks
 
-            self.predicted = PredictedMasks(predictor_dir, self, top_m, neuron_select)
+            self.predicted = PredictedMasks(spec.predictor_dir, self, spec.top_m,
+                                            spec.neuron_select)
 
     def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
         """Per-window NLL sums (W,) per mode, tokens per window (W,), STAT_FIELDS (L, F)."""
@@ -248,8 +264,6 @@ def fitted_split(meta: dict) -> str | None:
 def resolve(cfg, meta: dict, where: str | None = None):
     """Fill the evaluation config from the identity of what it evaluates (the centroids',
     or a masks directory's for an anchor); refuse a mismatch."""
-    import dataclasses
-
     where = where or f"centroids in {cfg.centroids}"
     cfg = dataclasses.replace(cfg, **{key: meta[key] for key in
                                       ("model", "corpus", "seq_len", "text_column",
@@ -322,12 +336,10 @@ def run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
     Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
     meta_fields = {k: meta.get(k) for k in ("format_version", "sites", "layers", "thresholds",
                                             "d_ff", "rule")}
-    group = ActorGroup(lambda: Actor.remote(cfg.model, centroids_dir, options["num_cpus"],
-                                            cfg.seed, cfg.trust_remote_code,
-                                            "num_gpus" in options, faults, predictor_dir,
-                                            cfg.top_m, cfg.dense_prefix, cfg.mask_mode,
-                                            meta_fields, cfg.neuron_select, anchor),
-                       cfg.workers)
+    spec = EvaluatorSpec(cfg.model, centroids_dir, options["num_cpus"], cfg.seed,
+                         cfg.trust_remote_code, "num_gpus" in options, predictor_dir, cfg.top_m,
+                         cfg.dense_prefix, cfg.mask_mode, meta_fields, cfg.neuron_select, anchor)
+    group = ActorGroup(lambda: Actor.remote(spec, faults), cfg.workers)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
