@@ -20,6 +20,7 @@ import sys
 from actclust import config as C
 from actclust.cliparser import build_parser
 from actclust.errors import UserError
+from actclust.orchestration.runconfig import RunConfig
 
 log = logging.getLogger("actclust")
 
@@ -110,7 +111,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_run(args) -> int:
     from actclust.orchestration.pipeline import run_pipeline
 
-    cfg = _config(C.RunConfig, args)
+    cfg = _config(RunConfig, args)
     run_pipeline(cfg)
     return 0
 

@@ -22,6 +22,7 @@ import dataclasses
 
 from actclust import config as C
 from actclust.errors import UserError
+from actclust.orchestration.runconfig import RunConfig
 
 DESCRIPTION = (
     "actclust records which FFN neurons of a causal language model are active for every "
@@ -356,7 +357,7 @@ def _add_generate(sub) -> None:
 
 
 def _add_run(sub) -> None:
-    cls = C.RunConfig
+    cls = RunConfig
     p = sub.add_parser(
         "run", help="extract -> cluster -> evaluate -> report, for every K and theta",
         description="The whole pipeline: extract masks of the fitting windows, cluster them "
@@ -384,7 +385,7 @@ def _add_run(sub) -> None:
 def _predictor_kind_flag(p) -> None:
     p.add_argument("--predictor", metavar="KIND",
                    help="per trial, train and evaluate a predictor: none, cluster, neuron or "
-                        f"both (default: {_default(C.RunConfig, 'predictor')})")
+                        f"both (default: {_default(RunConfig, 'predictor')})")
 
 
 def _add_sweep(sub) -> None:

@@ -5,8 +5,9 @@
 
 import _common
 
-from actclust.config import RunConfig, build
+from actclust.config import build
 from actclust.orchestration.pipeline import run_pipeline
+from actclust.orchestration.runconfig import RunConfig
 
 
 def job() -> int:

@@ -92,15 +92,16 @@ def test_run_shares_one_baseline_and_reports_intervals(run_dir):
 
 def test_theta_free_algorithms_run_once_per_k():
     from actclust import config as C
+    from actclust.orchestration.runconfig import RunConfig
     from actclust.orchestration.pipeline import trial_grid
 
-    cfg = C.build(C.RunConfig, dict(k=[16, 64], theta=[0.5, 0.3],
+    cfg = C.build(RunConfig, dict(k=[16, 64], theta=[0.5, 0.3],
                                     algorithm=["hamming-kmeans", "brb-kmeans"]))
     grid = [(p["k"], p["theta"], p["algorithm"]) for p in trial_grid(cfg)]
     assert grid == [(16, 0.5, "hamming-kmeans"), (64, 0.5, "hamming-kmeans"),
                     (16, 0.3, "hamming-kmeans"), (64, 0.3, "hamming-kmeans"),
                     (16, 0.5, "brb-kmeans"), (64, 0.5, "brb-kmeans")]
-    assert C.build(C.RunConfig, dict(algorithm="brb-kmeans")).algorithm == ["brb-kmeans"]
+    assert C.build(RunConfig, dict(algorithm="brb-kmeans")).algorithm == ["brb-kmeans"]
 
 
 def test_rerun_reuses_finished_stages(run_dir):

@@ -14,8 +14,8 @@ import torch
 from actclust.capture.extract import run_extract
 from actclust.capture.verify import verify
 from actclust.clustering.distributed import run_cluster
-from actclust.config import (ClusterConfig, EvaluateConfig, ExtractConfig,
-                             RunConfig, build, load_yaml)
+from actclust.config import ClusterConfig, EvaluateConfig, ExtractConfig, build, load_yaml
+from actclust.orchestration.runconfig import RunConfig
 from actclust.errors import UserError
 from actclust.evaluation.evaluate import run_evaluate
 from actclust.io import centroid_store

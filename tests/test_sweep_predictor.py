@@ -77,10 +77,11 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
 def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
     """`actclust run` shares the trial's stages: outside Tune, Ray Train sizes its own."""
     from actclust import config as C
+    from actclust.orchestration.runconfig import RunConfig
     from actclust.orchestration.pipeline import run_pipeline
 
     out = tmp_path / "run"
-    run_pipeline(C.build(C.RunConfig, dict(
+    run_pipeline(C.build(RunConfig, dict(
         model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ, max_tokens=SEQ * 32,
         eval_max_tokens=SEQ * 4, k=[4], theta=[0.5], workers=1, predictor="cluster",
         predictor_epochs=1, out=str(out))))

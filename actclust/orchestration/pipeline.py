@@ -25,6 +25,7 @@ import logging
 from actclust import config as C
 from actclust.io import centroid_store, eval_store, mask_store, storage
 from actclust.io.storage import write_bytes_atomic, write_json_atomic
+from actclust.orchestration.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ PREDICTOR_KINDS = {"none": (), "cluster": ("cluster",), "neuron": ("neuron",),
 THETA_FREE = ("brb-kmeans", "activation-aware")
 
 
-def objectives(cfg: C.RunConfig) -> list[dict]:
+def objectives(cfg: RunConfig) -> list[dict]:
     """The fit objectives a run covers: each theta, then each density."""
     thetas = cfg.theta if isinstance(cfg.theta, list) else [cfg.theta]
     return [{"theta": t, "density": None} for t in thetas] + \
@@ -68,7 +69,7 @@ def trial_name(k: int, theta: float | None, algorithm: str = "hamming-kmeans",
     return f"k={k}-{objective_label(theta, density)}{suffix}"
 
 
-def trial_grid(cfg: C.RunConfig) -> list[dict]:
+def trial_grid(cfg: RunConfig) -> list[dict]:
     """Every trial point (k, theta, density, algorithm); theta-free algorithms fit once per
     K for all the thetas listed."""
     points = []
@@ -81,7 +82,7 @@ def trial_grid(cfg: C.RunConfig) -> list[dict]:
     return points
 
 
-def extract_stage(cfg: C.RunConfig) -> str:
+def extract_stage(cfg: RunConfig) -> str:
     from actclust.capture.extract import run_extract
 
     masks = storage.join(cfg.out, "masks")
@@ -98,7 +99,7 @@ def extract_stage(cfg: C.RunConfig) -> str:
     return masks
 
 
-def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float | None, algorithm: str,
+def cluster_stage(cfg: RunConfig, masks: str, k: int, theta: float | None, algorithm: str,
                   density: float | None = None) -> str:
     from actclust.clustering.distributed import run_cluster
 
@@ -115,7 +116,7 @@ def cluster_stage(cfg: C.RunConfig, masks: str, k: int, theta: float | None, alg
     return out
 
 
-def predictor_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
+def predictor_stage(cfg: RunConfig, centroids: str, name: str) -> dict:
     """Train the run's predictor kind(s) on one trial's centroids (Ray Train); {kind: dir}.
 
     The kinds share the trial's feature shards (the same fitting windows and true masks).
@@ -133,12 +134,12 @@ def predictor_stage(cfg: C.RunConfig, centroids: str, name: str) -> dict:
     return trained
 
 
-def neuron_eval_dir(cfg: C.RunConfig, name: str) -> str:
+def neuron_eval_dir(cfg: RunConfig, name: str) -> str:
     """Where the neuron predictor's eval.json of a ``predictor: both`` trial lives."""
     return storage.join(cfg.out, "eval", name, "predicted-neuron")
 
 
-def evaluate_stage(cfg: C.RunConfig, centroids: str, name: str,
+def evaluate_stage(cfg: RunConfig, centroids: str, name: str,
                    predictors: dict | None = None) -> dict:
     """eval.json of a trial, with the mode ``predicted`` of its first predictor kind.
 
@@ -172,7 +173,7 @@ def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str)
     return kind != "neuron" or (report.get("neuron_select") or "threshold") == neuron_select
 
 
-def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None,
+def _evaluate_config(cfg: RunConfig, centroids: str | None, out: str | None,
                      predictor: str | None = None, neuron_select: str = "threshold"):
     return C.build(C.EvaluateConfig, dict(
         centroids=centroids or "-", out=out or "-", max_tokens=cfg.eval_max_tokens,
@@ -181,7 +182,7 @@ def _evaluate_config(cfg: C.RunConfig, centroids: str | None, out: str | None,
         predictor=predictor, neuron_select=neuron_select))
 
 
-def trial_evaluation(cfg: C.RunConfig, centroids: str, name: str) -> tuple[dict, dict | None]:
+def trial_evaluation(cfg: RunConfig, centroids: str, name: str) -> tuple[dict, dict | None]:
     """Train the trial's predictors (if any) and evaluate: (eval.json, the neuron
     predictor's eval.json with ``predictor: both``, else None)."""
     predictors = predictor_stage(cfg, centroids, name)
@@ -190,7 +191,7 @@ def trial_evaluation(cfg: C.RunConfig, centroids: str, name: str) -> tuple[dict,
     return report, second
 
 
-def baseline_stage(cfg: C.RunConfig, masks: str) -> dict:
+def baseline_stage(cfg: RunConfig, masks: str) -> dict:
     """The dense and oracle passes of the run, computed once for every trial."""
     from actclust.evaluation.evaluate import run_baseline
 
@@ -205,7 +206,7 @@ ANCHOR_COLUMNS = ("anchor", "anchor_sparsity", "anchor_ppl", "anchor_ppl_ci95", 
                   "dense_ppl_ci95", "ffn_bytes_fraction", "realized_sparsity", "windows")
 
 
-def anchor_stage(cfg: C.RunConfig, masks: str, method: str, sparsity: float) -> dict:
+def anchor_stage(cfg: RunConfig, masks: str, method: str, sparsity: float) -> dict:
     """eval.json of one anchor point, reused when it was made from the same settings."""
     from actclust.evaluation.anchor_eval import run_anchor
 
@@ -226,7 +227,7 @@ def anchor_row(report: dict) -> dict:
     return row
 
 
-def anchor_rows(cfg: C.RunConfig, masks: str) -> list[dict]:
+def anchor_rows(cfg: RunConfig, masks: str) -> list[dict]:
     """One row per (anchor, sparsity) of the run, each logged as it lands."""
     rows = []
     for method in cfg.anchors:
@@ -259,7 +260,7 @@ def result_row(report: dict, cluster_meta: dict, neuron_report: dict | None = No
     return row
 
 
-def run_identity(cfg: C.RunConfig, masks: str) -> dict:
+def run_identity(cfg: RunConfig, masks: str) -> dict:
     """What a results table was computed from (shown in the report)."""
     manifest = mask_store.read_manifest(masks)
     return {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len,
@@ -286,7 +287,7 @@ def write_results(rows: list[dict], out: str, identity: dict,
                       storage.join(out, "results.json"))
 
 
-def run_pipeline(cfg: C.RunConfig) -> str:
+def run_pipeline(cfg: RunConfig) -> str:
     """Run every stage; returns the location of report.html."""
     from actclust.evaluation.report import write_report
 

@@ -29,9 +29,9 @@ from actclust import config as C
 from actclust.errors import UserError
 from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
+from actclust.orchestration.runconfig import RunConfig
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, anchor_rows, baseline_stage,
-                                             cluster_stage,
-                                             extract_stage, objectives, result_row,
+                                             cluster_stage, extract_stage, objectives, result_row,
                                              run_identity, trial_evaluation, trial_grid,
                                              trial_name, write_results)
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class SweepConfig(C.RunConfig):
+class SweepConfig(RunConfig):
     # What a sweep directory holds: rerun with other values is refused.
     IDENTITY: typing.ClassVar[tuple] = (
         "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",

@@ -1,0 +1,88 @@
+"""The whole pipeline's configuration (``actclust run``; the sweep's extends it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from actclust import config as C
+from actclust.errors import UserError
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The whole pipeline; sections reuse the stage configs' field names."""
+
+    out: str = "runs/default"
+    model: str = C.DEFAULT_MODEL
+    corpus: str = C.DEFAULT_CORPUS
+    seq_len: int = 256
+    max_tokens: Optional[int] = 16384  # fitting tokens (train split); None: all of them
+    eval_max_tokens: Optional[int] = 8192  # held-out tokens; None: every held-out window
+    heldout_every: int = 10
+    sparsity: Optional[float] = None
+    threshold: Optional[float] = None
+    k: list = dataclasses.field(default_factory=lambda: [16, 64, 256])
+    theta: list = dataclasses.field(default_factory=lambda: [0.5, 0.3])
+    density: list = dataclasses.field(default_factory=list)  # fixed-budget fits, besides theta
+    seed: int = 0
+    workers: int = 2
+    algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
+    dense_prefix: int = 1
+    mask_mode: str = "replace"
+    sites: "list | str" = "intermediate"  # several: masked together (format version 2)
+    pool_layers: bool = False  # one centroid set per site over all layers (baselines only)
+    # Per trial, after its centroids: train this predictor kind (both: cluster and neuron)
+    # with Ray Train and evaluate it (eval.json's predicted_*).
+    predictor: str = "none"
+    predictor_epochs: int = 6
+    neuron_select: str = "threshold"  # topk: the neuron predictor at the clustering's density
+    anchors: list = dataclasses.field(default_factory=list)  # one point per (anchor, sparsity)
+    anchor_sparsity: list = dataclasses.field(default_factory=lambda: [0.3, 0.5, 0.7])
+
+    def validate(self) -> None:
+        self.sites = ",".join(C.parse_sites(self.sites))
+        for anchor in self.anchors:
+            C._choice(anchor, C.ANCHORS, "anchors")
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 1
+                   for s in self.anchor_sparsity) or (self.anchors and not self.anchor_sparsity):
+            raise UserError("anchor_sparsity must be a non-empty list of values in (0, 1), "
+                            f"got {self.anchor_sparsity}")
+        self.anchor_sparsity = [float(s) for s in self.anchor_sparsity]
+        if self.anchors and self.sites != "intermediate":
+            raise UserError(f"anchors are compared with masks of sites: intermediate, got "
+                            f"sites: {self.sites}")
+        if self.pool_layers and "hamming-kmeans" in self.algorithm:
+            raise UserError("pool_layers needs algorithm brb-kmeans or activation-aware "
+                            "(hamming-kmeans fits one centroid set per layer)")
+        C._choice(self.predictor, C.PREDICTOR_CHOICES, "predictor")
+        C._positive(self.predictor_epochs, "predictor_epochs")
+        C._choice(self.neuron_select, C.NEURON_SELECT, "neuron_select")
+        if self.predictor != "none" and self.sites != "intermediate":
+            raise UserError(f"predictor: {self.predictor} needs sites: intermediate (a predictor "
+                            f"names FFN-intermediate centroids), got sites: {self.sites}")
+        if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
+            raise UserError(f"k must be a list of positive integers, got {self.k}")
+        if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.theta):
+            raise UserError(f"theta must be a list of values in (0, 1], got {self.theta}")
+        self.theta = [float(t) for t in self.theta]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                   for v in self.density):
+            raise UserError(f"density must be a list of values in (0, 1], got {self.density}")
+        self.density = [float(v) for v in self.density]
+        if not self.theta and not self.density:
+            raise UserError("give at least one theta or one density to fit")
+        C._positive(self.workers, "workers")
+        if not self.algorithm:
+            raise UserError("algorithm must name at least one of " + ", ".join(C.ALGORITHMS))
+        for algorithm in self.algorithm:
+            C._choice(algorithm, C.ALGORITHMS, "algorithm")
+        C._choice(self.mask_mode, C.MASK_MODES, "mask_mode")
+        if self.heldout_every < 2:
+            raise UserError(f"heldout_every must be at least 2, got {self.heldout_every}")
+        if not 0 <= self.dense_prefix < self.seq_len - 1:
+            raise UserError(f"dense_prefix must be in [0, seq_len - 1), got {self.dense_prefix}")
+        for key in ("max_tokens", "eval_max_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < self.seq_len:
+                raise UserError("max_tokens and eval_max_tokens must each hold at least one "
+                                f"window of seq_len {self.seq_len}")
