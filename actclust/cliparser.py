@@ -224,8 +224,6 @@ def _add_evaluate(sub) -> None:
                     "default to those the centroids were fitted on.",
         epilog=_examples(
             "actclust evaluate --centroids /tmp/c --out /tmp/e --max-tokens 2048",
-            "actclust evaluate --centroids runs/demo/clusters/k=64-theta=0.5 --out /tmp/e64 "
-            "--workers 2",
             "actclust evaluate --anchor teal --anchor-sparsity 0.5 --masks runs/demo/masks "
             "--out /tmp/teal50"))
     _config_flag(p)
