@@ -27,6 +27,9 @@ from actclust.io import storage
 from helpers import assert_same_layers
 from conftest import REPO, assert_user_error, run_cli
 
+# Whole runs, Ray Train and Ray Tune against an S3 server: about 4 minutes of the suite.
+pytestmark = pytest.mark.slow
+
 SEQ_LEN = 32
 EXTRACT = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ_LEN,
                max_tokens=SEQ_LEN * 64, shard_windows=2, workers=1)
