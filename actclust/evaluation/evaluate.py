@@ -43,7 +43,8 @@ from actclust.runtime.actors import FaultHooks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "STAT_FIELDS", "Evaluator", "EvaluatorSpec", "load_centroids", "run_baseline", "run_evaluate"]
+__all__ = ["MODES", "STAT_FIELDS", "Evaluator", "EvaluatorSpec", "load_centroids", "run_baseline",
+           "run_evaluate"]
 
 
 @dataclasses.dataclass(frozen=True)
