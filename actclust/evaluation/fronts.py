@@ -54,12 +54,12 @@ def budget_table(found: list[dict], budgets=BUDGETS) -> list[dict]:
                       and p["ffn_bytes_fraction"] <= budget + 1e-12]
             best[method] = min(within, key=lambda p: p["ppl"]) if within else None
         ranked = sorted((p for p in best.values() if p is not None), key=lambda p: p["ppl"])
-        winner = ranked[0]["method"] if ranked else None
-        overlaps = len(ranked) > 1 and ranked[0]["ppl_ci95"] is not None and \
-            ranked[1]["ppl_ci95"] is not None and ranked[1]["ppl_ci95"][0] <= ranked[0]["ppl_ci95"][1]
-        table.append({"budget": budget, "best": best, "winner": winner,
-                      "runner_up": ranked[1]["method"] if len(ranked) > 1 else None,
-                      "overlaps": bool(overlaps)})
+        first, second = (ranked + [None, None])[:2]
+        overlaps = bool(second and first["ppl_ci95"] and second["ppl_ci95"]
+                        and second["ppl_ci95"][0] <= first["ppl_ci95"][1])
+        table.append({"budget": budget, "best": best,
+                      "winner": first["method"] if first else None,
+                      "runner_up": second["method"] if second else None, "overlaps": overlaps})
     return table
 
 

@@ -97,7 +97,8 @@ def _meta(cfg, manifest: dict, results: dict, policy: dict) -> dict:
     meta = {
         "k": cfg.k, "theta": cfg.theta, "density": cfg.density, "seed": cfg.seed,
         "algorithm": cfg.algorithm, "rule": policy["rule"],
-        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": policy["max_iter"], "tol": cfg.tol,
+        "init": cfg.init, "batch_size": cfg.batch_size, "max_iter": policy["max_iter"],
+        "tol": cfg.tol,
         "workers": cfg.workers, "pooled": bool(cfg.pool_layers),
         "iterations": {str(k): int(results[k]["iterations"]) for k in keys},
         "converged": converged,
