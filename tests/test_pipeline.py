@@ -121,7 +121,10 @@ def _chromium():
 @pytest.mark.skipif(_chromium() is None, reason="needs chromium (.ci/run installs it)")
 def test_report_renders_its_plots_in_headless_chromium(run_dir, tmp_path):
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6
+    plots = sorted(p.stem for p in (run_dir / "plots").glob("*.png"))
+    assert "perplexity_vs_ffn_bytes" in plots and len(plots) == 7, plots
+    assert html.count("data:image/png;base64,") == len(plots)
+    assert all(f'alt="{name}"' in html for name in plots)
     assert "tiny:llama" in html and "clustering precision" in html
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
