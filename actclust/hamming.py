@@ -1,4 +1,4 @@
-"""The Python API's name for the bit kernels (DESIGN.md): ``actclust.hamming.assign``.
+"""The Python API's name for the bit kernels (README, Python API): ``actclust.hamming.assign``.
 
 The kernels live in :mod:`actclust.kernels`; this module re-exports them.
 """

@@ -1,4 +1,4 @@
-"""The Python API's name for Hamming k-means (DESIGN.md): ``actclust.kmeans.fit``.
+"""The Python API's name for Hamming k-means (docs/method.md): ``actclust.kmeans.fit``.
 
 The loop lives in :mod:`actclust.clustering.kmeans`, its datasets in
 :mod:`actclust.clustering.datasets`; this module re-exports them.

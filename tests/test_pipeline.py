@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
+from helpers import undocumented_fields
 
 # Two trials: the same K at two thetas is all the run's assertions compare.
 TINY_RUN = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64, max_tokens=64 * 48,
@@ -102,6 +103,25 @@ def test_theta_free_algorithms_run_once_per_k():
                     (16, 0.3, "hamming-kmeans"), (64, 0.3, "hamming-kmeans"),
                     (16, 0.5, "brb-kmeans"), (64, 0.5, "brb-kmeans")]
     assert C.build(RunConfig, dict(algorithm="brb-kmeans")).algorithm == ["brb-kmeans"]
+
+
+def test_docs_formats_names_every_field_a_run_writes(run_dir):
+    def load(pattern):
+        found = sorted(run_dir.glob(pattern))
+        assert found, pattern
+        return json.loads(found[0].read_text())
+
+    results = load("results.json")
+    evaluation = load("eval/k=16-theta=0.5/eval.json")
+    records = {"manifest.json": load("masks/manifest.json"),
+               "cluster.json": load("clusters/*/cluster.json"),
+               "eval.json": evaluation, "eval.json per_layer": evaluation["per_layer"][0],
+               "anchor eval.json": load("eval/anchor=*/eval.json"),
+               "results.json": results, "results.json anchors": results["anchors"][0]}
+    for name, record in records.items():
+        assert not undocumented_fields(record), (name, undocumented_fields(record))
+    for row in results["rows"]:
+        assert not undocumented_fields(row, prefixes=("neuron_",))
 
 
 def test_rerun_reuses_finished_stages(run_dir):

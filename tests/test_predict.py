@@ -32,6 +32,7 @@ from actclust.predict import load_predictor
 from actclust.predict import model as M
 from actclust.predict.train import run_train_predictor
 from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
+from helpers import undocumented_fields
 
 SEQ = 64
 
@@ -152,6 +153,11 @@ def test_trained_cluster_predictor_record(trained, fitted):
         centroids=str(fitted / "c"), out=str(fitted / "p"), epochs=3, workers=2, shard_windows=4,
         features=str(fitted / "features"))))
     assert again == trained
+
+
+def test_docs_formats_names_every_field_of_a_predictor_directory(trained, fitted):
+    run_record = json.loads((fitted / "p" / "run.json").read_text())
+    assert not undocumented_fields(trained) and not undocumented_fields(run_record)
 
 
 def test_neuron_predictor_matches_the_cluster_density(fitted, trained):

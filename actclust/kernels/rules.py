@@ -1,6 +1,6 @@
 """The objective a clustering of bit masks minimises: its centroid rule and its assignment rule.
 
-Two objectives (definitions in DESIGN.md), each a pair of rules that makes Lloyd's
+Two objectives (definitions in docs/method.md), each a pair of rules that makes Lloyd's
 algorithm a descent:
 
 - *theta mode* (``theta = p / q``, an exact fraction): a miss (mask bit set, centroid
