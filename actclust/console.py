@@ -106,6 +106,7 @@ def _matplotlib_cache() -> None:
             return
     except OSError:
         pass
+    # lazy: io.models would add a few ms to every command, --help included, for a rare case
     from actclust.io.models import default_cache_dir
 
     os.environ["MPLCONFIGDIR"] = str(default_cache_dir() / "matplotlib")

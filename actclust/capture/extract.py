@@ -15,10 +15,16 @@ import time
 
 import numpy as np
 
+from actclust.capture.hooks import calibrate_site_thresholds, site_masks
 from actclust.config import ExtractConfig, identity
+from actclust.devices import place_model
 from actclust.errors import UserError
 from actclust.io import mask_store, outdir, storage
 from actclust.io.corpus import Windows, load_windows
+from actclust.io.models import ffn_sites, load_model, load_tokenizer, site_width
+from actclust.progress import Progress
+from actclust.runtime.actors import ActorGroup, FaultHooks
+from actclust.runtime.raycluster import actor_options, init_ray, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +36,6 @@ class MaskExtractor:
 
     def __init__(self, model: str, sites: str, num_cpus: float = 1, use_gpu: bool = False,
                  trust_remote_code: bool = False, faults=None):
-        from actclust.devices import place_model
-        from actclust.io.models import ffn_sites, load_model, site_width
-        from actclust.runtime.actors import FaultHooks
-        from actclust.runtime.raycluster import set_threads
-
         set_threads(num_cpus)
         self.faults = faults or FaultHooks()
         self.error = None
@@ -57,16 +58,12 @@ class MaskExtractor:
 
     def calibrate(self, ids: np.ndarray, sparsity: float,
                   batch_windows: int) -> dict[str, list[float]]:
-        from actclust.capture.hooks import calibrate_site_thresholds
-
         return calibrate_site_thresholds(self.loaded.model, ids, sparsity, self.sites,
                                          batch_windows)
 
     def extract(self, root: str, shard: str, seq: np.ndarray, ids: np.ndarray,
                 thresholds, batch_windows: int) -> dict:
         """``thresholds``: a list per layer (one site, version 1) or {site: list} (version 2)."""
-        from actclust.capture.hooks import site_masks
-
         self.faults.extraction_shard(shard)
         start = time.perf_counter()
         several = isinstance(thresholds, dict)
@@ -112,10 +109,6 @@ def run_extract(cfg: ExtractConfig, faults=None) -> dict:
 
     ``faults``: fault-injection hooks handed to the actors (tests only)."""
     import ray
-
-    from actclust.io.models import load_tokenizer
-    from actclust.runtime.actors import ActorGroup
-    from actclust.runtime.raycluster import actor_options, init_ray
 
     out = storage.normalize(cfg.out)
     manifest = _open_manifest(out, cfg)
@@ -203,8 +196,6 @@ def _thresholds(cfg: ExtractConfig, info: dict, windows: Windows, actor) -> tupl
 def _run_shards(pool, todo: list, windows: Windows, manifest: dict, out: str,
                 cfg: ExtractConfig) -> None:
     """Extract every pending shard on the pool; record each in the manifest as it lands."""
-    from actclust.progress import Progress
-
     index = {s["name"]: i for i, s in enumerate(manifest["shards"])}
     progress = Progress(sum(sl.stop - sl.start for _, sl in todo) * cfg.seq_len, "extract",
                         step_unit="shards")

@@ -37,6 +37,7 @@ import numpy as np
 
 from actclust import kernels
 from actclust.kernels.numpy_backend import unpack_float as _unpack
+from actclust.kernels.rules import AssignRule, top_bits
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = BRB
 
 def top_bits_of(values: np.ndarray, density: float, d: int) -> np.ndarray:
     """(k, 8B) values -> packed centroids holding the density rule's n top bits each."""
-    from actclust.kernels.rules import AssignRule, top_bits
-
     return top_bits(values, AssignRule.from_args(density=density).centroid_bits(d), d)
 
 

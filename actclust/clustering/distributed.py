@@ -24,11 +24,15 @@ import uuid
 
 import numpy as np
 
+from actclust.clustering import activation_aware, baselines, kmeans
+from actclust.clustering.datasets import open_layer_dataset
 from actclust.clustering.policy import fit_policy
 from actclust.config import ClusterConfig, FitSpec, identity
 from actclust.errors import UserError
 from actclust.io import centroid_store, kmeans_state, mask_store, outdir, storage
-from actclust.runtime.actors import FaultHooks
+from actclust.progress import Progress
+from actclust.runtime.actors import ActorGroup, FaultHooks
+from actclust.runtime.raycluster import actor_options, cluster_gpus, init_ray, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,6 @@ class ClusterWorker:
     """
 
     def __init__(self, num_cpus: float = 1, faults: FaultHooks | None = None):
-        from actclust.runtime.raycluster import set_threads
-
         set_threads(num_cpus)
         self.faults = faults or FaultHooks()
         self.configure(0, 1, "local")
@@ -74,9 +76,6 @@ class ClusterWorker:
     def fit_layer(self, root: str, layer: int, shards: list[str], width: int, spec: FitSpec,
                   checkpoint: str | None, rows: list[int], global_offset: int = 0,
                   site: str | None = None) -> dict:
-        from actclust.clustering import kmeans
-        from actclust.clustering.datasets import open_layer_dataset
-
         dataset = open_layer_dataset(root, layer, shards, rows, width, global_offset,
                                      spec.memory_budget_mb, site)
         resume = kmeans_state.load_state(checkpoint) if checkpoint else None
@@ -102,8 +101,6 @@ class ClusterWorker:
 
     def fit_baseline(self, root: str, layers: list[int], shards: list[str], width: int,
                      spec: FitSpec, site: str | None = None) -> dict:
-        from actclust.clustering import activation_aware, baselines
-
         per_layer = [mask_store.read_shards(root, layer, shards, width, site) for layer in layers]
         x = baselines.pool_layers(per_layer, spec.pool_rows, spec.seed) \
             if len(per_layer) > 1 else per_layer[0]
@@ -138,8 +135,6 @@ def run_cluster(cfg: ClusterConfig, faults: FaultHooks | None = None) -> dict:
 
     ``faults``: fault-injection hooks handed to the workers (tests only).
     """
-    from actclust.runtime.raycluster import init_ray
-
     manifest = mask_store.read_manifest(cfg.masks)
     mask_store.require_complete(manifest, cfg.masks)
     layers = _layers(cfg, manifest)
@@ -192,9 +187,6 @@ def _start_group(cfg: ClusterConfig, world_size: int, faults, grace_s: float = 1
     """
     import ray
 
-    from actclust.runtime.actors import ActorGroup
-    from actclust.runtime.raycluster import actor_options, cluster_gpus
-
     options = actor_options(world_size)
     Worker = ray.remote(ClusterWorker).options(max_restarts=0, **options)
     group = ActorGroup(lambda: Worker.remote(options["num_cpus"], faults), world_size,
@@ -213,8 +205,6 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: str,
                 faults) -> dict:
     """Fit each layer with the worker group; rebuild the group if a worker dies."""
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-    from actclust.progress import Progress
 
     shards = mask_store.complete_shards(manifest)
     world_size = max(1, min(cfg.workers, len(shards)))
@@ -286,8 +276,6 @@ def _gather(refs: list) -> list:
 
 def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int], faults) -> dict:
     import ray
-
-    from actclust.runtime.raycluster import actor_options
 
     if cfg.algorithm == "hamming-kmeans":
         raise UserError("--pool-layers needs --algorithm brb-kmeans or activation-aware")

@@ -148,7 +148,7 @@ _ASSIGN = {"numpy": numpy_backend.assign, "torch": torch_backend.assign,
 def as_rule(rule=None, theta=None, density=None):
     """An :class:`~actclust.kernels.rules.AssignRule` from a rule, its ``cluster.json``
     record, or theta / density."""
-    from actclust.kernels.rules import AssignRule
+    from actclust.kernels.rules import AssignRule  # lazy: kernels.rules imports this package
 
     if isinstance(rule, AssignRule):
         if theta is not None or density is not None:

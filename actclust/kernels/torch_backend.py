@@ -370,6 +370,6 @@ class UnpackedCentroids:
 
     def stats(self, m, labels, overlap) -> np.ndarray:
         """STAT_FIELDS sums of this assignment, brought to the host."""
-        from actclust.kernels import stat_sums
+        from actclust.kernels import stat_sums  # lazy: actclust.kernels imports this module
 
         return stat_sums(m.sum(dim=1), self.norms[labels].round().long(), overlap.round().long())

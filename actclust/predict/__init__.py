@@ -6,17 +6,10 @@ trained with Ray Train and used by evaluation and sparse execution.
 
 from __future__ import annotations
 
+from actclust.predict.model import PredictorSet  # noqa: F401
+from actclust.predict.model import load_predictor as _load
+
 
 def load_predictor(directory):
     """Load a predictor directory (see :class:`actclust.predict.model.PredictorSet`)."""
-    from actclust.predict.model import load_predictor as _load
-
     return _load(directory)
-
-
-def __getattr__(name):
-    if name == "PredictorSet":
-        from actclust.predict.model import PredictorSet
-
-        return PredictorSet
-    raise AttributeError(name)

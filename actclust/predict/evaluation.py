@@ -17,9 +17,12 @@ import contextlib
 
 import numpy as np
 
+from actclust.errors import UserError
 from actclust.io import mask_store as store
 from actclust.io import storage
-from actclust.errors import UserError
+from actclust.io.corpus import in_split
+from actclust.predict.features import ffn_inputs
+from actclust.predict.model import load_predictor, read_meta
 
 # Per-layer sums of the predicted pass (float64: counts exact below 2**53).
 FIELDS = ("tokens", "agree", "predicted_bits", "true_bits", "overlap", "true_mass", "kept_mass")
@@ -27,9 +30,6 @@ FIELDS = ("tokens", "agree", "predicted_bits", "true_bits", "overlap", "true_mas
 
 def check_predictor(predictor_dir: str, cfg, meta: dict, windows) -> dict:
     """The predictor's record, after refusing one that does not belong to this evaluation."""
-    from actclust.io.corpus import in_split
-    from actclust.predict.model import read_meta
-
     record = read_meta(predictor_dir)
     ident = record["identity"]
     digest = store.sha256_file(storage.join(cfg.centroids, "centroids.parquet"))
@@ -72,8 +72,6 @@ class PredictedMasks:
 
     def __init__(self, predictor_dir: str, evaluator, top_m: int = 1,
                  neuron_select: str = "threshold"):
-        from actclust.predict.model import load_predictor
-
         self.predictor = load_predictor(predictor_dir)
         self.ev = evaluator
         self.top_m = top_m
@@ -85,8 +83,6 @@ class PredictedMasks:
     @contextlib.contextmanager
     def capturing(self, model):
         """Keep every layer's FFN input of the pass running inside this context."""
-        from actclust.predict.features import ffn_inputs
-
         with ffn_inputs(model) as self.inputs:
             yield
 

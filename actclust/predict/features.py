@@ -19,7 +19,11 @@ from typing import Iterator
 
 import numpy as np
 
+from actclust import kernels
+from actclust.capture.hooks import captured, captured_modules, mask_of
 from actclust.io import mask_store as store
+from actclust.io import predictor_store
+from actclust.io.models import ffn_input_modules, load_model
 
 VALIDATION_EVERY = 10  # shard i is a validation shard iff i % 10 == 9
 
@@ -69,9 +73,6 @@ def schema(spec: FeatureSpec):
 @contextlib.contextmanager
 def ffn_inputs(model) -> Iterator[list]:
     """Yield a list whose entry ``l`` is the latest FFN input of layer ``l`` (..., d_model)."""
-    from actclust.capture.hooks import captured_modules
-    from actclust.io.models import ffn_input_modules
-
     with captured_modules(ffn_input_modules(model), reads_input=True) as out:
         yield out
 
@@ -81,8 +82,6 @@ def compute_shard(model, spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray,
     """The feature table of windows ``ids`` (W, T) with numbers ``seq`` (W,)."""
     import pyarrow as pa
     import torch
-
-    from actclust.capture.hooks import captured, mask_of
 
     h_parts: list[list[np.ndarray]] = [[] for _ in spec.layers]
     m_parts: list[list[np.ndarray]] = [[] for _ in spec.layers]
@@ -110,15 +109,11 @@ def write_missing(spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray, rank: int
 
     Loads the model only when something is missing; returns the number written.
     """
-    from actclust.io import predictor_store
-
     n = shard_count(len(seq), spec.shard_windows)
     todo = [i for i in range(rank, n, world)
             if not predictor_store.shard_complete(spec.root, shard_name(i))]
     if not todo:
         return 0
-    from actclust.io.models import load_model
-
     model = load_model(spec.model, trust_remote_code=spec.trust_remote_code).model.to(device)
     for i in todo:
         part = slice(i * spec.shard_windows, (i + 1) * spec.shard_windows)
@@ -129,8 +124,6 @@ def write_missing(spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray, rank: int
 
 def read_shard(spec: FeatureSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
     """FFN inputs (N, L, d_model) float32 and packed true masks (N, L, B) uint8 of a shard."""
-    from actclust.io import predictor_store
-
     table = predictor_store.read_shard(spec.root, shard_name(index))
     h = np.stack([store.bits_to_numpy(table.column(f"h{l}")).view("<f2")
                   for l in spec.layers], axis=1).astype(np.float32)
@@ -152,8 +145,6 @@ class Targets:
 
     def labels(self, bits: np.ndarray) -> np.ndarray:
         """The clustering's own assignment of each true mask: (N, L) int64."""
-        from actclust import kernels
-
         return np.stack([kernels.assign_scored(np.ascontiguousarray(bits[:, i]), c, self.rule)[0]
                          for i, c in enumerate(self.centroids)], axis=1)
 

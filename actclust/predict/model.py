@@ -12,6 +12,7 @@ for kind ``neuron`` ``threshold`` (L,)).
 from __future__ import annotations
 
 from actclust.errors import UserError
+from actclust.io import predictor_store
 from actclust.io.predictor_store import KINDS, META, WEIGHTS, read_meta, save  # noqa: F401
 DEFAULT_BUDGET = 0.02  # of the FFN's parameters, per layer
 
@@ -128,8 +129,6 @@ class PredictorSet:
 def load_predictor(directory) -> PredictorSet:
     """Read a predictor directory (local path or object-store URI) written by
     ``actclust train-predictor``."""
-    from actclust.io import predictor_store
-
     meta = predictor_store.read_meta(directory)
     tensors = predictor_store.read_tensors(directory)
     if meta["kind"] == "neuron" and "threshold" not in tensors:

@@ -23,10 +23,14 @@ import numpy as np
 
 from actclust.io import mask_store as store
 from actclust.io import predictor_store, storage
+from actclust.io.centroid_store import load_centroids, require_single_site
+from actclust.io.corpus import load_windows
+from actclust.io.models import ffn_param_counts, load_model, load_tokenizer
 from actclust.predict import features as F
 from actclust.predict import model as M
 from actclust.predict.features import Targets, split_shards
 from actclust.predict.figures import finish
+from actclust.runtime.raycluster import cluster_gpus, init_ray
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +39,6 @@ STATE = "state.pt"
 
 def run_train_predictor(cfg) -> dict:
     """Fit, finish and write the predictor; returns predictor.json's content."""
-    from actclust.io.corpus import load_windows
-    from actclust.io.centroid_store import load_centroids, require_single_site
-    from actclust.io.models import load_tokenizer
-
     meta, _ = load_centroids(cfg.centroids)
     require_single_site(meta, cfg.centroids, "train-predictor")
     out = storage.normalize(cfg.out)
@@ -120,8 +120,6 @@ def _open_features(spec: F.FeatureSpec, ident: dict) -> None:
 
 
 def _model_shape(model_name: str, layers: list[int], trust_remote_code: bool):
-    from actclust.io.models import ffn_param_counts, load_model
-
     model = load_model(model_name, trust_remote_code=trust_remote_code).model
     counts = ffn_param_counts(model)
     return int(model.config.hidden_size), [counts[layer] for layer in layers]
@@ -133,8 +131,6 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     import torch
     from ray.train import CheckpointConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
-
-    from actclust.runtime.raycluster import init_ray
 
     init_ray()
     path, filesystem = predictor_store.checkpoint_storage(out)
@@ -176,8 +172,6 @@ def _scaling(workers: int):
     import ray
     from ray.train import ScalingConfig
     from ray.util import get_current_placement_group
-
-    from actclust.runtime.raycluster import cluster_gpus
 
     group = get_current_placement_group()
     if group is not None:
@@ -222,8 +216,6 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-
-    from actclust.io.centroid_store import load_centroids
 
     torch.set_num_threads(config["threads"])
     # Ray Train's per-report lines come from loggers outside ``ray.train`` (its own

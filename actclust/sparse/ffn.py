@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from actclust.sparse.layout import GATED, SparseLayout
+from actclust.sparse.layout import GATED, SparseLayout, ffn_parts
 
 Chooser = Callable[[int, "object"], "object"]  # (layer, h (..., d_model)) -> LongTensor (...)
 PATHS = ("auto", "sparse", "dense")
@@ -142,8 +142,6 @@ def sparse_ffns(model, layouts: dict, choose: Chooser, path: str = "auto",
 
     Yields {layer: SparseFFN}. The original modules are always put back.
     """
-    from actclust.sparse.layout import ffn_parts
-
     parts = ffn_parts(model)
     swapped: list = []  # (parent, name, original module)
     modules = {}

@@ -19,6 +19,10 @@ import numpy as np
 
 from actclust.config import DEFAULT_SLAB_BUDGET_MB, GenerateConfig
 from actclust.errors import UserError
+from actclust.io import mask_store, storage
+from actclust.io.centroid_store import check_width, load_centroids, require_single_site
+from actclust.io.models import load_model
+from actclust.sparse.layout import SparseLayout, ffn_parts, neuron_major
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,6 @@ def centroid_masks(centroids_dir, model_name: Optional[str] = None) -> tuple[dic
     """
     import torch
 
-    from actclust.io import mask_store
-    from actclust.io.centroid_store import check_width, load_centroids, require_single_site
-
     meta, packed = load_centroids(centroids_dir)
     require_single_site(meta, centroids_dir, "the sparse FFN of actclust generate")
     check_width(meta, packed)
@@ -74,8 +75,6 @@ def build_layouts(model, masks: dict, layout: str = "auto",
                   slab_budget_mb: float = DEFAULT_SLAB_BUDGET_MB,
                   priority: Optional[dict] = None) -> dict:
     """{layer: SparseLayout} for the layers in ``masks``; the slab budget is split evenly."""
-    from actclust.sparse.layout import SparseLayout, ffn_parts, neuron_major
-
     parts = ffn_parts(model)
     budget = slab_budget_mb * 2**20 / max(len(masks), 1)
     layouts = {}
@@ -114,7 +113,7 @@ def generate(loaded, prompt: str, max_new_tokens: int = 32, mode: str = "sparse"
     """
     import torch
 
-    from actclust.sparse.ffn import sparse_ffns
+    from actclust.sparse.ffn import sparse_ffns  # lazy: sparse.ffn imports torch at top
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
@@ -144,7 +143,6 @@ def load_chooser(predictor_dir, meta: dict):
         raise UserError("this installation has no cluster predictor (actclust.predict); "
                         "train one with `actclust train-predictor` on a build that has it") \
             from None
-    from actclust.io import storage
 
     if not storage.exists(predictor_dir):
         raise UserError(f"predictor directory {predictor_dir} does not exist; train one with "
@@ -165,8 +163,6 @@ def load_chooser(predictor_dir, meta: dict):
 def run_generate(cfg: GenerateConfig, choose=None, layers=None) -> Generation:
     """Load what ``cfg`` names and generate. ``choose``/``layers`` replace the predictor."""
     import torch
-
-    from actclust.io.models import load_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from actclust.config import LAYOUTS
 from actclust.errors import UserError
+from actclust.io.models import decoder_layers, ffn_sites
 
 GATED = "gated"
 RELU = "relu"
@@ -46,8 +47,6 @@ class FFNParts:
 
 def ffn_parts(model) -> list[FFNParts]:
     """The FFN of every decoder layer, found through the FFN-site helpers (io.models)."""
-    from actclust.io.models import decoder_layers, ffn_sites
-
     layers = decoder_layers(model)
     downs = ffn_sites(model, "intermediate")
     try:
