@@ -196,6 +196,8 @@ class EvaluateConfig:
     predictor: Optional[str] = None  # adds the mode `predicted` (actclust train-predictor)
     top_m: int = 1
     neuron_select: str = "threshold"
+    # The random-mask pass (random_ppl); actclust run and sweep make it opt-in.
+    random: bool = True
     # An anchor (teal, cats, wina) in place of centroids: calibrated on the fitting windows
     # of the masks directory, evaluated on its held-out windows.
     anchor: Optional[str] = None

@@ -85,7 +85,9 @@ def test_run_shares_one_baseline_and_reports_intervals(run_dir):
         assert row["dense_ppl_ci95"] == rows[0]["dense_ppl_ci95"]
         lo, hi = row["cluster_ppl_ci95"]
         assert lo <= row["cluster_ppl"] <= hi
-        assert abs(row["random_density"] - row["density"]) < 0.005
+        # The random pass is opt-in in a run: its figures are null, not made up.
+        assert row["random_ppl"] is None and row["random_density"] is None
+        assert row["random_ffn_bytes_fraction"] is None
         assert row["density"] < row["effective_density"] <= 1
     html = (run_dir / "report.html").read_text()
     assert html.index("perplexity_vs_effective_density") < html.index("perplexity_vs_k")
@@ -129,6 +131,24 @@ def test_rerun_reuses_finished_stages(run_dir):
     proc = run_cli("run", "--out", str(run_dir), "--config", str(run_dir.parent / "run.yaml"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("eval.json")} == before
+
+
+def test_random_true_adds_the_random_pass_and_reuses_the_rest(run_dir, tmp_path):
+    config = tmp_path / "random.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "random": True}))
+    kept = [run_dir / "eval" / "baseline" / "baseline.json",
+            *run_dir.glob("eval/anchor=*/eval.json"), *run_dir.glob("clusters/*/cluster.json")]
+    before = {p: p.stat().st_mtime_ns for p in kept}
+    proc = run_cli("run", "--config", str(config), "--out", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in kept} == before
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        lo, hi = row["random_ppl_ci95"]
+        assert lo <= row["random_ppl"] <= hi
+        assert abs(row["random_density"] - row["density"]) < 0.005
+        assert 0 < row["random_ffn_bytes_fraction"] < 1
 
 
 def _chromium():

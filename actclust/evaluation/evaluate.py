@@ -396,7 +396,8 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
         predictor = check_predictor(cfg.predictor, cfg, meta, windows)
     ident = baseline_identity(cfg, meta)
     baseline = eval_store.read_baseline(cfg.baseline, ident, [int(s) for s in windows.seq])
-    modes = ("cluster", "random") if baseline is not None else MODES
+    modes = tuple(m for m in MODES if (m != "random" or cfg.random)
+                  and (baseline is None or m not in BASELINE_MODES))
     centroids_dir = storage.normalize(cfg.centroids)
     predictor_dir = None if predictor is None else storage.normalize(cfg.predictor)
     results = run_chunks(cfg, meta, centroids_dir, windows, modes, faults, predictor_dir)

@@ -43,6 +43,8 @@ def mode_fractions(results: list, baseline: dict, meta: dict, mask_mode: str,
     width = masked[0][2]
     weights = results[0]["ffn_weights"]
     fractions = mask_fractions(stats, layers, width, weights, meta["k"], mask_mode)
+    if "random" not in results[0]["nll"]:  # the random pass did not run
+        fractions["random"] = None
     if predictor is not None:
         fractions["predicted"] = predicted_fraction(
             sum(r["predicted_stats"] for r in results), layers, width, weights, mask_mode,

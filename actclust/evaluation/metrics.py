@@ -86,6 +86,12 @@ def metric_values(stats: np.ndarray, width, prefix_tokens: int = 0) -> dict:
     }
 
 
+def _without_random(stats: np.ndarray, widths, prefix_tokens: int) -> dict:
+    """metric_values of an evaluation without the random pass: its figures are null."""
+    return {**metric_values(stats, widths, prefix_tokens), "random_density": None,
+            "random_effective_density": None}
+
+
 def baseline_from(results: list, windows, identity: dict) -> dict:
     """The centroid-free part of chunk results (dense/oracle NLL, oracle kept bits)."""
     stats = sum(r["stats"] for r in results)
@@ -101,7 +107,8 @@ def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefi
 
     per_window_tokens = np.concatenate([r["tokens"] for r in results]).astype(np.float64)
     nll = {m: np.asarray(baseline["nll"][m], dtype=np.float64) for m in BASELINE_MODES}
-    for mode in ("cluster", "random"):
+    ran = [m for m in ("cluster", "random") if m in results[0]["nll"]]
+    for mode in ran:
         nll[mode] = np.concatenate([r["nll"][mode] for r in results])
     from actclust.io.centroid_store import slots
 
@@ -116,9 +123,11 @@ def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefi
     intervals = paired_ppl_intervals(nll, per_window_tokens, resamples=resamples, seed=seed)
     report = {}
     for mode in MODES:
-        report[f"{mode}_ppl"] = math.exp(math.fsum(nll[mode]) / predicted)
-        report[f"{mode}_ppl_ci95"] = list(intervals[mode])
-    report.update(metric_values(stats, widths, prefix))  # over all masked (site, layer)
+        report[f"{mode}_ppl"] = math.exp(math.fsum(nll[mode]) / predicted) if mode in nll else None
+        report[f"{mode}_ppl_ci95"] = list(intervals[mode]) if mode in nll else None
+    # The random pass is opt-in in actclust run and sweep: without it its figures are null.
+    values = (metric_values if "random" in ran else _without_random)
+    report.update(values(stats, widths, prefix))  # over all masked (site, layer)
     report.update({
         "dense_prefix": dense_prefix,
         "mask_mode": mask_mode,
@@ -132,10 +141,10 @@ def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefi
         "algorithm": meta.get("algorithm", "hamming-kmeans"),
         "sites": sites if several else sites[0],
         "per_layer": [{**({"site": site} if several else {}), "layer": int(layer),
-                       **metric_values(stats[i], width, prefix)}
+                       **values(stats[i], width, prefix)}
                       for i, (site, layer, width, _) in enumerate(masked)],
         "per_site": [{"site": site, "d_ff": next(w for s, _, w, _ in masked if s == site),
-                      **metric_values(stats[rows], [widths[i] for i in rows], prefix)}
+                      **values(stats[rows], [widths[i] for i in rows], prefix)}
                      for site in sites
                      for rows in [[i for i, m in enumerate(masked) if m[0] == site]]],
         "definitions": DEFINITIONS,

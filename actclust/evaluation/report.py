@@ -249,6 +249,8 @@ def _table(rows: list[dict]) -> str:
     cols = ["k", "objective", "algorithm", "dense_ppl", "oracle_ppl", "cluster_ppl", "random_ppl",
             "effective_density", "density", "random_density", "precision", "recall",
             "weighted_recall", "f1", "true_density", "cost", "fit_seconds", "hit_cap"]
+    if all(r.get("random_ppl") is None for r in rows):  # the opt-in random pass did not run
+        cols = [c for c in cols if not c.startswith("random_")]
     for prefix in ("", NEURON):  # predictor columns only where a predictor ran
         extra = [f"{prefix}{c}" for c in ("predicted_ppl", "predicted_effective_density",
                                           "predicted_accuracy", "predicted_weighted_recall",

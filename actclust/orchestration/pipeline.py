@@ -153,22 +153,27 @@ def evaluate_stage(cfg: RunConfig, centroids: str, name: str,
     kinds = list(predictors)
     if len(kinds) > 1:
         second = neuron_eval_dir(cfg, name)
-        if not _is_evaluation_of(eval_store.read_eval(second), "neuron", cfg.neuron_select):
+        if not _is_evaluation_of(eval_store.read_eval(second), "neuron", cfg.neuron_select,
+                                 cfg.random):
             run_evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"],
                                           cfg.neuron_select))
     out = storage.join(cfg.out, "eval", name)
     kind = kinds[0] if kinds else None
     select = cfg.neuron_select if kind == "neuron" else "threshold"
     finished = eval_store.read_eval(out)
-    if _is_evaluation_of(finished, kind, select):
+    if _is_evaluation_of(finished, kind, select, cfg.random):
         return finished
     return run_evaluate(_evaluate_config(cfg, centroids, out, predictors.get(kind), select))
 
 
-def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str) -> bool:
-    """Whether a finished eval.json used this predictor kind (and neuron selection rule);
-    eval.json from before the rule existed used the threshold."""
+def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
+                      random: bool) -> bool:
+    """Whether a finished eval.json used this predictor kind (and neuron selection rule)
+    and has the random pass if it is asked for; eval.json from before the rule existed
+    used the threshold."""
     if report is None or report.get("predictor_kind") != kind:
+        return False
+    if random and report.get("random_ppl") is None:
         return False
     return kind != "neuron" or (report.get("neuron_select") or "threshold") == neuron_select
 
@@ -179,7 +184,7 @@ def _evaluate_config(cfg: RunConfig, centroids: str | None, out: str | None,
         centroids=centroids or "-", out=out or "-", max_tokens=cfg.eval_max_tokens,
         workers=cfg.workers, seed=cfg.seed, dense_prefix=cfg.dense_prefix,
         mask_mode=cfg.mask_mode, baseline=storage.join(cfg.out, "eval", "baseline"),
-        predictor=predictor, neuron_select=neuron_select))
+        predictor=predictor, neuron_select=neuron_select, random=cfg.random))
 
 
 def trial_evaluation(cfg: RunConfig, centroids: str, name: str) -> tuple[dict, dict | None]:

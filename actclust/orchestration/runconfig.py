@@ -38,6 +38,9 @@ class RunConfig:
     predictor_epochs: int = 6
     neuron_select: str = "threshold"  # topk: the neuron predictor at the clustering's density
     anchors: list = dataclasses.field(default_factory=list)  # one point per (anchor, sparsity)
+    # The random-mask pass of every trial (random_ppl); the K = 1 static mask and the
+    # anchors are the floors of the front, so it is opt-in.
+    random: bool = False
     anchor_sparsity: list = dataclasses.field(default_factory=lambda: [0.3, 0.5, 0.7])
 
     def validate(self) -> None:
