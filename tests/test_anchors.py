@@ -1,6 +1,7 @@
 """TEAL, CATS and WINA anchors: each against an independent masked forward written here
 with plain hooks, calibration against its target, FFN bytes by hand, bad input."""
 
+import functools
 import math
 
 import numpy as np
@@ -60,11 +61,17 @@ def keep_prefix(keep, windows):
     return keep
 
 
+@functools.lru_cache(maxsize=None)
+def _reference_model(name):
+    """The model the reference forwards run on, loaded once per module (hooks are removed
+    after every use)."""
+    return load_model(name).model
+
+
 def reference(name, method, report):
     """Held-out perplexity and per-layer kept counts of ``method``, from eval.json's
     thresholds, with hooks written independently of actclust's."""
-    loaded = load_model(name)
-    model = loaded.model
+    model = _reference_model(name)
     layers = model.model.layers if hasattr(model.model, "layers") else model.model.decoder.layers
     windows = load_windows("embedded:pydoc", load_tokenizer(name), SEQ, split="heldout",
                            max_tokens=SEQ * 8)

@@ -80,6 +80,6 @@ def test_default_output_of_a_tiny_run_is_our_lines_only(tmp_path):
     assert [line for line in lines if not line.startswith("actclust: ")] == [], proc.stderr
     # Not a terminal: each stage ends with one line of its figures.
     for stage in ("extract: 512 tokens in", "cluster: 2 layers in",
-                  "evaluate dense,oracle: 128 tokens in", "evaluate cluster,random: 128 tokens in"):
+                  "evaluate dense,oracle: 128 tokens in", "evaluate cluster: 128 tokens in"):
         assert sum(stage in line for line in lines) == 1, (stage, proc.stderr)
     assert any(line.startswith("actclust: report: ") for line in lines)

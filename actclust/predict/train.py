@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -125,6 +126,12 @@ def _model_shape(model_name: str, layers: list[int], trust_remote_code: bool):
     return int(model.config.hidden_size), [counts[layer] for layer in layers]
 
 
+# Ray Train's controller polls its workers every 2 s by default, seconds of idle time
+# around a fit that itself takes seconds; it reads the interval from the driver's
+# environment, so a user's own setting wins.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
 def _fit(loop_config: dict, workers: int, out: str) -> dict:
     """Ray Train fit; checkpoints under ``out/ray`` (local or object store), so rerunning
     the same command after the driver was killed resumes from the last one."""
@@ -133,6 +140,8 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     init_ray()
+    for name, value in TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
     path, filesystem = predictor_store.checkpoint_storage(out)
     loop_config["threads"], scaling, placement = _scaling(workers)
     loop_config["log_level"] = log_level = _train_log_level()
