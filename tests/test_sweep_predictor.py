@@ -9,6 +9,7 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from actclust.io import storage
 from conftest import assert_user_error, run_cli
@@ -83,9 +84,14 @@ def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
     out = tmp_path / "run"
     run_pipeline(C.build(RunConfig, dict(
         model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ, max_tokens=SEQ * 32,
-        eval_max_tokens=SEQ * 4, k=[4], theta=[0.5], workers=1, predictor="cluster",
-        predictor_epochs=1, out=str(out))))
-    row, = json.loads((out / "results.json").read_text())["rows"]
+        eval_max_tokens=SEQ * 4, k=[2, 4], theta=[0.5], workers=1, predictor="cluster",
+        predictor_epochs=1, predictor_trials=["k=4-theta=0.5"], out=str(out))))
+    rows = {r["k"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert sorted(rows) == [2, 4]
+    # Only the trial named in predictor_trials trains and evaluates a predictor.
+    assert rows[2]["predicted_ppl"] is None and rows[2]["predictor_kind"] is None
+    assert not (out / "predictors" / "k=2-theta=0.5").exists()
+    row = rows[4]
     ev = json.loads((out / "eval" / "k=4-theta=0.5" / "eval.json").read_text())
     record = json.loads((out / "predictors" / "k=4-theta=0.5" / "cluster" /
                          "predictor.json").read_text())
@@ -104,6 +110,18 @@ def test_predictor_kind_is_checked(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_predictor_trials_must_name_trials_of_the_grid(tmp_path, command):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(dict(model="tiny:llama", k=[4, 8], theta=[0.5],
+                                          predictor="cluster", out=str(tmp_path / "r"),
+                                          predictor_trials=["k=4-theta=0.5", "k=16-theta=0.5"])))
+    assert_user_error(run_cli(command, "--config", str(config)),
+                      "predictor_trials names k=16-theta=0.5, not a trial of this run; its "
+                      "trials: k=4-theta=0.5, k=8-theta=0.5")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_finished_evaluation_is_reused_only_for_its_predictor_kind_and_rule():
     from actclust.orchestration.pipeline import _is_evaluation_of
 
@@ -117,3 +135,7 @@ def test_a_finished_evaluation_is_reused_only_for_its_predictor_kind_and_rule():
     assert not _is_evaluation_of({"predictor_kind": "neuron"}, "neuron", "topk")
     assert _is_evaluation_of({"predictor_kind": "neuron", "neuron_select": "topk"}, "neuron",
                              "topk")
+    # random: true asks for the random pass: an evaluation without it is not reused.
+    assert not _is_evaluation_of({"random_ppl": None}, None, "threshold", random=True)
+    assert _is_evaluation_of({"random_ppl": 40.0}, None, "threshold", random=True)
+    assert _is_evaluation_of({"random_ppl": None}, None, "threshold", random=False)

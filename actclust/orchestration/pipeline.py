@@ -23,6 +23,7 @@ import dataclasses
 import logging
 
 from actclust import config as C
+from actclust.errors import UserError
 from actclust.io import centroid_store, eval_store, mask_store, storage
 from actclust.io.storage import write_bytes_atomic, write_json_atomic
 from actclust.orchestration.runconfig import RunConfig
@@ -82,6 +83,18 @@ def trial_grid(cfg: RunConfig) -> list[dict]:
     return points
 
 
+def check_predictor_trials(cfg: RunConfig, points: list[dict]) -> None:
+    """Refuse ``predictor_trials`` that name no trial of the grid (a typo would silently
+    train nothing)."""
+    names = [trial_name(**p) for p in points]
+    unknown = [n for n in cfg.predictor_trials if n not in names]
+    if unknown:
+        raise UserError(f"predictor_trials names {', '.join(unknown)}, not a trial of this "
+                        f"run; its trials: {', '.join(names)}")
+    if cfg.predictor_trials and cfg.predictor == "none":
+        raise UserError("predictor_trials needs predictor: cluster, neuron or both")
+
+
 def extract_stage(cfg: RunConfig) -> str:
     from actclust.capture.extract import run_extract
 
@@ -124,6 +137,8 @@ def predictor_stage(cfg: RunConfig, centroids: str, name: str) -> dict:
     from actclust.predict.train import run_train_predictor
 
     trained = {}
+    if cfg.predictor_trials and name not in cfg.predictor_trials:
+        return trained
     for kind in PREDICTOR_KINDS[cfg.predictor]:
         out = storage.join(cfg.out, "predictors", name, kind)
         run_train_predictor(C.build(C.PredictorConfig, dict(
@@ -167,7 +182,7 @@ def evaluate_stage(cfg: RunConfig, centroids: str, name: str,
 
 
 def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
-                      random: bool) -> bool:
+                      random: bool = False) -> bool:
     """Whether a finished eval.json used this predictor kind (and neuron selection rule)
     and has the random pass if it is asked for; eval.json from before the rule existed
     used the threshold."""
@@ -296,6 +311,7 @@ def run_pipeline(cfg: RunConfig) -> str:
     """Run every stage; returns the location of report.html."""
     from actclust.evaluation.report import write_report
 
+    check_predictor_trials(cfg, trial_grid(cfg))
     out = storage.normalize(cfg.out)
     storage.makedirs(out)
     masks = extract_stage(cfg)

@@ -37,6 +37,9 @@ class RunConfig:
     predictor: str = "none"
     predictor_epochs: int = 6
     neuron_select: str = "threshold"  # topk: the neuron predictor at the clustering's density
+    # The trials (names as in OUT/clusters/, e.g. k=256-theta=0.5) that get predictors;
+    # empty: every trial.
+    predictor_trials: list = dataclasses.field(default_factory=list)
     anchors: list = dataclasses.field(default_factory=list)  # one point per (anchor, sparsity)
     # The random-mask pass of every trial (random_ppl); the K = 1 static mask and the
     # anchors are the floors of the front, so it is opt-in.
@@ -61,6 +64,9 @@ class RunConfig:
         C._choice(self.predictor, C.PREDICTOR_CHOICES, "predictor")
         C._positive(self.predictor_epochs, "predictor_epochs")
         C._choice(self.neuron_select, C.NEURON_SELECT, "neuron_select")
+        if not all(isinstance(name, str) for name in self.predictor_trials):
+            raise UserError("predictor_trials must be a list of trial names such as "
+                            f"k=256-theta=0.5, got {self.predictor_trials}")
         if self.predictor != "none" and self.sites != "intermediate":
             raise UserError(f"predictor: {self.predictor} needs sites: intermediate (a predictor "
                             f"names FFN-intermediate centroids), got sites: {self.sites}")

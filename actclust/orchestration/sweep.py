@@ -31,7 +31,8 @@ from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
 from actclust.orchestration.runconfig import RunConfig
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, anchor_rows, baseline_stage,
-                                             cluster_stage, extract_stage, objectives, result_row,
+                                             check_predictor_trials, cluster_stage,
+                                             extract_stage, objectives, result_row,
                                              run_identity, trial_evaluation, trial_grid,
                                              trial_name, write_results)
 
@@ -45,7 +46,7 @@ class SweepConfig(RunConfig):
         "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
         "sparsity", "threshold", "k", "theta", "density", "algorithm", "seed", "workers",
         "static_point", "dense_prefix", "mask_mode", "sites", "pool_layers", "predictor",
-        "predictor_epochs", "neuron_select", "random")
+        "predictor_epochs", "neuron_select", "random", "predictor_trials")
 
     out: str = "runs/sweep"
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
@@ -86,6 +87,7 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     from actclust.evaluation.report import write_report
 
     cfg = C.build(SweepConfig, values, overrides, source)
+    check_predictor_trials(cfg, grid_points(cfg))
     out = storage.normalize(cfg.out)
     cfg.out = out
     storage.makedirs(out)
