@@ -8,7 +8,13 @@ import tempfile
 
 from actclust import console
 from actclust.cli import guarded
-from actclust.config import load_yaml
+from actclust.config import (ClusterConfig, EvaluateConfig, ExtractConfig, PredictorConfig,
+                             build, load_yaml)
+from actclust.errors import UserError
+from actclust.orchestration.sweep import SweepConfig
+
+# Every configuration a preset's keys may belong to (a sweep's includes a run's).
+STAGE_CONFIGS = (ExtractConfig, ClusterConfig, EvaluateConfig, PredictorConfig, SweepConfig)
 
 # Small settings that exercise every stage in about a minute on a CPU.
 SMOKE = dict(model="tiny:opt", corpus="embedded:pydoc", seq_len=64, max_tokens=64 * 64,
@@ -37,19 +43,25 @@ def values(args: argparse.Namespace, smoke: dict) -> dict:
 
 
 def build_from(cls, data: dict, args: argparse.Namespace):
-    """A validated ``cls`` from the keys of ``data`` that ``cls`` knows."""
-    from actclust.config import build
+    """A validated ``cls`` from the keys of ``data`` that ``cls`` knows.
 
+    A preset is a run or sweep config, so a stage's job leaves the other stages' keys
+    aside; a key that no stage knows (a typo) is refused, as the CLI refuses it.
+    """
+    source = args.config or "arguments"
+    known = set().union(*(c.__dataclass_fields__ for c in STAGE_CONFIGS))
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                        f"in {source}; no stage of actclust takes it")
     keys = set(cls.__dataclass_fields__)
-    return build(cls, {k: v for k, v in data.items() if k in keys},
-                 source=args.config or "arguments")
+    return build(cls, {k: v for k, v in data.items() if k in keys}, source=source)
 
 
 def smoke_inputs(with_centroids: bool) -> dict:
     """Tiny masks (and centroids) in a temporary directory for a smoke test."""
+    from actclust.capture.extract import run_extract  # lazy: the stages import torch
     from actclust.clustering.distributed import run_cluster
-    from actclust.config import ClusterConfig, ExtractConfig, build
-    from actclust.capture.extract import run_extract
 
     root = tempfile.mkdtemp(prefix="actclust-smoke-")
     run_extract(build(ExtractConfig, dict(model="tiny:opt", seq_len=64, max_tokens=64 * 32,

@@ -16,7 +16,7 @@ from actclust.evaluation.anchor_eval import run_anchor
 from actclust.evaluation.metrics import F, STAT_FIELDS
 from actclust.io.corpus import load_windows
 from actclust.io.models import load_model, load_tokenizer
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 SEQ = 32
 PREFIX = 1

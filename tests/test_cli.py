@@ -3,7 +3,7 @@
 import pytest
 
 from actclust.cli import main
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 
 def one_error_line(capsys):

@@ -13,7 +13,7 @@ import pytest
 
 from actclust.cli import COMMANDS
 from actclust.cliparser import build_parser
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

@@ -14,7 +14,7 @@ from actclust.io import mask_store as store
 from actclust.clustering.distributed import run_cluster, split_shards
 from actclust.config import ClusterConfig, ExtractConfig, build
 from actclust.capture.extract import run_extract
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 from fault_injection import CrashOnce
 
 

@@ -13,7 +13,7 @@ from actclust.clustering.distributed import run_cluster
 from actclust.config import ClusterConfig, ExtractConfig, build
 from actclust.capture.extract import run_extract
 from actclust.kernels.rules import AssignRule
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")

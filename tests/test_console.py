@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 # Each snippet makes one library emit its message, after console.configure(VERBOSITY).
 SOURCES = {

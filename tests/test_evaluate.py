@@ -18,7 +18,7 @@ from actclust.evaluation.metrics import metric_values
 from actclust.kernels import assignment_stats
 from actclust.capture.extract import run_extract
 from actclust.io.models import ByteTokenizer, load_model
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 SEQ = 64
 

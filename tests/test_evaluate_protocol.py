@@ -19,7 +19,7 @@ from actclust.evaluation.evaluate import run_evaluate
 from actclust.io import mask_store as store
 from actclust.io.corpus import load_windows
 from actclust.io.models import ByteTokenizer, load_model
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 SEQ = 32
 MODEL = "tiny:llama"

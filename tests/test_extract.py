@@ -18,8 +18,7 @@ from actclust.io.corpus import load_windows
 from actclust.capture.extract import run_extract
 from actclust.io.models import ByteTokenizer, ffn_sites, load_model
 from actclust.capture.verify import verify
-from helpers import assert_same_layers
-from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
+from helpers import REPO, SHARED_RAY, assert_same_layers, assert_user_error, run_cli
 
 
 def extract(tmp_path, name="out", **kw):

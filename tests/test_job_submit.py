@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from sharedray import free_port, own_ports
 
 pytestmark = pytest.mark.slow  # a second Ray cluster (job submit), or Ray Tune with Ray Train

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
-from helpers import undocumented_fields
+from helpers import REPO, SHARED_RAY, assert_user_error, run_cli, undocumented_fields
 
 # Two trials: the same K at two thetas is all the run's assertions compare.
 TINY_RUN = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64, max_tokens=64 * 48,
@@ -228,6 +227,17 @@ def test_job_entry_points_smoke(job, tmp_path):
         args += ["--out", str(tmp_path / "o")]
     res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("job", ["extract", "cluster", "evaluate", "train_predictor"])
+def test_a_job_refuses_a_key_no_stage_takes_and_leaves_other_stages_keys_aside(job, tmp_path):
+    preset = tmp_path / "preset.yaml"
+    # k and theta belong to the clustering, anchors to the run: a stage's job ignores them.
+    preset.write_text(yaml.safe_dump(dict(model="tiny:opt", k=[4], theta=[0.5],
+                                          anchors=["teal"], max_token=64)))
+    res = subprocess.run([sys.executable, f"jobs/{job}.py", "--config", str(preset)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_user_error(res, f"unknown key max_token in {preset}; no stage of actclust takes it")
 
 
 def test_a_sweep_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):

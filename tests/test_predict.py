@@ -31,8 +31,7 @@ from actclust.predict import features as F
 from actclust.predict import load_predictor
 from actclust.predict import model as M
 from actclust.predict.train import run_train_predictor
-from conftest import REPO, SHARED_RAY, assert_user_error, run_cli
-from helpers import undocumented_fields
+from helpers import REPO, SHARED_RAY, assert_user_error, run_cli, undocumented_fields
 
 SEQ = 64
 

@@ -24,8 +24,7 @@ from actclust.capture.verify import verify
 from actclust.errors import UserError
 from actclust.io import mask_store
 from actclust.io import storage
-from helpers import assert_same_layers
-from conftest import REPO, assert_user_error, run_cli
+from helpers import REPO, assert_same_layers, assert_user_error, run_cli
 
 # Whole runs, Ray Train and Ray Tune against an S3 server: about 4 minutes of the suite.
 pytestmark = pytest.mark.slow

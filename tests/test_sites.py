@@ -22,7 +22,7 @@ from actclust.io import centroid_store
 from actclust.io import mask_store as store
 from actclust.io.corpus import load_windows
 from actclust.io.models import ByteTokenizer, load_model
-from conftest import REPO, assert_user_error, run_cli
+from helpers import REPO, assert_user_error, run_cli
 
 SEQ = 32
 MODEL = "tiny:llama"

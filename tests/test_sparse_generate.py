@@ -16,7 +16,7 @@ from actclust.sparse.ffn import sparse_ffns
 from actclust.sparse.generate import (GenerateConfig, build_layouts, centroid_masks, generate,
                                       greedy_tokens, run_generate)
 from actclust.sparse.layout import ffn_parts
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 K = 8
 PROMPT = "The for statement is used to iterate"

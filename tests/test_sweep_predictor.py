@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from actclust.io import storage
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow  # a second Ray cluster (job submit), or Ray Tune with Ray Train
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import conftest as shared
+import helpers as shared
 
 # A CLI run starts its own Ray instance and actors: minutes, not seconds, when the
 # cores are shared with other work. The bound only ends a run that hangs.

@@ -14,7 +14,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 from .conftest import RAY_START_ATTEMPTS, RAY_START_TIMEOUT, run_cli
 

@@ -44,7 +44,7 @@ def test_extract_writes_only_under_out(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     from .conftest import CLI_TIMEOUT_S, RAY_START_ATTEMPTS, RAY_START_TIMEOUT
 

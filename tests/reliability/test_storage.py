@@ -11,7 +11,7 @@ import pytest
 
 from actclust.io import mask_store as store
 from actclust.capture.verify import verify
-from conftest import assert_user_error
+from helpers import assert_user_error
 
 from .conftest import run_cli
 
