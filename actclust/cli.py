@@ -136,6 +136,14 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_fetch_model(args) -> int:
+    from actclust.io.model_fetch import fetch_model
+
+    path = fetch_model(args.name, find_links=args.find_links)
+    print(path)
+    return 0
+
+
 def _disk_full(exc: BaseException) -> str | None:
     """The failing path or message if ``exc`` (or what caused it) is ENOSPC."""
     import errno
@@ -152,7 +160,8 @@ def _disk_full(exc: BaseException) -> str | None:
 
 COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
             "generate": _cmd_generate, "train-predictor": _cmd_train_predictor,
-            "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report}
+            "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report,
+            "fetch-model": _cmd_fetch_model}
 
 
 def main(argv: list[str] | None = None) -> int:

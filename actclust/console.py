@@ -22,6 +22,8 @@ import logging
 import os
 import sys
 
+from actclust.io.cache import default_cache_dir
+
 OUR_LOGGER = "actclust"
 # Loggers whose messages we have acted on, and the level that still gets through.
 ACTED_ON = {
@@ -106,7 +108,4 @@ def _matplotlib_cache() -> None:
             return
     except OSError:
         pass
-    # lazy: io.models would add a few ms to every command, --help included, for a rare case
-    from actclust.io.models import default_cache_dir
-
     os.environ["MPLCONFIGDIR"] = str(default_cache_dir() / "matplotlib")

