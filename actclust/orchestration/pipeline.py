@@ -182,13 +182,13 @@ def evaluate_stage(cfg: RunConfig, centroids: str, name: str,
 
 
 def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
-                      random: bool = False) -> bool:
+                      with_random: bool = False) -> bool:
     """Whether a finished eval.json used this predictor kind (and neuron selection rule)
     and has the random pass if it is asked for; eval.json from before the rule existed
     used the threshold."""
     if report is None or report.get("predictor_kind") != kind:
         return False
-    if random and report.get("random_ppl") is None:
+    if with_random and report.get("random_ppl") is None:
         return False
     return kind != "neuron" or (report.get("neuron_select") or "threshold") == neuron_select
 

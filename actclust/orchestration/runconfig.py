@@ -41,8 +41,8 @@ class RunConfig:
     # empty: every trial.
     predictor_trials: list = dataclasses.field(default_factory=list)
     anchors: list = dataclasses.field(default_factory=list)  # one point per (anchor, sparsity)
-    # The random-mask pass of every trial (random_ppl); the K = 1 static mask and the
-    # anchors are the floors of the front, so it is opt-in.
+    # The random-mask pass of every trial (random_ppl), opt-in: the front's floors are
+    # the K = 1 static mask (k: [1, ...]) and the anchors.
     random: bool = False
     anchor_sparsity: list = dataclasses.field(default_factory=lambda: [0.3, 0.5, 0.7])
 

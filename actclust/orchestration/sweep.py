@@ -177,19 +177,24 @@ def grid_points(cfg: SweepConfig) -> list[dict]:
 
 
 SWEEP_RECORD = "sweep_config.json"
+# Settings whose behaviour before the key existed differs from today's default: every
+# trial of such a sweep ran the random-mask pass.
+BEFORE_THE_KEY = {"random": True}
 
 
 def _check_identity(out: str, cfg: SweepConfig) -> None:
     """Refuse a directory that holds another sweep (same contract as extract).
 
     A record written before a setting existed lacks its key; that sweep ran with the
-    setting's default, so a rerun at the default resumes it (the key is added)."""
+    setting's default then (``BEFORE_THE_KEY``, else today's default), so a rerun at that
+    value resumes it (the key is added)."""
     current = C.identity(cfg)
     path = storage.join(out, SWEEP_RECORD)
     if storage.is_file(path):
         recorded = storage.read_json_record(path)
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)
                     if f.default is not dataclasses.MISSING}
+        defaults.update(BEFORE_THE_KEY)
         added = {key: value for key, value in current.items()
                  if key not in recorded and key in defaults and value == defaults[key]}
         if added:

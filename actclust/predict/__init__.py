@@ -6,10 +6,6 @@ trained with Ray Train and used by evaluation and sparse execution.
 
 from __future__ import annotations
 
-from actclust.predict.model import PredictorSet  # noqa: F401
-from actclust.predict.model import load_predictor as _load
+from actclust.predict.model import PredictorSet, load_predictor
 
-
-def load_predictor(directory):
-    """Load a predictor directory (see :class:`actclust.predict.model.PredictorSet`)."""
-    return _load(directory)
+__all__ = ["PredictorSet", "load_predictor"]

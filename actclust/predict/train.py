@@ -36,6 +36,10 @@ from actclust.runtime.raycluster import cluster_gpus, init_ray
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
+# Ray Train's controller polls its workers every 2 s by default, seconds of idle time
+# around a fit that itself takes seconds; it reads the interval from the driver's
+# environment, so a user's own setting wins.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
 def run_train_predictor(cfg) -> dict:
@@ -124,12 +128,6 @@ def _model_shape(model_name: str, layers: list[int], trust_remote_code: bool):
     model = load_model(model_name, trust_remote_code=trust_remote_code).model
     counts = ffn_param_counts(model)
     return int(model.config.hidden_size), [counts[layer] for layer in layers]
-
-
-# Ray Train's controller polls its workers every 2 s by default, seconds of idle time
-# around a fit that itself takes seconds; it reads the interval from the driver's
-# environment, so a user's own setting wins.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
 def _fit(loop_config: dict, workers: int, out: str) -> dict:
