@@ -64,11 +64,17 @@ class SweepConfig(RunConfig):
             C._positive(self.max_concurrent_trials, "max_concurrent_trials")
 
 
+# Settings whose behaviour before the key existed differs from today's default: every
+# trial of such a sweep ran the random-mask pass.
+BEFORE_THE_KEY = {"random": True}
+
+
 def trial(config: dict) -> None:
     """One Tune trial: cluster, evaluate, report. Pure stage calls, no Tune logic."""
     from ray import tune
 
-    cfg = SweepConfig(**config["sweep"])
+    # A sweep restored from before a setting existed lacks its key in Tune's saved config.
+    cfg = SweepConfig(**{**BEFORE_THE_KEY, **config["sweep"]})
     point = config["point"]
     name = trial_name(**point)
     centroids = cluster_stage(cfg, config["masks"], **point)
@@ -177,9 +183,6 @@ def grid_points(cfg: SweepConfig) -> list[dict]:
 
 
 SWEEP_RECORD = "sweep_config.json"
-# Settings whose behaviour before the key existed differs from today's default: every
-# trial of such a sweep ran the random-mask pass.
-BEFORE_THE_KEY = {"random": True}
 
 
 def _check_identity(out: str, cfg: SweepConfig) -> None:
