@@ -6,8 +6,8 @@ Two algorithms, both on ``(N, B)`` uint8 packed masks (bit order as in
 so they are scored exactly like our Hamming k-means:
 
 - :func:`brb_kmeans` -- BRB-KMeans ("bits to reals, k-means, binarise"), the
-  standard binary-clustering baseline: unpack to float32 0/1, run
-  scikit-learn's ``KMeans`` (or ``MiniBatchKMeans``), then set a centroid bit
+  standard binary-clustering baseline: unpack to float32 0/1, run Euclidean
+  k-means (Lloyd, or mini-batch, on a torch GEMM), then set a centroid bit
   iff its real coordinate is ``>= 0.5``. (The artifact's own
   ``brbkmeans_same_k.py`` instead rounds the centroids inside every Lloyd
   step with ``torch.round``, which sends 0.5 to 0; we binarise once, at the
@@ -37,6 +37,7 @@ import numpy as np
 
 from actclust import kernels
 from actclust.kernels.numpy_backend import unpack_float as _unpack
+from actclust.clustering.seeding import init_kmeanspp
 from actclust.kernels.rules import AssignRule, top_bits
 
 logger = logging.getLogger(__name__)
@@ -113,60 +114,135 @@ def _result(x, centroids, labels, k, iterations, converged, density=None) -> Bas
 # BRB-KMeans
 
 
-# scikit-learn's own cap: BRB-KMeans runs to scikit-learn's convergence tolerance.
-BRB_MAX_ITER = 300
+# BRB-KMeans iterates until its centres move less than this fraction of the data's mean
+# per-coordinate variance (scikit-learn's rule and default), or its iteration cap.
+BRB_TOL = 1e-4
+_BRB_BLOCK_ROWS = 8192  # rows per distance GEMM: an (8192, K) float32 tile
 
 
-def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = BRB_MAX_ITER,
-               batch_size: int | None = None, density: float | None = None) -> BaselineResult:
-    """BRB-KMeans: bits to reals, k-means, binarise at 0.5 (or keep the top bits).
+def brb_kmeans(x: np.ndarray, k: int, d: int, seed: int = 0, max_iter: int = 30,
+               batch_size: int | None = None, density: float | None = None,
+               tol: float = BRB_TOL) -> BaselineResult:
+    """BRB-KMeans: bits to reals, Euclidean k-means, binarise at 0.5 (or keep the top bits).
+
+    Lloyd's algorithm on the float32 0/1 rows with a torch GEMM for the distances
+    (``||c||^2 - 2 x.c``, ties to the lowest centroid). The update is exact: member sums
+    of 0/1 rows are integers. Seeding is greedy k-means++ on the rows (Hamming distance
+    is the squared Euclidean distance of 0/1 vectors), on a seeded sample of
+    ``max(16 k, 4096)`` rows as hamming-kmeans seeds. An empty cluster keeps its centre.
 
     Args:
         x: (N, B) uint8 packed masks, ``B = ceil(d / 8)``.
         k: clusters, 1 <= k <= N.
         d: bits per mask.
-        seed: ``random_state`` of the scikit-learn estimator (k-means++ init).
-        max_iter: Lloyd iterations (epochs for mini-batch).
-        batch_size: None for ``KMeans`` (full batch, ``n_init=1``); an integer
-            for ``MiniBatchKMeans`` with that batch size.
+        seed: seeds the sample and the k-means++ draws.
+        max_iter: Lloyd iterations (epochs for mini-batch) at most.
+        batch_size: None for full-batch Lloyd; an integer for mini-batch k-means
+            (per-centre learning rate 1 / members seen) with batches of that size.
         density: None binarises at 0.5; a fraction in (0, 1] keeps the
             ``round(density * d)`` largest coordinates of every real centroid
             (ties: lowest index), the fixed-budget binarisation.
+        tol: stop when the summed squared centre shift of an iteration is at most
+            ``tol`` times the mean per-coordinate variance of the rows (or when the
+            assignment no longer changes).
     Returns:
-        BaselineResult; ``labels`` are scikit-learn's (Euclidean nearest real
-        centroid), ``iterations`` its ``n_iter_``.
+        BaselineResult; ``labels`` are the Euclidean-nearest real centres.
 
-    Holds the (N, d) float32 unpacked matrix in memory (scikit-learn needs it).
+    Holds the (N, d) float32 unpacked matrix in memory.
     """
+    import torch
+
     x, k, d = _check_masks(x, k, d)
     seed = _check_int(seed, "seed", 0)
     max_iter = _check_int(max_iter, "max_iter", 1)
     if batch_size is not None:
         batch_size = _check_int(batch_size, "batch_size", 1)
-    try:
-        from sklearn.cluster import KMeans, MiniBatchKMeans
-    except ImportError as err:  # a dev extra, not a runtime dependency
-        raise ImportError("brb_kmeans needs scikit-learn: pip install scikit-learn") from err
-
-    reals = _unpack(x, d)  # (N, d) float32 0/1
+    if not 0 <= tol < 1:
+        raise ValueError(f"tol must be in [0, 1), got {tol}")
+    n = x.shape[0]
+    reals = torch.from_numpy(_unpack(x, d))  # (N, d) float32 0/1
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, max(16 * k, 4096)), replace=False))
+    centers = reals[torch.from_numpy(sample[init_kmeanspp(x[sample], k, rng)])].clone()
+    stop_shift = tol * float(reals.var(dim=0, unbiased=False).mean())
     if batch_size is None:
-        est = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=max_iter)
+        centers, iterations, converged = _lloyd(reals, centers, max_iter, stop_shift)
     else:
-        est = MiniBatchKMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=max_iter,
-                              batch_size=batch_size)
-    est.fit(reals)
+        centers, iterations, converged = _minibatch(reals, centers, max_iter, batch_size,
+                                                    stop_shift, rng)
+    labels = _nearest_real(reals, centers).numpy()
     bits = np.zeros((k, 8 * x.shape[1]), dtype=np.uint8)
     if density is None:
-        bits[:, :d] = est.cluster_centers_ >= 0.5
+        bits[:, :d] = centers.numpy() >= 0.5
         centroids = np.packbits(bits, axis=1, bitorder="little")
     else:
-        centers = np.zeros(bits.shape)
-        centers[:, :d] = est.cluster_centers_
-        centroids = top_bits_of(centers, density, d)
-    labels = np.asarray(est.labels_, dtype=np.int64)
-    n_iter = int(est.n_iter_)
-    logger.info("brb_kmeans: N=%d k=%d d=%d, %d iterations", x.shape[0], k, d, n_iter)
-    return _result(x, centroids, labels, k, n_iter, n_iter < max_iter, density)
+        values = np.zeros(bits.shape)
+        values[:, :d] = centers.numpy()
+        centroids = top_bits_of(values, density, d)
+    logger.info("brb_kmeans: N=%d k=%d d=%d, %d iterations%s", n, k, d, iterations,
+                " (converged)" if converged else "")
+    return _result(x, centroids, labels, k, iterations, converged, density)
+
+
+def _nearest_real(reals, centers):
+    """(N,) int64 index of the Euclidean-nearest centre of every row (ties: lowest)."""
+    import torch
+
+    norms = (centers * centers).sum(dim=1)
+    labels = torch.empty(len(reals), dtype=torch.int64)
+    for lo in range(0, len(reals), _BRB_BLOCK_ROWS):
+        block = reals[lo:lo + _BRB_BLOCK_ROWS]
+        labels[lo:lo + len(block)] = torch.addmm(norms, block, centers.T, alpha=-2).argmin(dim=1)
+    return labels
+
+
+def _member_sums(reals, labels, k: int):
+    """Per-centre sums of the member rows (float64) and member counts. float32 sums of
+    0/1 rows are exact integers below 2**24 members, so the order of addition is moot."""
+    import torch
+
+    sums = torch.zeros((k, reals.shape[1]), dtype=reals.dtype)
+    sums.index_add_(0, labels, reals)
+    return sums.double(), torch.bincount(labels, minlength=k)
+
+
+def _lloyd(reals, centers, max_iter: int, stop_shift: float):
+    """Full-batch Lloyd iterations: (centres, iterations, converged)."""
+    labels = None
+    for iteration in range(1, max_iter + 1):
+        new_labels = _nearest_real(reals, centers)
+        sums, counts = _member_sums(reals, new_labels, len(centers))
+        live = counts > 0
+        moved = centers.clone()
+        moved[live] = (sums[live] / counts[live, None]).to(centers.dtype)
+        shift = float(((moved - centers) ** 2).sum())
+        same = labels is not None and bool((labels == new_labels).all())
+        centers, labels = moved, new_labels
+        if same or shift <= stop_shift:
+            return centers, iteration, True
+    return centers, max_iter, False
+
+
+def _minibatch(reals, centers, epochs: int, batch_size: int, stop_shift: float, rng):
+    """Mini-batch k-means: each centre moves towards its batch members at rate
+    1 / (members seen); (centres, epochs, converged)."""
+    import torch
+
+    seen = torch.zeros(len(centers), dtype=torch.float64)
+    centers = centers.to(torch.float64)
+    for epoch in range(1, epochs + 1):
+        start = centers.clone()
+        order = torch.from_numpy(rng.permutation(len(reals)))
+        for lo in range(0, len(reals), batch_size):
+            batch = reals[order[lo:lo + batch_size]]
+            labels = _nearest_real(batch, centers.to(batch.dtype))
+            sums, counts = _member_sums(batch, labels, len(centers))
+            live = counts > 0
+            seen[live] += counts[live]
+            centers[live] += (sums[live] - counts[live, None] * centers[live]) / seen[live, None]
+        if float(((centers - start) ** 2).sum()) <= stop_shift:
+            return centers.to(reals.dtype), epoch, True
+    return centers.to(reals.dtype), epochs, False
 
 
 def top_bits_of(values: np.ndarray, density: float, d: int) -> np.ndarray:

@@ -5,7 +5,6 @@ The centroid store records both in cluster.json; evaluation assigns masks by the
 
 from __future__ import annotations
 
-from actclust.clustering.baselines import BRB_MAX_ITER
 from actclust.kernels.rules import AssignRule
 
 
@@ -23,11 +22,7 @@ def assignment_rule(cfg) -> AssignRule:
     return AssignRule.hamming()
 
 
-def fit_max_iter(cfg) -> int:
-    """The iteration cap the fit actually runs under (BRB has its own)."""
-    return BRB_MAX_ITER if cfg.algorithm == "brb-kmeans" else cfg.max_iter
-
-
 def fit_policy(cfg) -> dict:
-    """cluster.json's ``rule`` (as JSON) and ``max_iter`` of a fit made with ``cfg``."""
-    return {"rule": assignment_rule(cfg).to_json(), "max_iter": fit_max_iter(cfg)}
+    """cluster.json's ``rule`` (as JSON) and ``max_iter`` of a fit made with ``cfg``: every
+    algorithm runs under the same iteration cap (BRB-KMeans to its own tolerance within it)."""
+    return {"rule": assignment_rule(cfg).to_json(), "max_iter": cfg.max_iter}
