@@ -1,11 +1,13 @@
 """Every job preset builds a valid configuration, and names only trials of its own grid."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from actclust import config as C
+from actclust.errors import UserError
 from actclust.orchestration.pipeline import check_predictor_trials, trial_grid, trial_name
 from actclust.orchestration.sweep import SweepConfig, grid_points
 
@@ -24,9 +26,37 @@ def test_preset_builds_and_names_only_its_own_trials(preset):
 def test_compass_covers_every_algorithm_with_predictors_on_two_trials():
     cfg = C.build(SweepConfig, yaml.safe_load(
         (PRESETS[0].parent / "compass.yaml").read_text()))
-    names = {trial_name(**p) for p in trial_grid(cfg)}
-    assert {"k=1024-theta=0.5", "k=256-theta=0.5-brb-kmeans",
-            "k=1024-theta=0.5-activation-aware"} <= names
-    assert cfg.predictor == "both" and sorted(cfg.predictor_trials) == \
-        ["k=1024-theta=0.5", "k=256-theta=0.5"]
+    names = [trial_name(**p) for p in trial_grid(cfg)]
+    hamming = [f"k={k}-theta={t}" for t in (0.5, 0.3) for k in (1, 16, 64, 256, 1024)]
+    density = [f"k={k}-density={d}" for d in (0.4, 0.5, 0.6, 0.7) for k in (1, 1024)]
+    baselines = [f"k={k}-theta=0.5-{a}" for a in ("brb-kmeans", "activation-aware")
+                 for k in (16, 256, 1024)]
+    assert names == hamming + density + baselines
+    assert cfg.predictor == "both" and cfg.predictor_trials == \
+        ["k=256-theta=0.5", "k=1024-density=0.5"]
     assert cfg.max_tokens is None and cfg.eval_max_tokens is None and not cfg.random
+    assert cfg.anchors == ["teal", "cats", "wina"]
+    assert cfg.anchor_sparsity == [0.3, 0.4, 0.5, 0.6, 0.7]
+
+
+def test_grid_blocks_are_products_of_their_own_lists():
+    cfg = C.build(SweepConfig, dict(k=[8], theta=[0.5], grid=[
+        {"k": [4, 16]},  # theta from the top level
+        {"k": [16], "density": [0.4]},  # density only: no theta trial
+        {"k": [4, 16]}]))  # a trial named twice runs once
+    assert [trial_name(**p) for p in trial_grid(cfg)] == [
+        "k=4-theta=0.5", "k=16-theta=0.5", "k=16-density=0.4"]
+    # The sweep's static points cover every objective of the blocks.
+    assert {trial_name(**p) for p in grid_points(cfg)} >= {"k=1-theta=0.5", "k=1-density=0.4"}
+
+
+@pytest.mark.parametrize("grid, fragment", [
+    ({"k": [4]}, "grid in config must be list"),
+    ([{"k": [4], "seed": 1}], "a grid block takes only k, theta, density, algorithm"),
+    ([["k", 4]], "a grid block takes only"),
+    ([{"k": [0]}], "k must be a list of positive integers"),
+    ([{"theta": [1.5]}], "theta must be a list of values in (0, 1]"),
+])
+def test_a_bad_grid_block_is_refused_in_one_line(grid, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        C.build(SweepConfig, dict(grid=grid))

@@ -28,6 +28,9 @@ class RunConfig:
     seed: int = 0
     workers: int = 2
     algorithm: list = dataclasses.field(default_factory=lambda: ["hamming-kmeans"])
+    # Blocks of trials, each a product of its own k, theta, density and algorithm (keys it
+    # leaves out take the values above); empty: the one product of the values above.
+    grid: list = dataclasses.field(default_factory=list)
     dense_prefix: int = 1
     mask_mode: str = "replace"
     sites: "list | str" = "intermediate"  # several: masked together (format version 2)
@@ -45,8 +48,12 @@ class RunConfig:
     # the K = 1 static mask (k: [1, ...]) and the anchors.
     random: bool = False
     anchor_sparsity: list = dataclasses.field(default_factory=lambda: [0.3, 0.5, 0.7])
+    # Stage actors that live for the run (the model loaded once); false: every stage
+    # starts and stops its own, as separate commands do. The numbers are the same.
+    warm_actors: bool = True
 
     def validate(self) -> None:
+        self._validate_grid()
         self.sites = ",".join(C.parse_sites(self.sites))
         for anchor in self.anchors:
             C._choice(anchor, C.ANCHORS, "anchors")
@@ -95,3 +102,27 @@ class RunConfig:
             if getattr(self, key) is not None and getattr(self, key) < self.seq_len:
                 raise UserError("max_tokens and eval_max_tokens must each hold at least one "
                                 f"window of seq_len {self.seq_len}")
+
+    def _validate_grid(self) -> None:
+        if not isinstance(self.grid, list):
+            raise UserError(f"grid must be a list of blocks such as {{k: [1024], density: "
+                            f"[0.5]}}, got {self.grid!r}")
+        for block in self.grid:
+            unknown = sorted(set(block) - set(GRID_KEYS)) if isinstance(block, dict) else None
+            if unknown is None or unknown:
+                raise UserError(f"a grid block takes only {', '.join(GRID_KEYS)}, got "
+                                f"{block!r}")
+            self.block(block).validate()
+
+    def block(self, block: dict) -> "RunConfig":
+        """This config with one grid block's values (a block without theta or density
+        fits only what it names)."""
+        values = {key: block[key] for key in GRID_KEYS if key in block}
+        if "density" in block and "theta" not in block:
+            values["theta"] = []
+        if "theta" in block and "density" not in block:
+            values["density"] = []
+        return dataclasses.replace(self, grid=[], **values)
+
+
+GRID_KEYS = ("k", "theta", "density", "algorithm")
