@@ -50,6 +50,58 @@ def test_run_writes_every_stage_and_a_table(run_dir):
     assert len(list((run_dir / "plots").glob("*.png"))) == 7
 
 
+def test_run_ends_with_its_wall_time_and_floor(run_dir):
+    """results.json's throughput counts every pass the run made: extraction, dense and
+    oracle, one cluster pass per trial, each anchor's pass and its calibration."""
+    throughput = json.loads((run_dir / "results.json").read_text())["throughput"]
+    fitted = json.loads((run_dir / "masks" / "manifest.json").read_text())["tokens"]
+    heldout = TINY_RUN["eval_max_tokens"]
+    anchors = [json.loads(p.read_text()) for p in run_dir.glob("eval/anchor=*/eval.json")]
+    assert len(anchors) == 2 and all(a["tokens"] == heldout for a in anchors)
+    assert throughput["forwarded_tokens"] == fitted + 2 * heldout + 2 * heldout + sum(
+        a["tokens"] + a["calibration"]["tokens"] for a in anchors)
+    assert [s["stage"] for s in throughput["stages"]] == [
+        "extract", "dense and oracle", "cluster k=16-theta=0.5", "evaluate k=16-theta=0.5",
+        "cluster k=16-theta=0.3", "evaluate k=16-theta=0.3", "anchor teal s=0.5",
+        "anchor wina s=0.5"]
+    assert throughput["bare_forward_tokens_per_s"] > 0
+    assert throughput["assignment_macs"] > 0 and throughput["assignment_macs_per_s"] > 0
+    floor = (throughput["forwarded_tokens"] / throughput["bare_forward_tokens_per_s"]
+             + throughput["assignment_macs"] / throughput["assignment_macs_per_s"])
+    assert throughput["floor_seconds"] == pytest.approx(floor)
+    assert 0 < throughput["floor_seconds"] < throughput["wall_seconds"]
+    assert throughput["wall_over_floor"] == pytest.approx(
+        throughput["wall_seconds"] / throughput["floor_seconds"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_warm_and_fresh_actors_give_identical_centroids_and_evaluations(run_dir, tmp_path):
+    """The run's actors live for the run (the second trial and the anchors are evaluated by
+    actors that evaluated the first); starting fresh ones per stage changes nothing."""
+    out = tmp_path / "fresh"
+    config = tmp_path / "fresh.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "warm_actors": False}))
+    proc = run_cli("run", "--config", str(config), "--out", str(out), timeout=1400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def evaluation(path):  # identity names the run's own directories
+        return {k: v for k, v in json.loads(path.read_text()).items() if k != "identity"}
+
+    trials = sorted(p.name for p in (run_dir / "clusters").iterdir())
+    assert len(trials) == 2 and trials == sorted(p.name for p in (out / "clusters").iterdir())
+    for name in trials:
+        warm, fresh = (pq.read_table(d / "clusters" / name / "centroids.parquet")
+                       for d in (run_dir, out))
+        assert warm.num_rows > 0 and warm.equals(fresh), name
+        assert evaluation(run_dir / "eval" / name / "eval.json") == \
+            evaluation(out / "eval" / name / "eval.json"), name
+    anchors = sorted(p.relative_to(run_dir) for p in run_dir.glob("eval/anchor=*/eval.json"))
+    assert len(anchors) == 2
+    for path in anchors:
+        assert evaluation(run_dir / path) == evaluation(out / path), path
+
+
 @pytest.mark.timeout(1500)
 def test_run_puts_anchors_on_the_front_by_ffn_bytes(run_dir):
     results = json.loads((run_dir / "results.json").read_text())
@@ -118,7 +170,9 @@ def test_docs_formats_names_every_field_a_run_writes(run_dir):
                "cluster.json": load("clusters/*/cluster.json"),
                "eval.json": evaluation, "eval.json per_layer": evaluation["per_layer"][0],
                "anchor eval.json": load("eval/anchor=*/eval.json"),
-               "results.json": results, "results.json anchors": results["anchors"][0]}
+               "results.json": results, "results.json anchors": results["anchors"][0],
+               "results.json throughput": results["throughput"],
+               "results.json stages": results["throughput"]["stages"][0]}
     for name, record in records.items():
         assert not undocumented_fields(record), (name, undocumented_fields(record))
     for row in results["rows"]:

@@ -24,7 +24,7 @@ from actclust.io.corpus import Windows, load_windows
 from actclust.io.models import ffn_sites, load_model, load_tokenizer, site_width
 from actclust.progress import Progress
 from actclust.runtime.actors import ActorGroup, FaultHooks
-from actclust.runtime.raycluster import actor_options, init_ray, set_threads
+from actclust.runtime.raycluster import actor_options, actor_threads, init_ray, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ def run_extract(cfg: ExtractConfig, faults=None) -> dict:
     options = actor_options(cfg.workers)
     use_gpu = "num_gpus" in options
     Actor = ray.remote(MaskExtractor).options(max_restarts=0, **options)
-    pool = ActorGroup(lambda: Actor.remote(cfg.model, cfg.sites, options["num_cpus"], use_gpu,
+    threads = actor_threads(cfg.workers)
+    pool = ActorGroup(lambda: Actor.remote(cfg.model, cfg.sites, threads, use_gpu,
                                           cfg.trust_remote_code, faults), cfg.workers)
     try:
         first = pool.first_actor()

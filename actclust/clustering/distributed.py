@@ -31,8 +31,9 @@ from actclust.config import ClusterConfig, FitSpec, identity
 from actclust.errors import UserError
 from actclust.io import centroid_store, kmeans_state, mask_store, outdir, storage
 from actclust.progress import Progress
-from actclust.runtime.actors import ActorGroup, FaultHooks
-from actclust.runtime.raycluster import actor_options, cluster_gpus, init_ray, set_threads
+from actclust.runtime.actors import ActorGroup, FaultHooks, acquire_group, release_group
+from actclust.runtime.raycluster import (actor_options, actor_threads, cluster_gpus, init_ray,
+                                         set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,9 @@ class ClusterWorker:
             if len(per_layer) > 1 else per_layer[0]
         start = time.perf_counter()
         if spec.algorithm == "brb-kmeans":
-            # BRB-KMeans stops on scikit-learn's own tolerance, not the Hamming k-means cap.
             res = baselines.brb_kmeans(x, spec.k, width, seed=spec.seed,
-                                       max_iter=baselines.BRB_MAX_ITER,
-                                       batch_size=spec.batch_size, density=spec.density)
+                                       max_iter=spec.max_iter, batch_size=spec.batch_size,
+                                       density=spec.density)
         else:
             res = activation_aware.activation_aware(x, spec.k, width, seed=spec.seed,
                                                     max_iter=spec.max_iter, density=spec.density)
@@ -189,7 +189,8 @@ def _start_group(cfg: ClusterConfig, world_size: int, faults, grace_s: float = 1
 
     options = actor_options(world_size)
     Worker = ray.remote(ClusterWorker).options(max_restarts=0, **options)
-    group = ActorGroup(lambda: Worker.remote(options["num_cpus"], faults), world_size,
+    threads = actor_threads(world_size)
+    group = ActorGroup(lambda: Worker.remote(threads, faults), world_size,
                        max_replacements=3 * world_size)
     workers = group.started(grace_s, what="k-means worker")
     if len(workers) < world_size:
@@ -215,6 +216,8 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: str,
     progress = Progress(len(layers), "cluster", unit="layers")
     group = None
     attempts = 0
+    # Inside a run the workers (and their collective group) serve every trial.
+    key = None if faults is not None else ("kmeans", world_size, cfg.backend)
     for layer in layers:
         done_path = kmeans_state.finished_path(out, layer)
         finished = kmeans_state.load_state(done_path)
@@ -225,7 +228,7 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: str,
         ckpt = kmeans_state.checkpoint_path(out, layer)
         while True:
             if group is None:
-                group = _start_group(cfg, world_size, faults)
+                group = acquire_group(key, lambda: _start_group(cfg, world_size, faults))
             workers = group.actors()
             blocks = split_shards(shards, len(workers))
             state = kmeans_state.load_state(ckpt)
@@ -242,14 +245,14 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: str,
                 break
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
                 attempts += 1
+                release_group(key, group, failed=True)
+                group = None
                 if isinstance(exc, RayTaskError) and isinstance(exc.cause, (UserError, ValueError)):
                     raise
                 if attempts > 3:
                     raise
                 log.warning("a k-means worker failed on layer %d (%s); rebuilding the group and "
                             "resuming from the checkpoint", layer, type(exc).__name__)
-                group.shutdown()
-                group = None
         res = next(o for o in outs if o["rank"] == 0)
         res["seconds"] = max(o["seconds"] for o in outs)
         kmeans_state.save_state({k: v for k, v in res.items() if k != "rank"}, done_path)
@@ -258,7 +261,7 @@ def _fit_kmeans(cfg: ClusterConfig, manifest: dict, layers: list[int], out: str,
         progress.update(1)
     progress.close()
     if group is not None:
-        group.shutdown()
+        release_group(key, group)
     return results
 
 
@@ -281,17 +284,24 @@ def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int], faults)
         raise UserError("--pool-layers needs --algorithm brb-kmeans or activation-aware")
     options = actor_options(1)
     Worker = ray.remote(ClusterWorker).options(max_restarts=1, max_task_retries=1, **options)
-    worker = Worker.remote(options["num_cpus"], faults)
+    key = None if faults is not None else ("baseline worker",)
+    group = acquire_group(key, lambda: ActorGroup(
+        lambda: Worker.remote(actor_threads(1), faults), 1))
+    worker = group.first_actor()
     names = [s["name"] for s in mask_store.complete_shards(manifest)]
     width = mask_store.mask_width(manifest)
     spec = cfg.fit_spec()
     site = manifest.get("mask_site")
     try:
         if cfg.pool_layers:
-            return {-1: ray.get(worker.fit_baseline.remote(cfg.masks, layers, names, width, spec,
+            fits = {-1: ray.get(worker.fit_baseline.remote(cfg.masks, layers, names, width, spec,
                                                            site))}
-        return {layer: ray.get(worker.fit_baseline.remote(cfg.masks, [layer], names, width, spec,
-                                                          site))
-                for layer in layers}
-    finally:
-        ray.kill(worker)
+        else:
+            fits = {layer: ray.get(worker.fit_baseline.remote(cfg.masks, [layer], names, width,
+                                                              spec, site))
+                    for layer in layers}
+    except BaseException:
+        release_group(key, group, failed=True)
+        raise
+    release_group(key, group)
+    return fits

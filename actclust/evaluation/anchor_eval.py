@@ -2,7 +2,7 @@
 
 The masks directory (``actclust extract --split train``) gives the model, corpus, window
 length and held-out rule. Thresholds are calibrated on its first ``calibration_windows``
-fitting windows, in a Ray task; the held-out windows are evaluated by the same actors,
+fitting windows by an evaluation actor; the held-out windows are evaluated by the same actors,
 chunks and paired bootstrap (same seed, same windows) as every other mode, so the
 anchor's interval pairs with dense, oracle, cluster and predicted.
 """
@@ -15,16 +15,14 @@ import math
 import numpy as np
 import ray
 
-from actclust.devices import place_model
 from actclust.errors import UserError
 from actclust.evaluation import ffn_bytes
-from actclust.evaluation.anchors import AnchorSpec, calibrate, check_anchor
+from actclust.evaluation.anchors import AnchorSpec, check_anchor
 from actclust.evaluation.bootstrap import paired_ppl_intervals
-from actclust.evaluation.evaluate import (baseline_identity, load_eval_windows, resolve,
-                                          run_chunks)
+from actclust.evaluation.evaluate import (baseline_identity, evaluator_spec, evaluators,
+                                          load_eval_windows, resolve, run_chunks)
 from actclust.io import eval_store, mask_store, storage
-from actclust.io.models import load_model
-from actclust.runtime.raycluster import actor_options, init_ray, set_threads
+from actclust.runtime.actors import run_lived_actors
 
 DEFINITIONS = {
     "anchor_ppl": "perplexity with the anchor's FFN sparsity at masked positions (attention "
@@ -55,29 +53,24 @@ def fitting_meta(masks: str) -> dict:
     return meta
 
 
-@ray.remote(max_retries=0)
-def _calibrate_task(model: str, ids: np.ndarray, method: str, sparsity: float,
-                    dense_prefix: int, batch_windows: int, trust_remote_code: bool,
-                    num_cpus: float, use_gpu: bool) -> dict:
-    set_threads(num_cpus)
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
-    place_model(loaded.model, use_gpu)
-    return calibrate(loaded.model, ids, method, sparsity, dense_prefix, batch_windows, model)
-
-
 def calibrate_anchor(cfg, meta: dict) -> dict:
-    """Calibration of ``cfg.anchor`` at ``cfg.anchor_sparsity`` on the fitting windows."""
+    """Calibration of ``cfg.anchor`` at ``cfg.anchor_sparsity`` on the fitting windows, by
+    one of the evaluation actors (the run's own inside a run)."""
     fitting = load_eval_windows(cfg, split="train", max_tokens=meta["max_tokens"])
     ids = fitting.ids[:cfg.calibration_windows]
-    init_ray()
-    options = actor_options(1)
-    return ray.get(_calibrate_task.options(**options).remote(
-        cfg.model, ids, cfg.anchor, cfg.anchor_sparsity, cfg.dense_prefix, cfg.batch_windows,
-        cfg.trust_remote_code, options["num_cpus"], "num_gpus" in options))
+    spec, options = evaluator_spec(cfg, meta)
+    with evaluators(spec, options, cfg.workers) as group:
+        return ray.get(group.first_actor().calibrate.remote(
+            ids, cfg.anchor, cfg.anchor_sparsity, cfg.dense_prefix, cfg.batch_windows))
 
 
 def run_anchor(cfg) -> dict:
     """Calibrate and evaluate one anchor; writes and returns eval.json's content."""
+    with run_lived_actors():  # calibration and evaluation share the actors
+        return _run_anchor(cfg)
+
+
+def _run_anchor(cfg) -> dict:
     check_anchor(cfg.anchor, cfg.anchor_sparsity)
     masks = storage.normalize(cfg.masks)
     meta = fitting_meta(masks)

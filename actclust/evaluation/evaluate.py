@@ -27,19 +27,20 @@ on the centroids and are computed once per run when a baseline directory is give
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 import numpy as np
 
 from actclust.errors import UserError
-from actclust.evaluation.anchors import AnchorSpec, Sparsifier
+from actclust.evaluation.anchors import AnchorSpec, Sparsifier, calibrate
 from actclust.evaluation.ffn_bytes import BYTES_DEFINITION, matrix_weights, mode_fractions
 from actclust.evaluation.metrics import (BASELINE_MODES, F, MODES, STAT_FIELDS, baseline_from,
                                         empty_stats, summarize, window_nll)
 from actclust.io import centroid_store, eval_store, mask_store, storage
 from actclust.io.centroid_store import load_centroids, slots
-from actclust.runtime.actors import FaultHooks
+from actclust.runtime.actors import FaultHooks, stage_group
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +71,43 @@ class EvaluatorSpec:
     anchor: AnchorSpec | None = None
 
 
+# What an evaluation actor loads once; the rest of its spec changes from trial to trial.
+MODEL_FIELDS = ("model", "num_cpus", "trust_remote_code", "use_gpu")
+
+
 class Evaluator:
-    """Loads the model and centroids once; evaluates one chunk of windows per call."""
+    """Loads the model once; evaluates one chunk of windows per call.
+
+    The centroids, predictor and anchor of ``spec`` are loaded with the model. A call
+    that brings another spec (a run's next trial, on an actor that lives for the run)
+    loads that spec's instead; the model stays.
+    """
 
     def __init__(self, spec: EvaluatorSpec, faults: FaultHooks | None = None):
-        from actclust import kernels
         from actclust.devices import place_model
         from actclust.io.models import ffn_projections, load_model
         from actclust.runtime.raycluster import set_threads
 
         set_threads(spec.num_cpus)
-        meta, centroids = spec.meta, None
-        if spec.centroids_dir is not None:
-            meta, centroids = load_centroids(spec.centroids_dir)
         self.model = load_model(spec.model, trust_remote_code=spec.trust_remote_code).model
         self.device = place_model(self.model, spec.use_gpu)
         self.faults = faults or FaultHooks()
+        self.ffn_weights = matrix_weights(ffn_projections(self.model))
+        self.shape = (0, 0)  # (windows, seq_len) of the chunk in flight
+        self.spec = None
+        self._load_trial(spec)
+
+    def _load_trial(self, spec: EvaluatorSpec) -> None:
+        """Everything of ``spec`` beyond the model: slots, centroids, predictor, anchor."""
+        from actclust import kernels
+
+        if self.spec is not None and any(getattr(spec, f) != getattr(self.spec, f)
+                                         for f in MODEL_FIELDS):
+            raise ValueError("an evaluation actor keeps its model; start another for "
+                             f"{spec.model!r}")
+        meta, centroids = spec.meta, None
+        if spec.centroids_dir is not None:
+            meta, centroids = load_centroids(spec.centroids_dir)
         masked = slots(meta)
         self.sites = centroid_store.sites_of(meta)
         # (site, model layer) -> its slot among the clustered ones (others stay unmasked).
@@ -94,12 +116,10 @@ class Evaluator:
         self.seed = spec.seed
         self.dense_prefix = spec.dense_prefix
         self.mask_mode = spec.mask_mode
-        self.shape = (0, 0)  # (windows, seq_len) of the chunk in flight
         # Unpacked once onto the model's device, where the masks are made; masks are
         # assigned by the rule the centroids were fitted with (absent: Hamming).
         self.centroids = [kernels.device_centroids(c, width, self.device, meta.get("rule"))
                           for c, (_, _, width, _) in zip(centroids or [], masked)]
-        self.ffn_weights = matrix_weights(ffn_projections(self.model))
         self.sparsifier = None if spec.anchor is None else Sparsifier(
             self.model, spec.anchor, spec.dense_prefix, spec.model)
         self.predicted = None
@@ -108,9 +128,32 @@ class Evaluator:
 
             self.predicted = PredictedMasks(spec.predictor_dir, self, spec.top_m,
                                             spec.neuron_select)
+        self.spec = spec
 
-    def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES) -> dict:
-        """Per-window NLL sums (W,) per mode, tokens per window (W,), STAT_FIELDS (L, F)."""
+    def calibrate(self, ids: np.ndarray, method: str, sparsity: float, dense_prefix: int,
+                  batch_windows: int) -> dict:
+        """An anchor's thresholds from dense passes over ``ids`` (fitting windows)."""
+        return calibrate(self.model, ids, method, sparsity, dense_prefix, batch_windows,
+                         self.spec.model)
+
+    def bare_forward(self, ids: np.ndarray) -> float:
+        """Seconds of one plain forward of ``ids``: no hooks, no loss (a run's floor rate)."""
+        import time
+
+        import torch
+
+        from actclust.devices import model_input
+
+        ids_t = model_input(self.model, ids)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            float(self.model(ids_t).logits[0, -1, 0])  # waits for the device
+        return time.perf_counter() - start
+
+    def evaluate(self, chunk: int, ids: np.ndarray, modes=MODES,
+                 spec: EvaluatorSpec | None = None) -> dict:
+        """Per-window NLL sums (W,) per mode, tokens per window (W,), STAT_FIELDS (L, F);
+        with ``spec``, evaluated with that spec's centroids, predictor and anchor."""
         import contextlib
 
         import torch
@@ -118,6 +161,8 @@ class Evaluator:
         from actclust.capture.hooks import masking
         from actclust.devices import model_input
 
+        if spec is not None and spec != self.spec:
+            self._load_trial(spec)
         self.faults.evaluation_chunk(chunk)
         if "random" in modes and ("cluster" not in modes
                                   or modes.index("random") < modes.index("cluster")):
@@ -322,25 +367,42 @@ def baseline_identity(cfg, meta: dict) -> dict:
             "dense_prefix": cfg.dense_prefix, "batch_windows": cfg.batch_windows}
 
 
-def run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
-                faults: FaultHooks | None = None, predictor_dir: str | None = None,
-                anchor: AnchorSpec | None = None) -> list:
-    """Evaluate ``modes`` on every chunk of ``windows`` with a group of actors, in order."""
-    import ray
-
-    from actclust.runtime.actors import ActorGroup
-    from actclust.runtime.raycluster import actor_options, init_ray
-    from actclust.progress import Progress
+def evaluator_spec(cfg, meta: dict, centroids_dir: str | None = None,
+                   predictor_dir: str | None = None, anchor: AnchorSpec | None = None):
+    """(EvaluatorSpec, the actors' Ray options) of an evaluation of ``cfg``."""
+    from actclust.runtime.raycluster import actor_options, actor_threads, init_ray
 
     init_ray()
     options = actor_options(cfg.workers)
-    Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
     meta_fields = {k: meta.get(k) for k in ("format_version", "sites", "layers", "thresholds",
                                             "d_ff", "rule")}
-    spec = EvaluatorSpec(cfg.model, centroids_dir, options["num_cpus"], cfg.seed,
+    spec = EvaluatorSpec(cfg.model, centroids_dir, actor_threads(cfg.workers), cfg.seed,
                          cfg.trust_remote_code, "num_gpus" in options, predictor_dir, cfg.top_m,
                          cfg.dense_prefix, cfg.mask_mode, meta_fields, cfg.neuron_select, anchor)
-    group = ActorGroup(lambda: Actor.remote(spec, faults), cfg.workers)
+    return spec, options
+
+
+@contextlib.contextmanager
+def evaluators(spec: EvaluatorSpec, options: dict, workers: int,
+               faults: FaultHooks | None = None):
+    """The evaluation actors of ``spec``'s model: the run's own inside
+    :func:`actclust.runtime.actors.run_lived_actors` (fault-injected ones never are)."""
+    import ray
+
+    Actor = ray.remote(Evaluator).options(max_restarts=0, **options)
+    key = None if faults is not None else ("evaluator", workers, *(getattr(spec, f)
+                                                                  for f in MODEL_FIELDS))
+    with stage_group(key, lambda: Actor.remote(spec, faults), workers) as group:
+        yield group
+
+
+def run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
+               faults: FaultHooks | None = None, predictor_dir: str | None = None,
+               anchor: AnchorSpec | None = None) -> list:
+    """Evaluate ``modes`` on every chunk of ``windows`` with a group of actors, in order."""
+    from actclust.progress import Progress
+
+    spec, options = evaluator_spec(cfg, meta, centroids_dir, predictor_dir, anchor)
     chunks = [(i, slice(s, min(s + cfg.batch_windows, len(windows))))
               for i, s in enumerate(range(0, len(windows), cfg.batch_windows))]
     results: dict = {}
@@ -352,11 +414,9 @@ def run_chunks(cfg, meta: dict, centroids_dir: str | None, windows, modes,
         results[task[0]] = result
         progress.update((task[1].stop - task[1].start) * cfg.seq_len, total_steps=len(chunks))
 
-    try:
-        group.run(chunks, lambda actor, task: actor.evaluate.remote(task[0], windows.ids[task[1]],
-                                                                    modes), done)
-    finally:
-        group.shutdown()
+    with evaluators(spec, options, cfg.workers, faults) as group:
+        group.run(chunks, lambda actor, task: actor.evaluate.remote(
+            task[0], windows.ids[task[1]], modes, spec), done)
     progress.close()
     return [results[c] for c, _ in chunks]
 
@@ -377,6 +437,23 @@ def run_baseline(cfg, meta: dict) -> dict:
     baseline = baseline_from(results, windows, ident)
     eval_store.write_baseline(cfg.baseline, baseline)
     return baseline
+
+
+def bare_forward_rate(cfg, meta: dict, chunks_per_worker: int = 2) -> float:
+    """Tokens/s of a bare forward over the first held-out chunks, on the evaluation actors
+    (the run's own inside a run), every actor busy at once."""
+    cfg = resolve(cfg, meta)
+    windows = load_eval_windows(cfg)
+    spec, options = evaluator_spec(cfg, meta)
+    size = cfg.batch_windows
+    chunks = [slice(s, s + size) for s in range(0, len(windows), size)
+              if s + size <= len(windows)][:chunks_per_worker * cfg.workers] or [slice(0, None)]
+    seconds: list = []
+    with evaluators(spec, options, cfg.workers) as group:
+        group.run(chunks, lambda actor, chunk: actor.bare_forward.remote(windows.ids[chunk]),
+                  lambda chunk, s: seconds.append(s))
+    tokens = sum(len(windows.ids[c]) for c in chunks) * cfg.seq_len
+    return tokens / (sum(seconds) / min(cfg.workers, len(chunks)))
 
 
 def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:

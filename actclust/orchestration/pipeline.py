@@ -19,14 +19,18 @@ started and reuses what it finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import time
 
 from actclust import config as C
 from actclust.errors import UserError
-from actclust.io import centroid_store, eval_store, mask_store, storage
+from actclust.io import centroid_store, eval_store, mask_store, predictor_store, storage
 from actclust.io.storage import write_bytes_atomic, write_json_atomic
+from actclust.orchestration.ledger import Ledger, fit_macs, measure_gemm_rate
 from actclust.orchestration.runconfig import RunConfig
+from actclust.runtime.actors import release_all, run_lived_actors
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,10 @@ THETA_FREE = ("brb-kmeans", "activation-aware")
 
 
 def objectives(cfg: RunConfig) -> list[dict]:
-    """The fit objectives a run covers: each theta, then each density."""
+    """The fit objectives a run covers: each theta, then each density (over its grid
+    blocks, in order)."""
+    if cfg.grid:
+        return _unique(o for block in cfg.grid for o in objectives(cfg.block(block)))
     thetas = cfg.theta if isinstance(cfg.theta, list) else [cfg.theta]
     return [{"theta": t, "density": None} for t in thetas] + \
         [{"theta": None, "density": d} for d in getattr(cfg, "density", None) or []]
@@ -70,9 +77,20 @@ def trial_name(k: int, theta: float | None, algorithm: str = "hamming-kmeans",
     return f"k={k}-{objective_label(theta, density)}{suffix}"
 
 
+def _unique(items) -> list:
+    out = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
 def trial_grid(cfg: RunConfig) -> list[dict]:
-    """Every trial point (k, theta, density, algorithm); theta-free algorithms fit once per
-    K for all the thetas listed."""
+    """Every trial point (k, theta, density, algorithm): the product of k, objectives and
+    algorithms, or of each grid block in turn; theta-free algorithms fit once per K for
+    all the thetas listed."""
+    if cfg.grid:
+        return _unique(p for block in cfg.grid for p in trial_grid(cfg.block(block)))
     points = []
     for algorithm in cfg.algorithm:
         objs = objectives(cfg)
@@ -95,9 +113,10 @@ def check_predictor_trials(cfg: RunConfig, points: list[dict]) -> None:
         raise UserError("predictor_trials needs predictor: cluster, neuron or both")
 
 
-def extract_stage(cfg: RunConfig) -> str:
+def extract_stage(cfg: RunConfig, ledger: Ledger | None = None) -> str:
     from actclust.capture.extract import run_extract
 
+    start = time.monotonic()
     masks = storage.join(cfg.out, "masks")
     if storage.is_file(storage.join(masks, mask_store.MANIFEST)):
         manifest = mask_store.read_manifest(masks)
@@ -109,31 +128,42 @@ def extract_stage(cfg: RunConfig) -> str:
         heldout_every=cfg.heldout_every, sparsity=cfg.sparsity, threshold=cfg.threshold,
         sites=getattr(cfg, "sites", "intermediate"), workers=cfg.workers, out=masks))
     run_extract(ecfg)
+    if ledger is not None:
+        ledger.stage("extract", time.monotonic() - start,
+                     mask_store.read_manifest(masks)["tokens"])
     return masks
 
 
 def cluster_stage(cfg: RunConfig, masks: str, k: int, theta: float | None, algorithm: str,
-                  density: float | None = None) -> str:
+                  density: float | None = None, ledger: Ledger | None = None) -> str:
     from actclust.clustering.distributed import run_cluster
 
     out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm, density))
     if centroid_store.is_finished(out):
         return out
+    start = time.monotonic()
     # Pooling applies to the baselines; hamming-kmeans points (the sweep's static K = 1)
     # stay per layer.
     pool = bool(getattr(cfg, "pool_layers", False)) and algorithm != "hamming-kmeans"
     ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, density=density,
                                          seed=cfg.seed, workers=cfg.workers,
                                          algorithm=algorithm, pool_layers=pool, out=out))
-    run_cluster(ccfg)
+    meta = run_cluster(ccfg)
+    if ledger is not None:
+        ledger.stage(f"cluster {trial_name(k, theta, algorithm, density)}",
+                     time.monotonic() - start, macs=fit_macs(meta))
     return out
 
 
-def predictor_stage(cfg: RunConfig, centroids: str, name: str) -> dict:
-    """Train the run's predictor kind(s) on one trial's centroids (Ray Train); {kind: dir}.
+def features_dir(cfg: RunConfig) -> str:
+    """The run's predictor features: FFN inputs and true masks of the fitting windows, which
+    depend only on the model and the windows, so every trial's predictors share them."""
+    return storage.join(cfg.out, "predictors", "features")
 
-    The kinds share the trial's feature shards (the same fitting windows and true masks).
-    """
+
+def predictor_stage(cfg: RunConfig, centroids: str, name: str,
+                    ledger: Ledger | None = None) -> dict:
+    """Train the run's predictor kind(s) on one trial's centroids (Ray Train); {kind: dir}."""
     from actclust.predict.train import run_train_predictor
 
     trained = {}
@@ -141,12 +171,22 @@ def predictor_stage(cfg: RunConfig, centroids: str, name: str) -> dict:
         return trained
     for kind in PREDICTOR_KINDS[cfg.predictor]:
         out = storage.join(cfg.out, "predictors", name, kind)
+        if not predictor_store.is_finished(out):
+            release_all()  # Ray Train places its own workers on the whole cluster
+        start = time.monotonic()
+        features_claimed = storage.is_file(storage.join(features_dir(cfg),
+                                                        predictor_store.FEATURES_RECORD))
+        reused = predictor_store.is_finished(out)
         run_train_predictor(C.build(C.PredictorConfig, dict(
             centroids=centroids, out=out, kind=kind, epochs=cfg.predictor_epochs,
-            workers=cfg.workers, seed=cfg.seed,
-            features=storage.join(cfg.out, "predictors", name, "features"))))
+            workers=cfg.workers, seed=cfg.seed, features=features_dir(cfg))))
+        if ledger is not None and not reused:
+            # The first predictor of a run forwards the fitting windows once for the features.
+            tokens = 0 if features_claimed else centroid_store.read_meta(centroids)["tokens"]
+            ledger.stage(f"train-predictor {name} {kind}", time.monotonic() - start, tokens)
         trained[kind] = out
     return trained
+
 
 
 def neuron_eval_dir(cfg: RunConfig, name: str) -> str:
@@ -155,30 +195,41 @@ def neuron_eval_dir(cfg: RunConfig, name: str) -> str:
 
 
 def evaluate_stage(cfg: RunConfig, centroids: str, name: str,
-                   predictors: dict | None = None) -> dict:
+                   predictors: dict | None = None, ledger: Ledger | None = None) -> dict:
     """eval.json of a trial, with the mode ``predicted`` of its first predictor kind.
 
     With two kinds the neuron predictor is evaluated first, into its own eval.json (same
     windows and bootstrap seed, so its intervals pair with the others); the trial's
     eval.json, written last, stays its commit record.
     """
-    from actclust.evaluation.evaluate import run_evaluate
-
     predictors = predictors or {}
     kinds = list(predictors)
     if len(kinds) > 1:
         second = neuron_eval_dir(cfg, name)
         if not _is_evaluation_of(eval_store.read_eval(second), "neuron", cfg.neuron_select,
                                  cfg.random):
-            run_evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"],
-                                          cfg.neuron_select))
+            _evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"],
+                                       cfg.neuron_select), f"evaluate {name} neuron", ledger)
     out = storage.join(cfg.out, "eval", name)
     kind = kinds[0] if kinds else None
     select = cfg.neuron_select if kind == "neuron" else "threshold"
     finished = eval_store.read_eval(out)
     if _is_evaluation_of(finished, kind, select, cfg.random):
         return finished
-    return run_evaluate(_evaluate_config(cfg, centroids, out, predictors.get(kind), select))
+    return _evaluate(_evaluate_config(cfg, centroids, out, predictors.get(kind), select),
+                     f"evaluate {name}", ledger)
+
+
+def _evaluate(ecfg, label: str, ledger: Ledger | None) -> dict:
+    """run_evaluate, recorded in the ledger: one pass per mode over the held-out tokens."""
+    from actclust.evaluation.evaluate import run_evaluate
+
+    start = time.monotonic()
+    report = run_evaluate(ecfg)
+    if ledger is not None:
+        passes = 1 + bool(ecfg.random) + (ecfg.predictor is not None)
+        ledger.stage(label, time.monotonic() - start, passes * report["tokens"])
+    return report
 
 
 def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
@@ -202,21 +253,44 @@ def _evaluate_config(cfg: RunConfig, centroids: str | None, out: str | None,
         predictor=predictor, neuron_select=neuron_select, random=cfg.random))
 
 
-def trial_evaluation(cfg: RunConfig, centroids: str, name: str) -> tuple[dict, dict | None]:
+def trial_evaluation(cfg: RunConfig, centroids: str, name: str,
+                     ledger: Ledger | None = None) -> tuple[dict, dict | None]:
     """Train the trial's predictors (if any) and evaluate: (eval.json, the neuron
     predictor's eval.json with ``predictor: both``, else None)."""
-    predictors = predictor_stage(cfg, centroids, name)
-    report = evaluate_stage(cfg, centroids, name, predictors)
+    predictors = predictor_stage(cfg, centroids, name, ledger)
+    report = evaluate_stage(cfg, centroids, name, predictors, ledger)
     second = eval_store.read_eval(neuron_eval_dir(cfg, name)) if len(predictors) > 1 else None
     return report, second
 
 
-def baseline_stage(cfg: RunConfig, masks: str) -> dict:
+def baseline_stage(cfg: RunConfig, masks: str, ledger: Ledger | None = None) -> dict:
     """The dense and oracle passes of the run, computed once for every trial."""
     from actclust.evaluation.evaluate import run_baseline
 
     meta = mask_store.evaluation_meta(mask_store.read_manifest(masks))
-    return run_baseline(_evaluate_config(cfg, masks, None), meta)
+    ecfg = _evaluate_config(cfg, masks, None)
+    start = time.monotonic()
+    reused = storage.is_file(storage.join(ecfg.baseline, eval_store.BASELINE_FILE))
+    baseline = run_baseline(ecfg, meta)
+    if ledger is not None and not reused:
+        ledger.stage("dense and oracle", time.monotonic() - start,
+                     2 * len(baseline["seq"]) * cfg.seq_len)
+    return baseline
+
+
+def measure_floor_rates(cfg: RunConfig, masks: str, ledger: Ledger) -> None:
+    """The bare-forward rate (the run's evaluation actors) and the assignment GEMM rate
+    (here) that the run's floor is counted at."""
+    from actclust.evaluation.evaluate import bare_forward_rate
+
+    manifest = mask_store.read_manifest(masks)
+    ledger.bare_rate = bare_forward_rate(_evaluate_config(cfg, masks, None),
+                                         mask_store.evaluation_meta(manifest))
+    width = manifest["d_ff"] if isinstance(manifest["d_ff"], int) else max(
+        manifest["d_ff"].values())
+    ledger.gemm_rate = measure_gemm_rate(width)
+    log.info("floor rates: bare forward %.0f tokens/s, assignment GEMM %.3g multiply-adds/s",
+             ledger.bare_rate, ledger.gemm_rate)
 
 
 # What an anchor's eval.json depends on beyond the masks directory (which fixes the rest).
@@ -226,7 +300,8 @@ ANCHOR_COLUMNS = ("anchor", "anchor_sparsity", "anchor_ppl", "anchor_ppl_ci95", 
                   "dense_ppl_ci95", "ffn_bytes_fraction", "realized_sparsity", "windows")
 
 
-def anchor_stage(cfg: RunConfig, masks: str, method: str, sparsity: float) -> dict:
+def anchor_stage(cfg: RunConfig, masks: str, method: str, sparsity: float,
+                 ledger: Ledger | None = None) -> dict:
     """eval.json of one anchor point, reused when it was made from the same settings."""
     from actclust.evaluation.anchor_eval import run_anchor
 
@@ -237,7 +312,14 @@ def anchor_stage(cfg: RunConfig, masks: str, method: str, sparsity: float) -> di
     finished = (eval_store.read_eval(out) or {}).get("identity", {})
     if all(finished.get(key) == getattr(ecfg, key) for key in ANCHOR_IDENTITY):
         return eval_store.read_eval(out)
-    return run_anchor(ecfg)
+    start = time.monotonic()
+    report = run_anchor(ecfg)
+    if ledger is not None:
+        # One pass over the held-out windows (dense is the run's baseline) and the
+        # dense calibration pass.
+        ledger.stage(f"anchor {method} s={sparsity:g}", time.monotonic() - start,
+                     report["tokens"] + report["calibration"]["tokens"])
+    return report
 
 
 def anchor_row(report: dict) -> dict:
@@ -247,12 +329,12 @@ def anchor_row(report: dict) -> dict:
     return row
 
 
-def anchor_rows(cfg: RunConfig, masks: str) -> list[dict]:
+def anchor_rows(cfg: RunConfig, masks: str, ledger: Ledger | None = None) -> list[dict]:
     """One row per (anchor, sparsity) of the run, each logged as it lands."""
     rows = []
     for method in cfg.anchors:
         for sparsity in cfg.anchor_sparsity:
-            report = anchor_stage(cfg, masks, method, sparsity)
+            report = anchor_stage(cfg, masks, method, sparsity, ledger)
             rows.append(anchor_row(report))
             log.info("%s s=%.2f: ppl %.3f [%.3f, %.3f] (dense %.3f) at FFN bytes %.3f", method,
                      sparsity, report["anchor_ppl"], *report["anchor_ppl_ci95"],
@@ -293,7 +375,8 @@ def run_identity(cfg: RunConfig, masks: str) -> dict:
 
 
 def write_results(rows: list[dict], out: str, identity: dict,
-                  csv_name: str = "results.csv", anchors: list[dict] | None = None) -> None:
+                  csv_name: str = "results.csv", anchors: list[dict] | None = None,
+                  throughput: dict | None = None) -> None:
     import csv
     import io
 
@@ -303,33 +386,43 @@ def write_results(rows: list[dict], out: str, identity: dict,
     for row in rows:
         writer.writerow({k: row.get(k) for k in RESULT_COLUMNS})
     write_bytes_atomic(buffer.getvalue().encode("utf-8"), storage.join(out, csv_name))
-    write_json_atomic({"identity": identity, "rows": rows, "anchors": anchors or []},
-                      storage.join(out, "results.json"))
+    record = {"identity": identity, "rows": rows, "anchors": anchors or []}
+    if throughput is not None:
+        record["throughput"] = throughput
+    write_json_atomic(record, storage.join(out, "results.json"))
 
 
 def run_pipeline(cfg: RunConfig) -> str:
-    """Run every stage; returns the location of report.html."""
+    """Run every stage; returns the location of report.html.
+
+    The stages share one set of actors (:func:`run_lived_actors`): the evaluation actors
+    load the model once and take each trial's centroids, predictor or anchor per call.
+    """
     from actclust.evaluation.report import write_report
 
     check_predictor_trials(cfg, trial_grid(cfg))
     out = storage.normalize(cfg.out)
     storage.makedirs(out)
-    masks = extract_stage(cfg)
-    baseline_stage(cfg, masks)
-    rows = []
-    for point in trial_grid(cfg):
-        name = trial_name(**point)
-        centroids = cluster_stage(cfg, masks, **point)
-        report, second = trial_evaluation(cfg, centroids, name)
-        meta = centroid_store.read_meta(centroids)
-        rows.append(result_row(report, meta, second))
-        log.info("K=%d %s %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
-                 "density %.3f, recall %.3f, weighted recall %.3f", point["k"],
-                 objective_label(point["theta"], point["density"]), point["algorithm"],
-                 report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
-                 report["effective_density"], report["recall"], report["weighted_recall"])
-    anchors = anchor_rows(cfg, masks)
-    write_results(rows, out, run_identity(cfg, masks), anchors=anchors)
+    ledger = Ledger()
+    with run_lived_actors() if cfg.warm_actors else contextlib.nullcontext():
+        masks = extract_stage(cfg, ledger)
+        baseline_stage(cfg, masks, ledger)
+        measure_floor_rates(cfg, masks, ledger)
+        rows = []
+        for point in trial_grid(cfg):
+            name = trial_name(**point)
+            centroids = cluster_stage(cfg, masks, **point, ledger=ledger)
+            report, second = trial_evaluation(cfg, centroids, name, ledger)
+            meta = centroid_store.read_meta(centroids)
+            rows.append(result_row(report, meta, second))
+            log.info("K=%d %s %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
+                     "density %.3f, recall %.3f, weighted recall %.3f", point["k"],
+                     objective_label(point["theta"], point["density"]), point["algorithm"],
+                     report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
+                     report["effective_density"], report["recall"], report["weighted_recall"])
+        anchors = anchor_rows(cfg, masks, ledger)
+    throughput = ledger.close()
+    write_results(rows, out, run_identity(cfg, masks), anchors=anchors, throughput=throughput)
     path = write_report(out)
     log.info("report: %s", path)
     return path

@@ -30,6 +30,7 @@ from actclust.errors import UserError
 from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
 from actclust.orchestration.runconfig import RunConfig
+from actclust.runtime.actors import run_lived_actors
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, anchor_rows, baseline_stage,
                                              check_predictor_trials, cluster_stage,
                                              extract_stage, objectives, result_row,
@@ -46,7 +47,7 @@ class SweepConfig(RunConfig):
         "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
         "sparsity", "threshold", "k", "theta", "density", "algorithm", "seed", "workers",
         "static_point", "dense_prefix", "mask_mode", "sites", "pool_layers", "predictor",
-        "predictor_epochs", "neuron_select", "random", "predictor_trials")
+        "predictor_epochs", "neuron_select", "random", "predictor_trials", "grid")
 
     out: str = "runs/sweep"
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
@@ -77,8 +78,9 @@ def trial(config: dict) -> None:
     cfg = SweepConfig(**{**BEFORE_THE_KEY, **config["sweep"]})
     point = config["point"]
     name = trial_name(**point)
-    centroids = cluster_stage(cfg, config["masks"], **point)
-    report, second = trial_evaluation(cfg, centroids, name)
+    with run_lived_actors():  # the trial's evaluations share their actors
+        centroids = cluster_stage(cfg, config["masks"], **point)
+        report, second = trial_evaluation(cfg, centroids, name)
     meta = centroid_store.read_meta(centroids)
     row = result_row(report, meta, second)
     tune.report({key: row[key] for key in RESULT_COLUMNS if row.get(key) is not None}
@@ -195,8 +197,10 @@ def _check_identity(out: str, cfg: SweepConfig) -> None:
     path = storage.join(out, SWEEP_RECORD)
     if storage.is_file(path):
         recorded = storage.read_json_record(path)
-        defaults = {f.name: f.default for f in dataclasses.fields(cfg)
-                    if f.default is not dataclasses.MISSING}
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING
+                    else f.default_factory() for f in dataclasses.fields(cfg)
+                    if f.default is not dataclasses.MISSING
+                    or f.default_factory is not dataclasses.MISSING}
         defaults.update(BEFORE_THE_KEY)
         added = {key: value for key, value in current.items()
                  if key not in recorded and key in defaults and value == defaults[key]}

@@ -16,13 +16,21 @@ always makes progress. Two ways to use the group:
 
 :class:`FaultHooks` are the points where a test injects faults into the actors
 (passed in as an object; the library's own hooks do nothing).
+
+Inside :func:`run_lived_actors` (``actclust run`` and each sweep trial) a stage asks
+:func:`stage_group` for its group by a key that names what the actors load (the model,
+their CPU share): the first call starts it, later stages with the same key reuse it,
+and the block's end shuts every group down. Outside the block each call gets a fresh
+group, shut down when the call returns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +187,76 @@ class ActorGroup:
         for actor in self.idle + list(self.pending.values()):
             ray.kill(actor)
         self.idle, self.pending = [], {}
+
+
+# The run-lived groups of the innermost run_lived_actors() block; None outside one.
+_RUN_GROUPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("run_groups",
+                                                                          default=None)
+
+
+def in_run_lived() -> bool:
+    """Whether this code runs inside :func:`run_lived_actors`."""
+    return _RUN_GROUPS.get() is not None
+
+
+def release_all() -> None:
+    """Shut down the run's groups now (before a stage that needs the whole cluster: Ray
+    Train); later stages start theirs again."""
+    groups = _RUN_GROUPS.get()
+    if groups:
+        for group in groups.values():
+            group.shutdown()
+        groups.clear()
+
+
+@contextlib.contextmanager
+def run_lived_actors() -> Iterator[dict]:
+    """Keep the stage actor groups started inside this block until it ends (inside
+    another such block: that block's groups, kept until it ends)."""
+    outer = _RUN_GROUPS.get()
+    if outer is not None:
+        yield outer
+        return
+    groups: dict = {}
+    token = _RUN_GROUPS.set(groups)
+    try:
+        yield groups
+    finally:
+        _RUN_GROUPS.reset(token)
+        for group in groups.values():
+            group.shutdown()
+
+
+def acquire_group(key: Hashable | None, start: Callable[[], ActorGroup]) -> ActorGroup:
+    """The run's group for ``key`` inside :func:`run_lived_actors`, else ``start()``'s."""
+    groups = _RUN_GROUPS.get()
+    if groups is None or key is None:
+        return start()
+    if key not in groups:
+        groups[key] = start()
+    return groups[key]
+
+
+def release_group(key: Hashable | None, group: ActorGroup, failed: bool = False) -> None:
+    """Shut ``group`` down unless the run keeps it; a failed stage's group (tasks may still
+    run on its actors) is never kept."""
+    groups = _RUN_GROUPS.get()
+    if groups is not None and key is not None and groups.get(key) is group:
+        if not failed:
+            return
+        del groups[key]
+    group.shutdown()
+
+
+@contextlib.contextmanager
+def stage_group(key: Hashable | None, make_actor: Callable[[], Any], size: int,
+                **options) -> Iterator[ActorGroup]:
+    """The group of one stage call: the run's own for ``key`` inside
+    :func:`run_lived_actors` (``key`` None: never shared), else a fresh one."""
+    group = acquire_group(key, lambda: ActorGroup(make_actor, size, **options))
+    try:
+        yield group
+    except BaseException:
+        release_group(key, group, failed=True)
+        raise
+    release_group(key, group)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from actclust.runtime.actors import in_run_lived
+
 log = logging.getLogger(__name__)
 
 # Ray starts worker processes at niceness 15: beside a normal-priority busy process a
@@ -13,6 +15,8 @@ log = logging.getLogger(__name__)
 # them at the driver's priority, as Ray's own job drivers are (a per-actor setting,
 # so it also holds on a cluster the job joins and inside a Tune trial).
 WORK_PRIORITY = {"env_vars": {"RAY_worker_niceness": "0"}}
+# The share of its resources a run-lived actor reserves (three stage kinds live together).
+RUN_LIVED_SHARE = 1 / 3
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -40,8 +44,22 @@ def cluster_gpus() -> int:
 
 def actor_options(workers: int, *, use_gpu: bool | None = None) -> dict:
     """Options for one of ``workers`` actors: a GPU each on a GPU cluster, else an
-    equal share of the cluster's CPUs (threads are set to match); normal priority."""
-    return {**_resources(workers, use_gpu=use_gpu), "runtime_env": WORK_PRIORITY}
+    equal share of the cluster's CPUs (threads are set to match); normal priority.
+
+    Inside :func:`actclust.runtime.actors.run_lived_actors` the stage groups of a run are
+    alive together though only one stage works at a time, so each reserves a third of its
+    share (the evaluation actors, the k-means workers and the baseline worker fit beside
+    each other); its threads stay those of the whole share (:func:`actor_threads`).
+    """
+    options = _resources(workers, use_gpu=use_gpu)
+    share = RUN_LIVED_SHARE if in_run_lived() else 1.0
+    return {**{key: value * share for key, value in options.items()},
+            "runtime_env": WORK_PRIORITY}
+
+
+def actor_threads(workers: int, *, use_gpu: bool | None = None) -> int:
+    """Threads of one of ``workers`` actors: its whole CPU share."""
+    return max(1, int(_resources(workers, use_gpu=use_gpu)["num_cpus"]))
 
 
 def _resources(workers: int, *, use_gpu: bool | None) -> dict:
