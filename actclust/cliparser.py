@@ -5,9 +5,9 @@ The convention, checked for every command by tests/test_cliparser.py (new ones t
 - every flag and positional argument has a one-line ``help`` that says what it
   is, its unit where it has one, and its default as ``(default: ...)``, or
   ``(required...)``; defaults come from the config dataclasses through
-  :func:`_default`, so the text follows the behaviour;
+  :func:`actclust.cliformat.default`, so the text follows the behaviour;
 - every command has a ``description`` in plain prose and an ``epilog`` made by
-  :func:`_examples`: ``examples:`` then one or two runnable command lines, the
+  :func:`actclust.cliformat.examples`: ``examples:`` then one or two runnable command lines, the
   README's;
 - a new command or flag also goes into the README's Commands section: its
   synopsis line lists every long flag and its examples appear there verbatim;
@@ -18,10 +18,9 @@ The convention, checked for every command by tests/test_cliparser.py (new ones t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from actclust import config as C
-from actclust.errors import UserError
+from actclust.cliformat import Parser, default, examples, version
 from actclust.io.model_fetch import FETCHABLE
 from actclust.orchestration.runconfig import RunConfig
 
@@ -44,48 +43,6 @@ examples:
 """
 
 
-class _Formatter(argparse.HelpFormatter):
-    """Wraps one-paragraph prose (descriptions); keeps laid-out text (epilogs) as written."""
-
-    def _fill_text(self, text, width, indent):
-        if "\n" in text.strip():
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in the project's one-line form."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-def _default(cls: type, name: str):
-    """The default of config field ``name`` of dataclass ``cls``."""
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
-
-
-def _examples(*lines: str) -> str:
-    return "examples:\n" + "".join(f"  {line}\n" for line in lines)
-
-
-def _version() -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version("actclust")
-    except md.PackageNotFoundError:  # run from a source tree that is not installed
-        from actclust import __version__
-        return __version__
-
-
 def _config_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="YAML file of settings, keys = the long flag names with _; flags given "
@@ -94,7 +51,7 @@ def _config_flag(p: argparse.ArgumentParser) -> None:
 
 def _workers_flag(p: argparse.ArgumentParser, cls: type, what: str) -> None:
     p.add_argument("--workers", type=int, metavar="N",
-                   help=f"{what} (default: {_default(cls, 'workers')})")
+                   help=f"{what} (default: {default(cls, 'workers')})")
 
 
 def _corpus_flags(p: argparse.ArgumentParser) -> None:
@@ -102,15 +59,15 @@ def _corpus_flags(p: argparse.ArgumentParser) -> None:
     cls = C.CorpusConfig
     p.add_argument("--model", metavar="M",
                    help="embedded:smollm2-135m, a Hugging Face id or local directory, or "
-                        f"tiny:opt|llama|gpt2|gpt-neox (default: {_default(cls, 'model')})")
+                        f"tiny:opt|llama|gpt2|gpt-neox (default: {default(cls, 'model')})")
     p.add_argument("--corpus", metavar="C",
                    help="embedded:pydoc, hf:NAME[:CONFIG[:SPLIT]], or a path, directory or glob "
-                        f"of .txt/.jsonl/.parquet files (default: {_default(cls, 'corpus')})")
+                        f"of .txt/.jsonl/.parquet files (default: {default(cls, 'corpus')})")
     p.add_argument("--text-column", dest="text_column", metavar="NAME",
                    help="column that holds the text in .jsonl, .parquet and hf: corpora "
-                        f"(default: {_default(cls, 'text_column')})")
+                        f"(default: {default(cls, 'text_column')})")
     p.add_argument("--seq-len", dest="seq_len", type=int, metavar="N",
-                   help=f"window length, in tokens (default: {_default(cls, 'seq_len')})")
+                   help=f"window length, in tokens (default: {default(cls, 'seq_len')})")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
                    help="record at most N tokens of the split, N // seq-len windows "
                         "(default: the whole split)")
@@ -130,7 +87,7 @@ def _add_extract(sub) -> None:
                     "layer, which FFN neurons are active (|a| > tau_l) as packed bit masks in "
                     "Parquet shards, with a manifest.json that names the model, corpus and "
                     "thresholds. Complete shards are skipped on a rerun.",
-        epilog=_examples(
+        epilog=examples(
             "actclust extract --model tiny:opt --out /tmp/m --max-tokens 8192 --seq-len 64 "
             "--workers 2",
             "actclust extract --out runs/masks3 --sites gate,up,down_out --sparsity 0.5 "
@@ -150,16 +107,16 @@ def _add_extract(sub) -> None:
     p.add_argument("--sites", metavar="SITES",
                    help=f"where the mask is read: {', '.join(C.SITES)}, or several of "
                         "gate,up,down_out as a comma list (recorded from the same forward "
-                        f"passes, format version 2) (default: {_default(cls, 'sites')})")
+                        f"passes, format version 2) (default: {default(cls, 'sites')})")
     p.add_argument("--split", metavar="SPLIT",
                    help="windows to record: train (all but every Nth), heldout (every Nth) or "
-                        f"all (default: {_default(cls, 'split')})")
+                        f"all (default: {default(cls, 'split')})")
     p.add_argument("--heldout-every", dest="heldout_every", type=int, metavar="N",
                    help="every Nth window is held out for evaluation "
-                        f"(default: {_default(cls, 'heldout_every')})")
+                        f"(default: {default(cls, 'heldout_every')})")
     _workers_flag(p, cls, "extraction actors, each with its own copy of the model")
     p.add_argument("--shard-windows", dest="shard_windows", type=int, metavar="N",
-                   help=f"windows per Parquet shard (default: {_default(cls, 'shard_windows')})")
+                   help=f"windows per Parquet shard (default: {default(cls, 'shard_windows')})")
 
 
 def _add_cluster(sub) -> None:
@@ -171,7 +128,7 @@ def _add_cluster(sub) -> None:
                     "and per-cluster bit sums are all-reduced every iteration; the k-means "
                     "state is checkpointed every iteration, so a rerun resumes it. Writes "
                     "centroids.parquet and cluster.json.",
-        epilog=_examples(
+        epilog=examples(
             "actclust cluster --masks /tmp/m --k 16 --out /tmp/c --workers 2",
             "actclust cluster --masks /tmp/m --k 64 --theta 0.3 --algorithm brb-kmeans "
             "--out /tmp/c64"))
@@ -185,25 +142,25 @@ def _add_cluster(sub) -> None:
     objective.add_argument("--theta", type=float, metavar="X",
                            help="a centroid bit is set iff at least this fraction of its "
                                 "cluster's masks has it, in (0, 1] "
-                                f"(default: {_default(cls, 'theta')}, majority vote)")
+                                f"(default: {default(cls, 'theta')}, majority vote)")
     objective.add_argument("--density", type=float, metavar="D",
                            help="instead of theta: every centroid keeps exactly round(D * d_ff) "
                                 "bits, the most frequent among its members (default: off)")
     p.add_argument("--seed", type=int, metavar="N",
-                   help=f"seed of the initialisation (default: {_default(cls, 'seed')})")
+                   help=f"seed of the initialisation (default: {default(cls, 'seed')})")
     _workers_flag(p, cls, "k-means actors, each holding a share of the masks")
     p.add_argument("--backend", metavar="NAME",
                    help=f"bit kernels: {', '.join(C.BACKENDS)}; auto takes cupy on a GPU, "
-                        f"else torch or numpy (default: {_default(cls, 'backend')})")
+                        f"else torch or numpy (default: {default(cls, 'backend')})")
     p.add_argument("--algorithm", metavar="NAME",
-                   help=f"{', '.join(C.ALGORITHMS)} (default: {_default(cls, 'algorithm')})")
+                   help=f"{', '.join(C.ALGORITHMS)} (default: {default(cls, 'algorithm')})")
     p.add_argument("--init", metavar="NAME",
                    help=f"k-means initialisation: k-means++ or random "
-                        f"(default: {_default(cls, 'init')})")
+                        f"(default: {default(cls, 'init')})")
     p.add_argument("--batch-size", dest="batch_size", type=int, metavar="B",
                    help="mini-batch rows per worker per iteration (default: full batch)")
     p.add_argument("--max-iter", dest="max_iter", type=int, metavar="N",
-                   help=f"k-means iterations at most (default: {_default(cls, 'max_iter')})")
+                   help=f"k-means iterations at most (default: {default(cls, 'max_iter')})")
     p.add_argument("--layers", type=int, nargs="+", metavar="L",
                    help="cluster only these layer indices (default: every recorded layer)")
     p.add_argument("--pool-layers", dest="pool_layers", action="store_true", default=None,
@@ -211,7 +168,7 @@ def _add_cluster(sub) -> None:
                         "(default: off, one set per layer)")
     p.add_argument("--memory-budget-mb", dest="memory_budget_mb", type=float, metavar="MB",
                    help="memory for masks per worker, in MiB; a larger share is streamed from "
-                        f"Parquet (default: {_default(cls, 'memory_budget_mb'):g})")
+                        f"Parquet (default: {default(cls, 'memory_budget_mb'):g})")
 
 
 def _add_evaluate(sub) -> None:
@@ -223,7 +180,7 @@ def _add_evaluate(sub) -> None:
                     "density; report clustering precision and recall and the four perplexities "
                     "in eval.json (printed as one JSON line). Model, corpus and window length "
                     "default to those the centroids were fitted on.",
-        epilog=_examples(
+        epilog=examples(
             "actclust evaluate --centroids /tmp/c --out /tmp/e --max-tokens 2048",
             "actclust evaluate --anchor teal --anchor-sparsity 0.5 --masks runs/demo/masks "
             "--out /tmp/teal50"))
@@ -248,24 +205,24 @@ def _add_evaluate(sub) -> None:
                         "`predicted` (default: none)")
     p.add_argument("--top-m", dest="top_m", type=int, metavar="M",
                    help="mask with the union of the top-M predicted centroids "
-                        f"(default: {_default(cls, 'top_m')})")
+                        f"(default: {default(cls, 'top_m')})")
     p.add_argument("--neuron-select", dest="neuron_select", metavar="RULE",
                    help="a neuron predictor's mask: threshold (its per-layer logit threshold) "
                         "or topk (per token the top round(d * width) neurons, d the "
                         "clustering's per-layer density on the training tokens: equal density "
-                        f"by construction) (default: {_default(cls, 'neuron_select')})")
+                        f"by construction) (default: {default(cls, 'neuron_select')})")
     p.add_argument("--split", metavar="SPLIT",
                    help="windows to evaluate, heldout or train; never the split the centroids "
-                        f"were fitted on (default: {_default(cls, 'split')})")
+                        f"were fitted on (default: {default(cls, 'split')})")
     p.add_argument("--heldout-every", dest="heldout_every", type=int, metavar="N",
                    help="held-out rule, every Nth window; must equal the masks' value "
                         "(default: the centroids' value)")
     p.add_argument("--dense-prefix", dest="dense_prefix", type=int, metavar="P",
                    help="positions < P of every window are never masked, 0 = strict, in tokens "
-                        f"(default: {_default(cls, 'dense_prefix')})")
+                        f"(default: {default(cls, 'dense_prefix')})")
     p.add_argument("--mask-mode", dest="mask_mode", metavar="MODE",
                    help="replace (a*c) or and (a*m*c, the paper artifact's metric) "
-                        f"(default: {_default(cls, 'mask_mode')})")
+                        f"(default: {default(cls, 'mask_mode')})")
     p.add_argument("--anchor", metavar="METHOD",
                    help="evaluate a training-free method instead of centroids: "
                         f"{', '.join(C.ANCHORS)}, FFN only; needs --masks and "
@@ -278,7 +235,7 @@ def _add_evaluate(sub) -> None:
                         "the thresholds (default: none)")
     p.add_argument("--calibration-windows", dest="calibration_windows", type=int, metavar="N",
                    help="with --anchor: fitting windows the thresholds are calibrated on "
-                        f"(default: {_default(cls, 'calibration_windows')})")
+                        f"(default: {default(cls, 'calibration_windows')})")
     _trust_flag(p)
     _workers_flag(p, cls, "evaluation actors, each with its own copy of the model")
 
@@ -291,7 +248,7 @@ def _add_train_predictor(sub) -> None:
                     "id (or of its neuron mask) from the FFN input, on the fitting windows the "
                     "centroids were made from, with Ray Train; a checkpoint per epoch lets a "
                     "rerun resume. Writes predictor.json and the weights.",
-        epilog=_examples(
+        epilog=examples(
             "actclust train-predictor --centroids runs/demo/clusters/k=64-theta=0.5 "
             "--out runs/demo/predictor"))
     _config_flag(p)
@@ -300,12 +257,12 @@ def _add_train_predictor(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="output directory of the predictor, a path or "
                    "an s3:// or gs:// URI (required)")
     p.add_argument("--kind", metavar="NAME",
-                   help=f"cluster or neuron (default: {_default(cls, 'kind')})")
+                   help=f"cluster or neuron (default: {default(cls, 'kind')})")
     p.add_argument("--rank", type=int, metavar="R",
                    help="bottleneck width (default: the largest within 2%% of the FFN's "
                         "parameters)")
     p.add_argument("--epochs", type=int, metavar="N",
-                   help=f"training epochs (default: {_default(cls, 'epochs')})")
+                   help=f"training epochs (default: {default(cls, 'epochs')})")
     _workers_flag(p, cls, "Ray Train workers")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
                    help="fitting tokens to train on (default: as many as the clustering saw)")
@@ -313,7 +270,7 @@ def _add_train_predictor(sub) -> None:
                    help="feature directory to share between predictors (default: one under "
                         "--out)")
     p.add_argument("--seed", type=int, metavar="N",
-                   help=f"seed of initialisation and shuffling (default: {_default(cls, 'seed')})")
+                   help=f"seed of initialisation and shuffling (default: {default(cls, 'seed')})")
 
 
 def _add_generate(sub) -> None:
@@ -324,7 +281,7 @@ def _add_generate(sub) -> None:
                     "layer's FFN replaced by one that computes only the neurons of the centroid "
                     "the predictor picks for each token; prints the continuation on stdout and "
                     "the new tokens' count and rate on stderr.",
-        epilog=_examples(
+        epilog=examples(
             "actclust generate --model embedded:smollm2-135m --centroids "
             "runs/demo/clusters/k=64-theta=0.5 --predictor runs/demo/predictor --prompt "
             "\"The for statement\" --max-new-tokens 32",
@@ -340,16 +297,16 @@ def _add_generate(sub) -> None:
                    help="cluster predictor directory (required, but not with --dense)")
     p.add_argument("--prompt", metavar="TEXT", help="text to continue (required)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
-                   help=f"tokens to generate (default: {_default(cls, 'max_new_tokens')})")
+                   help=f"tokens to generate (default: {default(cls, 'max_new_tokens')})")
     p.add_argument("--dense", action="store_true", default=None,
                    help="the dense model, no sparsity, for comparison (default: off)")
     p.add_argument("--layout", metavar="NAME",
                    help=f"sparse weight layout: {', '.join(C.LAYOUTS)}; auto keeps per-centroid "
                         "slabs within --slab-budget-mb and gathers the rest "
-                        f"(default: {_default(cls, 'layout')})")
+                        f"(default: {default(cls, 'layout')})")
     p.add_argument("--slab-budget-mb", dest="slab_budget_mb", type=float, metavar="MB",
                    help="memory for per-centroid weight slabs over all layers, in MiB "
-                        f"(default: {_default(cls, 'slab_budget_mb'):g})")
+                        f"(default: {default(cls, 'slab_budget_mb'):g})")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch threads (default: torch's own choice)")
     _trust_flag(p)
@@ -364,19 +321,19 @@ def _add_run(sub) -> None:
                     "write results.csv, results.json and report.html. Finished stages are "
                     "reused on a rerun. The config file also takes seq_len, eval_max_tokens, "
                     "sparsity, threshold, k, theta, seed, algorithm and predictor_epochs.",
-        epilog=_examples("actclust run --out runs/demo",
+        epilog=examples("actclust run --out runs/demo",
                          "actclust run --config jobs/presets/embedded_default.yaml"))
     _config_flag(p)
     p.add_argument("--out", metavar="DIR",
-                   help=f"output directory of the run (default: {_default(cls, 'out')})")
+                   help=f"output directory of the run (default: {default(cls, 'out')})")
     p.add_argument("--model", metavar="M",
-                   help=f"model id, as for extract (default: {_default(cls, 'model')})")
+                   help=f"model id, as for extract (default: {default(cls, 'model')})")
     p.add_argument("--corpus", metavar="C",
-                   help=f"corpus id or path, as for extract (default: {_default(cls, 'corpus')})")
+                   help=f"corpus id or path, as for extract (default: {default(cls, 'corpus')})")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N",
                    help="fitting tokens to record masks of (default: "
-                        f"{_default(cls, 'max_tokens')}); held-out tokens for perplexity are the "
-                        f"config's eval_max_tokens (default: {_default(cls, 'eval_max_tokens')})")
+                        f"{default(cls, 'max_tokens')}); held-out tokens for perplexity are the "
+                        f"config's eval_max_tokens (default: {default(cls, 'eval_max_tokens')})")
     _workers_flag(p, cls, "actors per stage")
     _predictor_kind_flag(p)
 
@@ -384,7 +341,7 @@ def _add_run(sub) -> None:
 def _predictor_kind_flag(p) -> None:
     p.add_argument("--predictor", metavar="KIND",
                    help="per trial, train and evaluate a predictor: none, cluster, neuron or "
-                        f"both (default: {_default(RunConfig, 'predictor')})")
+                        f"both (default: {default(RunConfig, 'predictor')})")
 
 
 def _add_sweep(sub) -> None:
@@ -394,7 +351,7 @@ def _add_sweep(sub) -> None:
                     "in its own placement group; writes sweep.parquet, sweep.csv and "
                     "report.html under the config's out. Rerunning the same command resumes "
                     "an interrupted sweep.",
-        epilog=_examples("actclust sweep --config jobs/presets/sweep_default.yaml"))
+        epilog=examples("actclust sweep --config jobs/presets/sweep_default.yaml"))
     p.add_argument("--config", metavar="FILE",
                    help="YAML sweep description: the keys of run plus lists for k, theta and "
                         "algorithm, worker_cpus, max_concurrent_trials (required)")
@@ -407,7 +364,7 @@ def _add_verify(sub) -> None:
         description="Check every shard of a mask directory against manifest.json: row counts, "
                     "widths and checksums. Prints `DIR: OK`, or one line per problem and exit "
                     "status 2.",
-        epilog=_examples("actclust verify /tmp/m"))
+        epilog=examples("actclust verify /tmp/m"))
     p.add_argument("dir", metavar="DIR", help="mask directory written by actclust extract")
 
 
@@ -419,7 +376,7 @@ def _add_fetch_model(sub) -> None:
                     "byte count and the pinned sha256, and keep the file in the actclust "
                     "cache, where embedded:<NAME> finds it. Rerun after an interruption to "
                     "resume; a fetched model is not fetched again.",
-        epilog=_examples("actclust fetch-model qwen2.5-0.5b"))
+        epilog=examples("actclust fetch-model qwen2.5-0.5b"))
     p.add_argument("name", metavar="NAME", choices=sorted(FETCHABLE),
                    help=f"model to fetch: {', '.join(sorted(FETCHABLE))}")
     p.add_argument("--find-links", metavar="DIR", default=None,
@@ -432,16 +389,16 @@ def _add_report(sub) -> None:
         "report", help="plots and report.html for a run or sweep directory",
         description="Draw the plots and write report.html for a directory made by run or "
                     "sweep; prints the path of report.html.",
-        epilog=_examples("actclust report runs/demo"))
+        epilog=examples("actclust report runs/demo"))
     p.add_argument("dir", metavar="DIR", help="directory written by actclust run or sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="actclust", description=DESCRIPTION, epilog=OVERVIEW)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+    parser = Parser(prog="actclust", description=DESCRIPTION, epilog=OVERVIEW)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
                         help="print the version and exit")
     _verbose_flag(parser, default=0)
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND",
+    sub = parser.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND",
                                 title="commands")
     for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_train_predictor,
                 _add_generate, _add_run, _add_sweep, _add_report, _add_fetch_model):

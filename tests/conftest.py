@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray instance per test session, small corpora."""
+"""Shared fixtures: one real local Ray instance per test session, extracted masks, small
+corpora, the S3 test server."""
 
 from __future__ import annotations
 
@@ -23,6 +24,25 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+# What extract_masks extracts unless told otherwise: a tiny model on the embedded corpus.
+MASKS_DEFAULTS = dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def extract_masks(tmp_path_factory):
+    """A factory: ``extract_masks(**settings)`` runs actclust extract with MASKS_DEFAULTS
+    and ``settings`` into a fresh directory and returns it. Ray must be up: ask for
+    ``ray_session`` (or the module's own cluster) beside it."""
+    from actclust.capture.extract import run_extract
+    from actclust.config import ExtractConfig, build
+
+    def make(**settings) -> str:
+        out = tmp_path_factory.mktemp("masks") / "m"
+        run_extract(build(ExtractConfig, {**MASKS_DEFAULTS, **settings, "out": str(out)}))
+        return str(out)
+    return make
 
 
 @pytest.fixture

@@ -12,18 +12,14 @@ import pytest
 from actclust import kmeans
 from actclust.io import mask_store as store
 from actclust.clustering.distributed import run_cluster, split_shards
-from actclust.config import ClusterConfig, ExtractConfig, build
-from actclust.capture.extract import run_extract
+from actclust.config import ClusterConfig, build
 from helpers import assert_user_error, run_cli
 from fault_injection import CrashOnce
 
 
 @pytest.fixture(scope="module")
-def masks(tmp_path_factory, ray_session):
-    out = tmp_path_factory.mktemp("masks") / "m"
-    run_extract(build(ExtractConfig, dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64,
-                                           max_tokens=64 * 40, out=str(out), shard_windows=5)))
-    return str(out)
+def masks(extract_masks, ray_session):
+    return extract_masks(max_tokens=64 * 40, shard_windows=5)
 
 
 def cluster(masks, out, **kw):

@@ -10,18 +10,14 @@ import pytest
 from actclust import hamming, kmeans
 from actclust.io import mask_store as store
 from actclust.clustering.distributed import run_cluster
-from actclust.config import ClusterConfig, ExtractConfig, build
-from actclust.capture.extract import run_extract
+from actclust.config import ClusterConfig, build
 from actclust.kernels.rules import AssignRule
 from helpers import assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")
-def masks(tmp_path_factory, ray_session):
-    out = tmp_path_factory.mktemp("masks") / "m"
-    run_extract(build(ExtractConfig, dict(model="tiny:llama", corpus="embedded:pydoc", seq_len=64,
-                                           max_tokens=64 * 30, out=str(out), shard_windows=10)))
-    return str(out)
+def masks(extract_masks, ray_session):
+    return extract_masks(max_tokens=64 * 30, shard_windows=10)
 
 
 def layer_centroids(out, layer):
@@ -74,17 +70,16 @@ def test_theta_and_density_together_is_one_error_line(masks, tmp_path):
 def test_sweep_grid_has_density_points_and_one_static_mask_per_objective():
     from actclust import config as C
     from actclust.errors import UserError
-    from actclust.orchestration.pipeline import trial_name
     from actclust.orchestration.sweep import SweepConfig, grid_points
 
     cfg = C.build(SweepConfig, dict(k=[4, 16], theta=[0.5], density=[0.3, 0.6],
                                     algorithm=["hamming-kmeans", "brb-kmeans"]))
     points = grid_points(cfg)
     assert len(points) == 3 * 2 * 2 + 3  # objectives x algorithms x K, then K = 1 each
-    static = [p for p in points if p["k"] == 1]
-    assert [(p["theta"], p["density"]) for p in static] == [(0.5, None), (None, 0.3), (None, 0.6)]
-    assert all(p["algorithm"] == "hamming-kmeans" for p in static)
-    names = {trial_name(**p) for p in points}
+    static = [p for p in points if p.k == 1]
+    assert [(p.theta, p.density) for p in static] == [(0.5, None), (None, 0.3), (None, 0.6)]
+    assert all(p.algorithm == "hamming-kmeans" for p in static)
+    names = {p.name for p in points}
     assert len(names) == len(points) and "k=16-density=0.3-brb-kmeans" in names
     assert len(grid_points(C.build(SweepConfig, dict(k=[1, 4], static_point=True)))) == 2
     for bad in (dict(density=[0]), dict(density=[1.2]), dict(theta=[], density=[])):

@@ -151,7 +151,7 @@ def test_theta_free_algorithms_run_once_per_k():
 
     cfg = C.build(RunConfig, dict(k=[16, 64], theta=[0.5, 0.3],
                                     algorithm=["hamming-kmeans", "brb-kmeans"]))
-    grid = [(p["k"], p["theta"], p["algorithm"]) for p in trial_grid(cfg)]
+    grid = [(p.k, p.theta, p.algorithm) for p in trial_grid(cfg)]
     assert grid == [(16, 0.5, "hamming-kmeans"), (64, 0.5, "hamming-kmeans"),
                     (16, 0.3, "hamming-kmeans"), (64, 0.3, "hamming-kmeans"),
                     (16, 0.5, "brb-kmeans"), (64, 0.5, "brb-kmeans")]

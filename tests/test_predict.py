@@ -124,6 +124,7 @@ def test_feature_shard_holds_the_ffn_input_and_the_true_mask(name, norm, tmp_pat
         assert np.array_equal(bits[:, i], store.pack(masks[i]))
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 def test_trained_cluster_predictor_record(trained, fitted):
     meta, centroids = load_centroids(fitted / "c")
     assert trained["kind"] == "cluster" and trained["k"] == 8 and trained["layers"] == [0, 1]
@@ -154,11 +155,13 @@ def test_trained_cluster_predictor_record(trained, fitted):
     assert again == trained
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 def test_docs_formats_names_every_field_of_a_predictor_directory(trained, fitted):
     run_record = json.loads((fitted / "p" / "run.json").read_text())
     assert not undocumented_fields(trained) and not undocumented_fields(run_record)
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 def test_neuron_predictor_matches_the_cluster_density(fitted, trained):
     record = run_train_predictor(build(PredictorConfig, dict(
         centroids=str(fitted / "c"), out=str(fitted / "pn"), kind="neuron", epochs=2, workers=1,
@@ -201,6 +204,7 @@ def _masked_ppl(fitted, masks_by_layer, max_tokens):
     return math.exp(total / count), w
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 @pytest.mark.parametrize("kind", ["cluster", "neuron"])
 def test_predicted_mode_equals_an_independent_masked_pass(fitted, trained, tmp_path, kind):
     meta, centroids = load_centroids(fitted / "c")
@@ -232,6 +236,7 @@ def test_predicted_mode_equals_an_independent_masked_pass(fitted, trained, tmp_p
     assert report["predictor_params_fraction"] == trained["params_fraction"]
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 def test_neuron_topk_keeps_each_layers_cluster_density_exactly(fitted, trained, tmp_path):
     """--neuron-select topk: per token the round(d * width) highest logits, d the
     clustering's per-layer density on the training tokens; a threshold need not transfer
@@ -274,6 +279,7 @@ def test_neuron_topk_keeps_each_layers_cluster_density_exactly(fitted, trained, 
                       "neuron_select must be one of threshold, topk")
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 def test_top_m_masks_with_the_union_of_centroids(fitted, trained, tmp_path):
     meta, centroids = load_centroids(fitted / "c")
     pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", "cluster", 2, 6)
@@ -284,6 +290,7 @@ def test_top_m_masks_with_the_union_of_centroids(fitted, trained, tmp_path):
     assert report["predicted_density"] == pytest.approx(np.mean([u.mean() for u in union]))
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 def test_predicted_weighted_recall_equals_the_cluster_pass_when_prediction_is_assignment(
         fitted, trained, tmp_path):
     """K = 1: every token's oracle assignment is cluster 0, and so is every prediction, so
@@ -307,6 +314,7 @@ def test_predicted_weighted_recall_equals_the_cluster_pass_when_prediction_is_as
         assert row["predicted_recall"] == pytest.approx(row["recall"], rel=1e-9)
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 def test_predicted_weighted_recall_of_the_union_of_all_centroids(fitted, trained, tmp_path):
     """A fixed predictor with top-m 2 masks with the union of centroids 2 and 6; layer 0 sees
     the dense input in every pass, so its weighted recall follows from a dense forward with
@@ -335,6 +343,7 @@ def test_predicted_weighted_recall_of_the_union_of_all_centroids(fitted, trained
     assert 0 < report["predicted_weighted_recall"] <= 1
 
 
+@pytest.mark.slow  # Ray Train (the trained fixture)
 def test_evaluation_refuses_foreign_or_overlapping_predictors(fitted, trained, tmp_path):
     base = ["evaluate", "--centroids", str(fitted / "c"), "--out", str(tmp_path / "e"),
             "--max-tokens", str(SEQ * 4)]

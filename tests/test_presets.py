@@ -8,7 +8,7 @@ import yaml
 
 from actclust import config as C
 from actclust.errors import UserError
-from actclust.orchestration.pipeline import check_predictor_trials, trial_grid, trial_name
+from actclust.orchestration.pipeline import check_predictor_trials, trial_grid
 from actclust.orchestration.sweep import SweepConfig, grid_points
 
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "jobs" / "presets").glob("*.yaml"))
@@ -18,7 +18,7 @@ PRESETS = sorted((Path(__file__).resolve().parent.parent / "jobs" / "presets").g
 def test_preset_builds_and_names_only_its_own_trials(preset):
     cfg = C.build(SweepConfig, yaml.safe_load(preset.read_text()), source=str(preset))
     points = grid_points(cfg)
-    assert points and len({trial_name(**p) for p in points}) == len(points)
+    assert points and len({p.name for p in points}) == len(points)
     check_predictor_trials(cfg, points)
     check_predictor_trials(cfg, trial_grid(cfg))  # actclust run: no static K = 1 points
 
@@ -26,7 +26,7 @@ def test_preset_builds_and_names_only_its_own_trials(preset):
 def test_compass_covers_every_algorithm_with_predictors_on_two_trials():
     cfg = C.build(SweepConfig, yaml.safe_load(
         (PRESETS[0].parent / "compass.yaml").read_text()))
-    names = [trial_name(**p) for p in trial_grid(cfg)]
+    names = [p.name for p in trial_grid(cfg)]
     hamming = [f"k={k}-theta={t}" for t in (0.5, 0.3) for k in (1, 16, 64, 256, 1024)]
     density = [f"k={k}-density={d}" for d in (0.4, 0.5, 0.6, 0.7) for k in (1, 1024)]
     baselines = [f"k={k}-theta=0.5-{a}" for a in ("brb-kmeans", "activation-aware")
@@ -44,10 +44,10 @@ def test_grid_blocks_are_products_of_their_own_lists():
         {"k": [4, 16]},  # theta from the top level
         {"k": [16], "density": [0.4]},  # density only: no theta trial
         {"k": [4, 16]}]))  # a trial named twice runs once
-    assert [trial_name(**p) for p in trial_grid(cfg)] == [
+    assert [p.name for p in trial_grid(cfg)] == [
         "k=4-theta=0.5", "k=16-theta=0.5", "k=16-density=0.4"]
     # The sweep's static points cover every objective of the blocks.
-    assert {trial_name(**p) for p in grid_points(cfg)} >= {"k=1-theta=0.5", "k=1-density=0.4"}
+    assert {p.name for p in grid_points(cfg)} >= {"k=1-theta=0.5", "k=1-density=0.4"}
 
 
 @pytest.mark.parametrize("grid, fragment", [

@@ -138,4 +138,7 @@ def test_a_finished_evaluation_is_reused_only_for_its_predictor_kind_and_rule():
     # random: true asks for the random pass: an evaluation without it is not reused.
     assert not _is_evaluation_of({"random_ppl": None}, None, "threshold", with_random=True)
     assert _is_evaluation_of({"random_ppl": 40.0}, None, "threshold", with_random=True)
+    # Another mask mode is another evaluation.
+    assert not _is_evaluation_of({"mask_mode": "replace"}, None, "threshold", mask_mode="and")
+    assert _is_evaluation_of({"mask_mode": "and"}, None, "threshold", mask_mode="and")
     assert _is_evaluation_of({"random_ppl": None}, None, "threshold", with_random=False)

@@ -24,8 +24,7 @@ from __future__ import annotations
 import hashlib
 
 from actclust.errors import UserError
-from actclust.io import storage
-from actclust.io.outdir import refuse_foreign
+from actclust.io import outdir, storage
 from actclust.io.storage import read_json, write_json_atomic
 
 KINDS = ("cluster", "neuron")
@@ -92,17 +91,9 @@ def open_run(out, identity: dict) -> bool:
     A directory with another run record, or with contents and no run record (foreign),
     is refused.
     """
-    path = storage.join(out, RUN_RECORD)
-    if storage.is_file(path):
-        if read_json(path) != identity:
-            raise UserError(f"{out} holds an unfinished predictor run with other settings; "
-                            "rerun that command or choose a new --out")
-        return True
-    if not storage.is_empty(out):
-        refuse_foreign(out, f"{RUN_RECORD} of a predictor run")
-    storage.makedirs(out)
-    write_json_atomic(identity, path)
-    return False
+    return outdir.open_output(out, RUN_RECORD, identity,
+                              "an unfinished predictor run with other settings",
+                              hint="rerun that command or choose a new --out")
 
 
 def checkpoint_storage(out) -> tuple[str, object]:

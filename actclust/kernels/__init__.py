@@ -8,12 +8,12 @@ are zero. ``d_bits = 8 * B`` is the padded width.
 
 Kernels are pure functions with the same signature on every backend:
 
-- ``numpy``: XOR + popcount on 64-bit words, blocked over rows and centroids.
+- ``numpy``: AND + popcount on 64-bit words, blocked over rows and centroids.
 - ``torch``: GEMM form ``|x| + |c| - 2 x.c`` on unpacked 0/1 matrices with the
   exact int8 GEMM ``torch._int_mm`` (int32 accumulation), or a float GEMM in
   chunks small enough to stay exact. Runs on CPU or, with ``device="cuda"``,
   on a GPU.
-- ``cupy``: XOR + ``__popcll`` in a CUDA kernel, centroids staged through
+- ``cupy``: AND + ``__popcll`` in a CUDA kernel, centroids staged through
   shared memory.
 
 Every backend returns the same labels and distances: ties go to the lowest

@@ -1,4 +1,4 @@
-"""The cupy backend: XOR + ``__popcll`` in a CUDA kernel, centroids staged through
+"""The cupy backend: AND + ``__popcll`` in a CUDA kernel, centroids staged through
 shared memory, and per-cluster bit sums by sorted cumulative sums on the GPU."""
 from __future__ import annotations
 
@@ -26,50 +26,8 @@ def available() -> bool:
 
 
 
-_CUPY_KERNEL = r"""
-extern "C" __global__
-void hamming_nearest(const unsigned long long* __restrict__ x,
-                     const unsigned long long* __restrict__ c,
-                     const long long n, const int k, const int w, const int tile,
-                     long long* __restrict__ labels, int* __restrict__ dists) {
-    // One thread per row; centroids staged through shared memory in tiles of
-    // `tile` centroids (tile == 0: read them from global memory).
-    extern __shared__ unsigned long long sc[];
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const unsigned long long* xi = x + (i < n ? i : 0) * (long long)w;
-    int best = 0x7fffffff;
-    long long arg = 0;
-    const int step = tile > 0 ? tile : k;
-    for (int j0 = 0; j0 < k; j0 += step) {
-        const int nt = min(step, k - j0);
-        const unsigned long long* cb = c + (long long)j0 * w;
-        if (tile > 0) {
-            __syncthreads();
-            for (int t = threadIdx.x; t < nt * w; t += blockDim.x) sc[t] = cb[t];
-            __syncthreads();
-            cb = sc;
-        }
-        if (i < n) {
-            for (int j = 0; j < nt; ++j) {
-                const unsigned long long* cj = cb + (long long)j * w;
-                int dsum = 0;
-                for (int t = 0; t < w; ++t) dsum += __popcll(xi[t] ^ cj[t]);
-                if (dsum < best) { best = dsum; arg = j0 + j; }  // strict: lowest index wins
-            }
-        }
-    }
-    if (i < n) { labels[i] = arg; dists[i] = best; }
-}
-"""
 _CUPY_THREADS = 256
 _CUPY_SHARED_BYTES = 48 * 1024
-
-
-@functools.lru_cache(maxsize=None)
-def _cupy_kernel():
-    import cupy
-
-    return cupy.RawKernel(_CUPY_KERNEL, "hamming_nearest")
 
 
 def _words(cupy, a):
@@ -78,31 +36,10 @@ def _words(cupy, a):
 
 
 def assign(x, c, block_rows, device):
-    """XOR + __popcll on the GPU; rows transferred and processed in blocks."""
-    import cupy
-
-    with cupy.cuda.Device(device if device is not None else cupy.cuda.runtime.getDevice()):
-        cw = _words(cupy, c)
-        k, w = cw.shape
-        tile = min(k, _CUPY_SHARED_BYTES // (8 * w))
-        shared = 8 * w * tile
-        n = x.shape[0]
-        rows = block_rows or 2**22
-        labels = np.empty(n, dtype=np.int64)
-        dists = np.empty(n, dtype=np.int32)
-        for lo in range(0, n, rows):
-            xw = _words(cupy, x[lo:lo + rows])
-            m = xw.shape[0]
-            lab = cupy.empty(m, dtype=cupy.int64)
-            dis = cupy.empty(m, dtype=cupy.int32)
-            grid = (-(-m // _CUPY_THREADS),)
-            _cupy_kernel()(grid, (_CUPY_THREADS,),
-                           (xw, cw, np.int64(m), np.int32(k), np.int32(w), np.int32(tile), lab, dis),
-                           shared_mem=shared)
-            labels[lo:lo + m] = cupy.asnumpy(lab)
-            dists[lo:lo + m] = cupy.asnumpy(dis)
-    return labels, dists
-
+    """Hamming distance is the scored kernel's (p, q) = (1, 2) case plus |x|:
+    |x| + |c| - 2 x.c, the same argmin (ties: lowest index)."""
+    labels, best = scored(x, c, 1, 2, block_rows, device)
+    return labels, (best + popcount(_to_numpy(x))).astype(np.int32)
 
 
 _CUPY_SCORED = r"""

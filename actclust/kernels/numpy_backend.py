@@ -1,4 +1,4 @@
-"""The numpy backend: XOR + popcount on 64-bit words, blocked over rows and centroids.
+"""The numpy backend: AND + popcount on 64-bit words, blocked over rows and centroids.
 
 Also the host-side kernels that have one implementation only: one-to-all
 distances within a sample (the k-means init sampler) and the miss-count GEMM
@@ -12,40 +12,21 @@ from actclust.kernels.packed import _as_words, _to_numpy, bitcount, popcount
 
 
 def assign(x, c, block_rows, device):
-    """XOR + popcount over 64-bit words; blocks of rows x centroids."""
-    xw, cw = _as_words(_to_numpy(x)), _as_words(_to_numpy(c))
-    n, k, w = xw.shape[0], cw.shape[0], xw.shape[1]
-    cols = min(k, 4096)
-    rows = block_rows or max(1, 65536 // cols)  # a (rows, cols) tile stays in cache
-    acc_dtype = np.uint16 if 64 * w < 2**16 else np.int32
-    cwt = np.ascontiguousarray(cw.T)  # (W, K): one word of every centroid
-    labels = np.empty(n, dtype=np.int64)
-    dists = np.empty(n, dtype=np.int32)
-    for lo in range(0, n, rows):
-        xb = xw[lo:lo + rows]
-        best_d = np.full(xb.shape[0], np.iinfo(np.int32).max, dtype=np.int32)
-        best_i = np.zeros(xb.shape[0], dtype=np.int64)
-        for c0 in range(0, k, cols):
-            d = _word_distances(xb, cwt[:, c0:c0 + cols], acc_dtype)  # (rows, cols)
-            j = d.argmin(axis=1)
-            v = d[np.arange(d.shape[0]), j].astype(np.int32)
-            better = v < best_d  # strict: earlier centroid blocks win ties
-            best_d[better], best_i[better] = v[better], j[better] + c0
-        labels[lo:lo + rows], dists[lo:lo + rows] = best_i, best_d
-    return labels, dists
+    """Hamming distance is the scored kernel's (p, q) = (1, 2) case plus |x|:
+    |x| + |c| - 2 x.c, the same argmin (ties: lowest index)."""
+    labels, best = scored(x, c, 1, 2, block_rows, device)
+    return labels, (best + popcount(_to_numpy(x))).astype(np.int32)
 
 
-def _word_distances(xb: np.ndarray, cwt: np.ndarray, acc_dtype, op=np.bitwise_xor) -> np.ndarray:
-    """(m, W) uint64 rows vs (W, kc) uint64 centroid words -> (m, kc) popcounts of ``op``.
-
-    ``op`` XOR gives Hamming distances, AND the dot products ``x.c``.
-    """
+def _word_dots(xb: np.ndarray, cwt: np.ndarray, acc_dtype) -> np.ndarray:
+    """(m, W) uint64 rows vs (W, kc) uint64 centroid words -> (m, kc) dot products x.c
+    (popcounts of AND)."""
     m, kc = xb.shape[0], cwt.shape[1]
     acc = np.zeros((m, kc), dtype=acc_dtype)
     tmp = np.empty((m, kc), dtype=np.uint64)
     cnt = np.empty((m, kc), dtype=np.uint8)
     for t in range(cwt.shape[0]):
-        op(xb[:, t, None], cwt[t][None, :], out=tmp)
+        np.bitwise_and(xb[:, t, None], cwt[t][None, :], out=tmp)
         acc += bitcount(tmp, out=cnt)
     return acc
 
@@ -68,7 +49,7 @@ def scored(x, c, p, q, block_rows, device):
         best_v = np.full(xb.shape[0], np.iinfo(np.int64).max, dtype=np.int64)
         best_i = np.zeros(xb.shape[0], dtype=np.int64)
         for c0 in range(0, k, cols):
-            dots = _word_distances(xb, cwt[:, c0:c0 + cols], acc_dtype, np.bitwise_and)
+            dots = _word_dots(xb, cwt[:, c0:c0 + cols], acc_dtype)
             scores = bias[c0:c0 + cols] - q * dots.astype(np.int64)  # (rows, cols)
             j = scores.argmin(axis=1)
             v = scores[np.arange(len(j)), j]

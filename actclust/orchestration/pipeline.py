@@ -29,7 +29,7 @@ from actclust.errors import UserError
 from actclust.io import centroid_store, eval_store, mask_store, predictor_store, storage
 from actclust.io.storage import write_bytes_atomic, write_json_atomic
 from actclust.orchestration.ledger import Ledger, fit_macs, measure_gemm_rate
-from actclust.orchestration.runconfig import RunConfig
+from actclust.orchestration.runconfig import RunConfig, TrialPoint, objective_label
 from actclust.runtime.actors import release_all, run_lived_actors
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,6 @@ def objectives(cfg: RunConfig) -> list[dict]:
         [{"theta": None, "density": d} for d in getattr(cfg, "density", None) or []]
 
 
-def objective_label(theta: float | None, density: float | None) -> str:
-    return f"density={density:g}" if density is not None else f"theta={theta:g}"
-
-
-def trial_name(k: int, theta: float | None, algorithm: str = "hamming-kmeans",
-               density: float | None = None) -> str:
-    suffix = "" if algorithm == "hamming-kmeans" else f"-{algorithm}"
-    return f"k={k}-{objective_label(theta, density)}{suffix}"
-
-
 def _unique(items) -> list:
     out = []
     for item in items:
@@ -85,7 +75,7 @@ def _unique(items) -> list:
     return out
 
 
-def trial_grid(cfg: RunConfig) -> list[dict]:
+def trial_grid(cfg: RunConfig) -> list[TrialPoint]:
     """Every trial point (k, theta, density, algorithm): the product of k, objectives and
     algorithms, or of each grid block in turn; theta-free algorithms fit once per K for
     all the thetas listed."""
@@ -97,14 +87,14 @@ def trial_grid(cfg: RunConfig) -> list[dict]:
         if algorithm in THETA_FREE:
             thetas = [o for o in objs if o["density"] is None]
             objs = thetas[:1] + [o for o in objs if o["density"] is not None]
-        points += [dict(k=k, algorithm=algorithm, **obj) for obj in objs for k in cfg.k]
+        points += [TrialPoint(k=k, algorithm=algorithm, **obj) for obj in objs for k in cfg.k]
     return points
 
 
-def check_predictor_trials(cfg: RunConfig, points: list[dict]) -> None:
+def check_predictor_trials(cfg: RunConfig, points: list[TrialPoint]) -> None:
     """Refuse ``predictor_trials`` that name no trial of the grid (a typo would silently
     train nothing)."""
-    names = [trial_name(**p) for p in points]
+    names = [p.name for p in points]
     unknown = [n for n in cfg.predictor_trials if n not in names]
     if unknown:
         raise UserError(f"predictor_trials names {', '.join(unknown)}, not a trial of this "
@@ -134,24 +124,24 @@ def extract_stage(cfg: RunConfig, ledger: Ledger | None = None) -> str:
     return masks
 
 
-def cluster_stage(cfg: RunConfig, masks: str, k: int, theta: float | None, algorithm: str,
-                  density: float | None = None, ledger: Ledger | None = None) -> str:
+def cluster_stage(cfg: RunConfig, masks: str, point: TrialPoint,
+                  ledger: Ledger | None = None) -> str:
     from actclust.clustering.distributed import run_cluster
 
-    out = storage.join(cfg.out, "clusters", trial_name(k, theta, algorithm, density))
+    out = storage.join(cfg.out, "clusters", point.name)
     if centroid_store.is_finished(out):
         return out
     start = time.monotonic()
     # Pooling applies to the baselines; hamming-kmeans points (the sweep's static K = 1)
     # stay per layer.
-    pool = bool(getattr(cfg, "pool_layers", False)) and algorithm != "hamming-kmeans"
-    ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=k, theta=theta, density=density,
-                                         seed=cfg.seed, workers=cfg.workers,
-                                         algorithm=algorithm, pool_layers=pool, out=out))
+    pool = bool(getattr(cfg, "pool_layers", False)) and point.algorithm != "hamming-kmeans"
+    ccfg = C.build(C.ClusterConfig, dict(masks=masks, k=point.k, theta=point.theta,
+                                         density=point.density, seed=cfg.seed,
+                                         workers=cfg.workers, algorithm=point.algorithm,
+                                         pool_layers=pool, out=out))
     meta = run_cluster(ccfg)
     if ledger is not None:
-        ledger.stage(f"cluster {trial_name(k, theta, algorithm, density)}",
-                     time.monotonic() - start, macs=fit_macs(meta))
+        ledger.stage(f"cluster {point.name}", time.monotonic() - start, macs=fit_macs(meta))
     return out
 
 
@@ -207,14 +197,14 @@ def evaluate_stage(cfg: RunConfig, centroids: str, name: str,
     if len(kinds) > 1:
         second = neuron_eval_dir(cfg, name)
         if not _is_evaluation_of(eval_store.read_eval(second), "neuron", cfg.neuron_select,
-                                 cfg.random):
+                                 cfg.random, cfg.mask_mode):
             _evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"],
                                        cfg.neuron_select), f"evaluate {name} neuron", ledger)
     out = storage.join(cfg.out, "eval", name)
     kind = kinds[0] if kinds else None
     select = cfg.neuron_select if kind == "neuron" else "threshold"
     finished = eval_store.read_eval(out)
-    if _is_evaluation_of(finished, kind, select, cfg.random):
+    if _is_evaluation_of(finished, kind, select, cfg.random, cfg.mask_mode):
         return finished
     return _evaluate(_evaluate_config(cfg, centroids, out, predictors.get(kind), select),
                      f"evaluate {name}", ledger)
@@ -233,11 +223,13 @@ def _evaluate(ecfg, label: str, ledger: Ledger | None) -> dict:
 
 
 def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
-                      with_random: bool = False) -> bool:
+                      with_random: bool = False, mask_mode: str = "replace") -> bool:
     """Whether a finished eval.json used this predictor kind (and neuron selection rule)
-    and has the random pass if it is asked for; eval.json from before the rule existed
-    used the threshold."""
+    and mask mode, and has the random pass if it is asked for; eval.json from before the
+    rule existed used the threshold."""
     if report is None or report.get("predictor_kind") != kind:
+        return False
+    if report.get("mask_mode", "replace") != mask_mode:
         return False
     if with_random and report.get("random_ppl") is None:
         return False
@@ -410,14 +402,13 @@ def run_pipeline(cfg: RunConfig) -> str:
         measure_floor_rates(cfg, masks, ledger)
         rows = []
         for point in trial_grid(cfg):
-            name = trial_name(**point)
-            centroids = cluster_stage(cfg, masks, **point, ledger=ledger)
-            report, second = trial_evaluation(cfg, centroids, name, ledger)
+            centroids = cluster_stage(cfg, masks, point, ledger)
+            report, second = trial_evaluation(cfg, centroids, point.name, ledger)
             meta = centroid_store.read_meta(centroids)
             rows.append(result_row(report, meta, second))
             log.info("K=%d %s %s: cluster_ppl %.3f [%.3f, %.3f] (dense %.3f) at effective "
-                     "density %.3f, recall %.3f, weighted recall %.3f", point["k"],
-                     objective_label(point["theta"], point["density"]), point["algorithm"],
+                     "density %.3f, recall %.3f, weighted recall %.3f", point.k,
+                     point.objective, point.algorithm,
                      report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
                      report["effective_density"], report["recall"], report["weighted_recall"])
         anchors = anchor_rows(cfg, masks, ledger)

@@ -9,6 +9,35 @@ from actclust import config as C
 from actclust.errors import UserError
 
 
+def objective_label(theta: float | None, density: float | None) -> str:
+    return f"density={density:g}" if density is not None else f"theta={theta:g}"
+
+
+def trial_name(k: int, theta: float | None, algorithm: str = "hamming-kmeans",
+               density: float | None = None) -> str:
+    suffix = "" if algorithm == "hamming-kmeans" else f"-{algorithm}"
+    return f"k={k}-{objective_label(theta, density)}{suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialPoint:
+    """One trial of a run or sweep: K, the objective (theta or density) and the algorithm."""
+
+    k: int
+    theta: Optional[float]
+    algorithm: str = "hamming-kmeans"
+    density: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        """The trial's directory name under OUT/clusters/ and OUT/eval/."""
+        return trial_name(self.k, self.theta, self.algorithm, self.density)
+
+    @property
+    def objective(self) -> str:
+        return objective_label(self.theta, self.density)
+
+
 @dataclasses.dataclass
 class RunConfig:
     """The whole pipeline; sections reuse the stage configs' field names."""

@@ -29,13 +29,13 @@ from actclust import config as C
 from actclust.errors import UserError
 from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
-from actclust.orchestration.runconfig import RunConfig
+from actclust.orchestration.runconfig import RunConfig, TrialPoint
 from actclust.runtime.actors import run_lived_actors
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, anchor_rows, baseline_stage,
                                              check_predictor_trials, cluster_stage,
                                              extract_stage, objectives, result_row,
                                              run_identity, trial_evaluation, trial_grid,
-                                             trial_name, write_results)
+                                             write_results)
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,14 @@ def trial(config: dict) -> None:
 
     # A sweep restored from before a setting existed lacks its key in Tune's saved config.
     cfg = SweepConfig(**{**BEFORE_THE_KEY, **config["sweep"]})
-    point = config["point"]
-    name = trial_name(**point)
+    point = TrialPoint(**config["point"])  # Tune holds it as a dict
     with run_lived_actors():  # the trial's evaluations share their actors
-        centroids = cluster_stage(cfg, config["masks"], **point)
-        report, second = trial_evaluation(cfg, centroids, name)
+        centroids = cluster_stage(cfg, config["masks"], point)
+        report, second = trial_evaluation(cfg, centroids, point.name)
     meta = centroid_store.read_meta(centroids)
     row = result_row(report, meta, second)
     tune.report({key: row[key] for key in RESULT_COLUMNS if row.get(key) is not None}
-                | {"per_layer_recall": row["per_layer_recall"], "trial": name})
+                | {"per_layer_recall": row["per_layer_recall"], "trial": point.name})
 
 
 def run_sweep(values: dict, source: str = "config", overrides: dict | None = None) -> str:
@@ -104,7 +103,7 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     init_ray()
     baseline_stage(cfg, masks)  # before any trial, so that every trial reuses it
     param_space = {
-        "point": tune.grid_search(grid_points(cfg)),
+        "point": tune.grid_search([dataclasses.asdict(p) for p in grid_points(cfg)]),
         "masks": masks,
         "sweep": dataclasses.asdict(cfg),
     }
@@ -175,12 +174,12 @@ def _trial_progress():
     return TrialProgress()
 
 
-def grid_points(cfg: SweepConfig) -> list[dict]:
+def grid_points(cfg: SweepConfig) -> list[TrialPoint]:
     """Every (k, theta, density, algorithm) trial point, static K = 1 points included."""
     points = trial_grid(cfg)
     if cfg.static_point:
-        points += [dict(k=1, algorithm="hamming-kmeans", **obj) for obj in objectives(cfg)
-                   if dict(k=1, algorithm="hamming-kmeans", **obj) not in points]
+        static = [TrialPoint(k=1, algorithm="hamming-kmeans", **obj) for obj in objectives(cfg)]
+        points += [p for p in static if p not in points]
     return points
 
 

@@ -29,17 +29,17 @@ def _chunks(net, spec, shards):
                 yield net(torch.from_numpy(h[s:s + CHUNK])), bits[s:s + CHUNK]
 
 
-def finish(net, spec, config: dict) -> dict:
+def finish(net, spec, loop) -> dict:
     """Thresholds (kind neuron) and per-layer figures; streams the feature shards."""
     import torch
 
     net.eval()
-    kind = config["kind"]
-    meta, centroids = load_centroids(config["centroids"])
+    kind = loop.kind
+    meta, centroids = load_centroids(loop.centroids)
     targets = F.Targets(kind, centroids, spec.width, meta.get("rule"))
     norms = [kernels.popcount(c).astype(np.int64) for c in centroids]
     L = len(spec.layers)
-    train, val = F.split_shards(F.shard_count(len(config["seq"]), spec.shard_windows))
+    train, val = F.split_shards(F.shard_count(len(loop.seq), spec.shard_windows))
 
     tokens, hits, centroid_bits, sample, sampled = 0, np.zeros(L), np.zeros(L), [], 0
     for logits, bits in _chunks(net, spec, train):

@@ -42,6 +42,25 @@ STATE = "state.pt"
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainLoop:
+    """What every Ray Train worker trains from; travels from the driver to the workers."""
+
+    spec: F.FeatureSpec
+    seq: np.ndarray  # (W,) window numbers of the fitting windows
+    ids: np.ndarray  # (W, T) their tokens
+    kind: str  # cluster or neuron
+    rank: int  # the predictor's low rank
+    k: int
+    epochs: int
+    batch_tokens: int
+    lr: float
+    seed: int
+    centroids: str
+    threads: int = 1  # torch threads per worker (set where the workers are placed)
+    log_level: str = "INFO"
+
+
 def run_train_predictor(cfg) -> dict:
     """Fit, finish and write the predictor; returns predictor.json's content."""
     meta, _ = load_centroids(cfg.centroids)
@@ -71,15 +90,14 @@ def run_train_predictor(cfg) -> dict:
     _open_features(spec, ident)
 
     start = time.perf_counter()
-    loop_config = {"spec": dataclasses.asdict(spec), "seq": windows.seq, "ids": windows.ids,
-                   "kind": cfg.kind, "rank": rank, "k": meta["k"], "epochs": cfg.epochs,
-                   "batch_tokens": cfg.batch_tokens, "lr": cfg.lr, "seed": cfg.seed,
-                   "centroids": storage.normalize(cfg.centroids)}
-    state = _fit(loop_config, cfg.workers, out)
+    loop = TrainLoop(spec=spec, seq=windows.seq, ids=windows.ids, kind=cfg.kind, rank=rank,
+                     k=meta["k"], epochs=cfg.epochs, batch_tokens=cfg.batch_tokens, lr=cfg.lr,
+                     seed=cfg.seed, centroids=storage.normalize(cfg.centroids))
+    state = _fit(loop, cfg.workers, out)
     seconds = time.perf_counter() - start
     net = M.make_net(len(spec.layers), d_model, rank, out_dim)
     net.load_state_dict(state["model"])
-    figures = finish(net, spec, loop_config)
+    figures = finish(net, spec, loop)
     params = M.params_per_layer(d_model, rank, out_dim)
     record = {
         "kind": cfg.kind, "rank": rank, "k": meta["k"], "width": meta["d_ff"],
@@ -130,7 +148,7 @@ def _model_shape(model_name: str, layers: list[int], trust_remote_code: bool):
     return int(model.config.hidden_size), [counts[layer] for layer in layers]
 
 
-def _fit(loop_config: dict, workers: int, out: str) -> dict:
+def _fit(loop: TrainLoop, workers: int, out: str) -> dict:
     """Ray Train fit; checkpoints under ``out/ray`` (local or object store), so rerunning
     the same command after the driver was killed resumes from the last one."""
     import torch
@@ -141,10 +159,11 @@ def _fit(loop_config: dict, workers: int, out: str) -> dict:
     for name, value in TRAIN_ENV.items():
         os.environ.setdefault(name, value)
     path, filesystem = predictor_store.checkpoint_storage(out)
-    loop_config["threads"], scaling, placement = _scaling(workers)
-    loop_config["log_level"] = log_level = _train_log_level()
+    threads, scaling, placement = _scaling(workers)
+    log_level = _train_log_level()
+    loop = dataclasses.replace(loop, threads=threads, log_level=log_level)
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config, scaling_config=scaling,
+        train_loop, train_loop_config={"loop": loop}, scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level=log_level)))
@@ -224,24 +243,24 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(config["threads"])
+    loop: TrainLoop = config["loop"]
+    spec = loop.spec
+    torch.set_num_threads(loop.threads)
     # Ray Train's per-report lines come from loggers outside ``ray.train`` (its own
     # LoggingConfig does not reach them); the worker's root level does.
-    logging.getLogger().setLevel(config.get("log_level", "INFO"))
+    logging.getLogger().setLevel(loop.log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    spec = F.FeatureSpec(**{**config["spec"], "layers": tuple(config["spec"]["layers"]),
-                            "thresholds": tuple(config["spec"]["thresholds"])})
-    F.write_missing(spec, config["seq"], config["ids"], rank, world, str(device))
+    F.write_missing(spec, loop.seq, loop.ids, rank, world, str(device))
     dist.barrier()
 
-    meta, centroids = load_centroids(config["centroids"])
-    targets = Targets(config["kind"], centroids, spec.width, meta.get("rule"))
-    out_dim = config["k"] if config["kind"] == "cluster" else spec.width
-    net = M.make_net(len(spec.layers), spec.d_model, config["rank"], out_dim,
-                     seed=config["seed"]).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=config["lr"], weight_decay=0.01)
+    meta, centroids = load_centroids(loop.centroids)
+    targets = Targets(loop.kind, centroids, spec.width, meta.get("rule"))
+    out_dim = loop.k if loop.kind == "cluster" else spec.width
+    net = M.make_net(len(spec.layers), spec.d_model, loop.rank, out_dim,
+                     seed=loop.seed).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=loop.lr, weight_decay=0.01)
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -254,16 +273,16 @@ def train_loop(config: dict) -> None:
             log.info("resuming predictor training after epoch %d", start)
     ddp = torch.nn.parallel.DistributedDataParallel(net)
 
-    n_windows, seq_len = config["ids"].shape
+    n_windows, seq_len = loop.ids.shape
     n_shards = F.shard_count(n_windows, spec.shard_windows)
     train, val = split_shards(n_shards)
-    batch = config["batch_tokens"]
+    batch = loop.batch_tokens
     mine = train[rank::world]
     # Equal steps on every rank (the smallest share), so DDP's all-reduces pair up.
     steps = min(sum(shard_tokens(n_windows, spec.shard_windows, seq_len, i)
                     for i in train[r::world]) // batch for r in range(world))
-    for epoch in range(start, config["epochs"]):
-        rng = np.random.default_rng([config["seed"], epoch, rank])
+    for epoch in range(start, loop.epochs):
+        rng = np.random.default_rng([loop.seed, epoch, rank])
         done, loss_sum = 0, torch.zeros(2, dtype=torch.float64, device=device)
         ddp.train()
         for i in rng.permutation(mine):
@@ -277,13 +296,13 @@ def train_loop(config: dict) -> None:
                 if done >= steps:
                     break
                 idx = order[s:s + batch]
-                loss = loss_fn(config["kind"], ddp(h[idx].to(device)), target[idx].to(device))
+                loss = loss_fn(loop.kind, ddp(h[idx].to(device)), target[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 loss_sum += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64, device=device)
                 done += 1
-        metrics = _validate(net, spec, targets, config, val[rank::world], device)
+        metrics = _validate(net, spec, targets, loop.kind, val[rank::world], device)
         dist.all_reduce(loss_sum)
         dist.all_reduce(metrics)
         report = {"epoch": epoch + 1, "first_epoch": start, "train_loss": float(loss_sum[0] / max(1, loss_sum[1])),
@@ -299,7 +318,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(report, checkpoint=saved)
 
 
-def _validate(net, spec, targets, config, shards, device):
+def _validate(net, spec, targets, kind: str, shards, device):
     """Summed [loss * tokens, top-1 hits (cluster) , tokens*L] over this rank's shards."""
     import torch
 
@@ -312,8 +331,8 @@ def _validate(net, spec, targets, config, shards, device):
                 target = targets(bits[s:s + 512]).to(device)
                 logits = net(torch.from_numpy(h[s:s + 512]).to(device))
                 n = target.shape[0] * target.shape[1]
-                sums[0] += float(loss_fn(config["kind"], logits, target)) * n
-                if config["kind"] == "cluster":
+                sums[0] += float(loss_fn(kind, logits, target)) * n
+                if kind == "cluster":
                     sums[1] += float((logits.argmax(-1) == target).sum())
                 sums[2] += n
     net.train()

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import REPO
 
-from .conftest import RAY_START_ATTEMPTS, RAY_START_TIMEOUT, run_cli
+from .support import RAY_START_ATTEMPTS, RAY_START_TIMEOUT, run_cli
 
 # Four CLI runs, each starting its own Ray instance: minutes each on a busy machine.
 pytestmark = [pytest.mark.timeout(2400), pytest.mark.slow]

@@ -22,7 +22,7 @@ from actclust.capture.verify import verify
 from fault_injection import Delay, Together
 from helpers import assert_same_layers
 
-from .conftest import in_background, wait_for
+from .support import in_background, wait_for
 
 # Tiny models take milliseconds a chunk and a k-means iteration: slow each down so a
 # node can be lost while the work is in flight.
@@ -73,10 +73,8 @@ def test_extraction_survives_a_lost_node(cluster, tmp_path, caplog):
 
 
 @pytest.fixture(scope="module")
-def masks(nodes, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("masks") / "m")
-    run_extract(build(ExtractConfig, {**EXTRACT, "out": root, "shard_windows": 20}))
-    return root
+def masks(nodes, extract_masks):
+    return extract_masks(**EXTRACT, shard_windows=20)
 
 
 def test_kmeans_survives_a_lost_node(cluster, masks, tmp_path, caplog):

@@ -46,7 +46,7 @@ def test_extract_writes_only_under_out(tmp_path):
 
     from helpers import REPO
 
-    from .conftest import CLI_TIMEOUT_S, RAY_START_ATTEMPTS, RAY_START_TIMEOUT
+    from .support import CLI_TIMEOUT_S, RAY_START_ATTEMPTS, RAY_START_TIMEOUT
 
     for _ in range(RAY_START_ATTEMPTS):
         proc = subprocess.run([sys.executable, "-m", "actclust", "extract", "--model", "tiny:opt",

@@ -13,7 +13,7 @@ from actclust.io import mask_store as store
 from actclust.capture.verify import verify
 from helpers import assert_user_error
 
-from .conftest import run_cli
+from .support import run_cli
 
 # Each test runs the CLI (its own Ray instance) two or three times: minutes each on a
 # busy machine.
