@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from actclust.errors import UserError
+from actclust.kernels.rules import DEFAULT_THETA
 
 DEFAULT_MODEL = "embedded:smollm2-135m"
 DEFAULT_CORPUS = "embedded:pydoc"
@@ -120,7 +121,7 @@ class ClusterConfig:
     masks: Optional[str] = None
     out: Optional[str] = None
     k: Optional[int] = None
-    theta: Optional[float] = None  # 0.5 unless density is given
+    theta: Optional[float] = None  # DEFAULT_THETA unless density is given
     density: Optional[float] = None
     seed: int = 0
     workers: int = 1
@@ -145,7 +146,7 @@ class ClusterConfig:
             raise UserError("give --theta or --density, not both (theta sets the member frequency "
                             "that keeps a centroid bit, density the number of bits)")
         if self.density is None and self.theta is None:
-            object.__setattr__(self, "theta", 0.5)  # the default objective
+            object.__setattr__(self, "theta", DEFAULT_THETA)
         if self.theta is not None and not 0.0 < self.theta <= 1.0:
             raise UserError(f"theta must be in (0, 1], got {self.theta}")
         if self.density is not None and not 0.0 < self.density <= 1.0:

@@ -8,6 +8,8 @@ action. Messages we have already acted on are held back, and shown again with
 - Ray's "Token authentication is enabled for this Ray cluster" warning: token
   authentication is what we want, so it stays on and only the message goes;
 - matplotlib's "generated new fontManager" (its font cache, built once);
+- Ray Train's "Failed to query Ray Train Controller actor state" from its placement
+  group cleaner, in Ray's workers (through a worker setup hook, :func:`quiet_ray_worker`);
 - the progress bars of transformers (GGUF conversion, weight loading), the
   Hugging Face hub and datasets, and Ray Tune's experiment tables: our own bars
   and lines report the stage instead.
@@ -41,7 +43,31 @@ QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # Read by quiet_ray_worker in every Ray worker of our jobs.
+    "ACTCLUST_QUIET_WORKERS": "1",
 }
+# Loggers inside Ray's own workers whose messages we have acted on. Ray Train's placement
+# group cleaner asks the State API, which needs the dashboard that actclust does not start,
+# whether the controller is alive, and warns each time it cannot tell: it only removes a
+# crashed controller's placement group, and a crashed fit is rerun (it resumes) anyway.
+WORKER_ACTED_ON = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
+
+
+def quiet_ray_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` for our jobs: in each worker, hold back the
+    messages of WORKER_ACTED_ON unless the command runs with ``-v``."""
+    if os.environ.get("ACTCLUST_QUIET_WORKERS") == "1":
+        for name, level in WORKER_ACTED_ON.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def worker_runtime_env() -> dict:
+    """The job-level runtime_env of ``ray.init``: the hook above and its switch."""
+    return {"worker_process_setup_hook": "actclust.console.quiet_ray_worker",
+            "env_vars": {"ACTCLUST_QUIET_WORKERS": os.environ.get("ACTCLUST_QUIET_WORKERS",
+                                                                  "0")}}
 
 
 class _Formatter(logging.Formatter):

@@ -61,9 +61,9 @@ def test_run_ends_with_its_wall_time_and_floor(run_dir):
     assert throughput["forwarded_tokens"] == fitted + 2 * heldout + 2 * heldout + sum(
         a["tokens"] + a["calibration"]["tokens"] for a in anchors)
     assert [s["stage"] for s in throughput["stages"]] == [
-        "extract", "dense and oracle", "cluster k=16-theta=0.5", "evaluate k=16-theta=0.5",
-        "cluster k=16-theta=0.3", "evaluate k=16-theta=0.3", "anchor teal s=0.5",
-        "anchor wina s=0.5"]
+        "extract", "dense and oracle", "anchor teal s=0.5", "anchor wina s=0.5",
+        "cluster k=16-theta=0.5", "evaluate k=16-theta=0.5", "cluster k=16-theta=0.3",
+        "evaluate k=16-theta=0.3"]
     assert throughput["bare_forward_tokens_per_s"] > 0
     assert throughput["assignment_macs"] > 0 and throughput["assignment_macs_per_s"] > 0
     floor = (throughput["forwarded_tokens"] / throughput["bare_forward_tokens_per_s"]
@@ -77,8 +77,8 @@ def test_run_ends_with_its_wall_time_and_floor(run_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_warm_and_fresh_actors_give_identical_centroids_and_evaluations(run_dir, tmp_path):
-    """The run's actors live for the run (the second trial and the anchors are evaluated by
-    actors that evaluated the first); starting fresh ones per stage changes nothing."""
+    """The run's actors live for the run (the trials are evaluated by the actors that
+    calibrated and evaluated the anchors); starting fresh ones per stage changes nothing."""
     out = tmp_path / "fresh"
     config = tmp_path / "fresh.yaml"
     config.write_text(yaml.safe_dump({**TINY_RUN, "warm_actors": False}))

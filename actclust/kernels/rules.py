@@ -35,6 +35,8 @@ import numpy as np
 from actclust import kernels
 
 THETA, DENSITY = "theta", "density"
+# The objective when neither theta nor density is given: plain Hamming k-means.
+DEFAULT_THETA = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class AssignRule:
     def from_args(cls, theta=None, density=None) -> "AssignRule":
         """The rule for exactly one of ``theta`` in (0, 1] or ``density`` in (0, 1].
 
-        Neither given means theta = 0.5. Raises ValueError on a bad value or both.
+        Neither given means theta = DEFAULT_THETA (0.5). Raises ValueError on a bad value or
+        both.
         """
         if theta is not None and density is not None:
             raise ValueError("give theta or density, not both (density fixes the number of "
@@ -59,7 +62,7 @@ class AssignRule:
                     or not 0 < density <= 1:
                 raise ValueError(f"density must be in (0, 1], got {density!r}")
             return cls(DENSITY, density=float(density))
-        theta = 0.5 if theta is None else theta
+        theta = DEFAULT_THETA if theta is None else theta
         if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not 0 < theta <= 1:
             raise ValueError(f"theta must be in (0, 1], got {theta!r}")
         return cls(THETA, theta=kernels.theta_fraction(theta))  # the centroid threshold's fraction

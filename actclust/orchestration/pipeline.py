@@ -1,4 +1,5 @@
-"""The whole pipeline: extract -> cluster (for each K and objective: theta or density) -> evaluate -> report.
+"""The whole pipeline: extract -> dense and oracle -> anchors -> cluster (for each K and objective:
+theta or density) -> evaluate -> report.
 
 Layout of ``out``::
 
@@ -400,6 +401,8 @@ def run_pipeline(cfg: RunConfig) -> str:
         masks = extract_stage(cfg, ledger)
         baseline_stage(cfg, masks, ledger)
         measure_floor_rates(cfg, masks, ledger)
+        # The anchors need only the masks: first, so that the front has its floors early.
+        anchors = anchor_rows(cfg, masks, ledger)
         rows = []
         for point in trial_grid(cfg):
             centroids = cluster_stage(cfg, masks, point, ledger)
@@ -411,7 +414,6 @@ def run_pipeline(cfg: RunConfig) -> str:
                      point.objective, point.algorithm,
                      report["cluster_ppl"], *report["cluster_ppl_ci95"], report["dense_ppl"],
                      report["effective_density"], report["recall"], report["weighted_recall"])
-        anchors = anchor_rows(cfg, masks, ledger)
     throughput = ledger.close()
     write_results(rows, out, run_identity(cfg, masks), anchors=anchors, throughput=throughput)
     path = write_report(out)

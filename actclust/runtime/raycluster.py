@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from actclust.console import worker_runtime_env
 from actclust.runtime.actors import in_run_lived
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True,
+                 runtime_env=worker_runtime_env())
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
