@@ -279,3 +279,22 @@ def test_budget_table_takes_each_method_best_within_the_budget():
     assert table[0.5]["best"]["predicted cluster"] is None  # 0.52 > 0.5
     assert not table[0.6]["overlaps"] and not table[0.5]["overlaps"]
     assert "| 0.6 | 20 [19, 21] @ 0.520" in fronts.markdown(fronts.budget_table(found))
+
+
+def test_trials_table_has_a_row_per_trial_with_its_predictors():
+    rows = [{"k": 1, "objective": "theta=0.5", "algorithm": "hamming-kmeans",
+             "cluster_ffn_bytes_fraction": 0.45, "cluster_ppl": 30.0,
+             "cluster_ppl_ci95": [29.0, 31.0], "weighted_recall": 0.7},
+            {"k": 64, "objective": "density=0.5", "algorithm": "hamming-kmeans",
+             "cluster_ffn_bytes_fraction": 0.8, "cluster_ppl": 12.0,
+             "cluster_ppl_ci95": [11.5, 12.5], "weighted_recall": 0.81234,
+             "predictor_kind": "cluster", "predicted_ffn_bytes_fraction": 0.52,
+             "predicted_ppl": 20.0, "predicted_ppl_ci95": [19.0, 21.0],
+             "neuron_predicted_ppl": 18.0, "neuron_predicted_ppl_ci95": [17.0, 19.5],
+             "neuron_predicted_ffn_bytes_fraction": 0.6}]
+    lines = fronts.trials_markdown(rows).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == 11
+    assert lines[2] == ("| hamming-kmeans | theta=0.5 | 1 | 30 [29, 31] | 0.450 | 0.700 | – | – "
+                        "| – | – |")
+    assert lines[3] == ("| hamming-kmeans | density=0.5 | 64 | 12 [11.5, 12.5] | 0.800 | 0.812 "
+                        "| 20 [19, 21] | 0.520 | 18 [17, 19.5] | 0.600 |")

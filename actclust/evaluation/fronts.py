@@ -83,6 +83,36 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ppl(row: dict, key: str) -> str:
+    if row.get(key) is None:
+        return "–"
+    ci = row.get(f"{key}_ci95")
+    return f"{row[key]:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else f"{row[key]:.4g}"
+
+
+def _fraction(row: dict, key: str) -> str:
+    return "–" if row.get(key) is None else f"{row[key]:.3f}"
+
+
+def trials_markdown(rows: list[dict]) -> str:
+    """Every trial as one Markdown row: its cluster pass (the oracle assignment, an upper
+    bound), its predictors, recall and FFN bytes, in the table's order."""
+    lines = ["| algorithm | objective | K | cluster ppl (oracle assignment) | bytes | "
+             "weighted recall | predicted cluster ppl | bytes | neuron predictor ppl | bytes |",
+             "|---" * 10 + "|"]
+    for r in rows:
+        lines.append(" | ".join([
+            f"| {r['algorithm']}", str(r.get("objective") or ""), str(r["k"]),
+            _ppl(r, "cluster_ppl"), _fraction(r, "cluster_ffn_bytes_fraction"),
+            "–" if r.get("weighted_recall") is None else f"{r['weighted_recall']:.3f}",
+            _ppl(r, "predicted_ppl") if r.get("predictor_kind") == "cluster" else "–",
+            _fraction(r, "predicted_ffn_bytes_fraction")
+            if r.get("predictor_kind") == "cluster" else "–",
+            _ppl(r, "neuron_predicted_ppl"),
+            _fraction(r, "neuron_predicted_ffn_bytes_fraction")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(found: list[dict], baseline: dict, plt, save) -> None:
     """Perplexity with intervals against FFN bytes read, one series per method."""
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -295,6 +295,8 @@ def write_report(directory: str) -> str:
     plots = make_plots(rows, storage.join(root, "plots"), anchors)
     budgets = fronts.markdown(fronts.budget_table(fronts.points(rows, anchors)))
     storage.write_bytes_atomic(budgets.encode("utf-8"), storage.join(root, "budgets.md"))
+    storage.write_bytes_atomic(fronts.trials_markdown(rows).encode("utf-8"),
+                               storage.join(root, "trials.md"))
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode()}"><figcaption>{name}</figcaption></figure>'

@@ -179,7 +179,6 @@ def predictor_stage(cfg: RunConfig, centroids: str, name: str,
     return trained
 
 
-
 def neuron_eval_dir(cfg: RunConfig, name: str) -> str:
     """Where the neuron predictor's eval.json of a ``predictor: both`` trial lives."""
     return storage.join(cfg.out, "eval", name, "predicted-neuron")

@@ -54,9 +54,20 @@ def actor_options(workers: int, *, use_gpu: bool | None = None) -> dict:
     each other); its threads stay those of the whole share (:func:`actor_threads`).
     """
     options = _resources(workers, use_gpu=use_gpu)
-    share = RUN_LIVED_SHARE if in_run_lived() else 1.0
-    return {**{key: value * share for key, value in options.items()},
-            "runtime_env": WORK_PRIORITY}
+    if not in_run_lived():
+        return {**options, "runtime_env": WORK_PRIORITY}
+    options = {key: value * RUN_LIVED_SHARE for key, value in options.items()}
+    if not _in_placement_group():
+        # A smaller reservation would let Ray pack the actors onto fewer nodes than their
+        # whole shares fill: spread them as the whole shares would.
+        options["scheduling_strategy"] = "SPREAD"
+    return {**options, "runtime_env": WORK_PRIORITY}
+
+
+def _in_placement_group() -> bool:
+    from ray.util import get_current_placement_group
+
+    return get_current_placement_group() is not None
 
 
 def actor_threads(workers: int, *, use_gpu: bool | None = None) -> int:
