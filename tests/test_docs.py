@@ -13,7 +13,7 @@ STAGES = ("extract", "cluster", "evaluate", "report", "train-predictor", "genera
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 MENTION = re.compile(r"(?<![\w/.-])((?:\.\./)?(?:[\w-]+/)*[\w-]+\.md)\b")
 # Markdown files actclust writes into a run's directory: outputs, not documents.
-OUTPUTS = ("budgets.md",)
+OUTPUTS = ("budgets.md", "trials.md")
 
 
 def _tracked(*suffixes: str) -> list[Path]:

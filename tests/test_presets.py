@@ -60,3 +60,13 @@ def test_grid_blocks_are_products_of_their_own_lists():
 def test_a_bad_grid_block_is_refused_in_one_line(grid, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
         C.build(SweepConfig, dict(grid=grid))
+
+
+def test_fit_macs_counts_every_layer_at_its_sites_width():
+    from actclust.orchestration.ledger import fit_macs
+
+    one_site = {"d_ff": 10, "iterations": {"0": 2, "1": 3}, "tokens": 4, "k": 5}
+    assert fit_macs(one_site) == (2 + 3) * 4 * 5 * 10
+    sites = {"d_ff": {"gate": 10, "up": 20}, "iterations": {"gate:0": 2, "up:0": 3},
+             "tokens": 4, "k": 5}
+    assert fit_macs(sites) == (2 * 10 + 3 * 20) * 4 * 5

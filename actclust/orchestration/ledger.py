@@ -70,9 +70,15 @@ class Ledger:
 
 
 def fit_macs(meta: dict) -> float:
-    """Multiply-adds of a fit's assignment GEMMs: iterations x rows x K x bits per layer."""
-    rows, k, width = meta["tokens"], meta["k"], meta["d_ff"]
-    return float(sum(meta["iterations"].values())) * rows * k * width
+    """Multiply-adds of a fit's assignment GEMMs: iterations x rows x K x bits per layer
+    (with several sites, iterations are keyed ``site:layer`` and each site has its width)."""
+    widths = meta["d_ff"]
+
+    def width(key: str) -> int:
+        return widths if isinstance(widths, int) else widths[key.split(":")[0]]
+
+    return float(sum(n * width(key) for key, n in meta["iterations"].items())) \
+        * meta["tokens"] * meta["k"]
 
 
 def measure_gemm_rate(width: int, seed: int = 0) -> float:

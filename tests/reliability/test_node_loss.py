@@ -74,7 +74,7 @@ def test_extraction_survives_a_lost_node(cluster, tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def masks(nodes, extract_masks):
-    return extract_masks(**EXTRACT, shard_windows=20)
+    return extract_masks(**{**EXTRACT, "shard_windows": 20})
 
 
 def test_kmeans_survives_a_lost_node(cluster, masks, tmp_path, caplog):
