@@ -31,7 +31,8 @@ from actclust.config import ClusterConfig, FitSpec, identity
 from actclust.errors import UserError
 from actclust.io import centroid_store, kmeans_state, mask_store, outdir, storage
 from actclust.progress import Progress
-from actclust.runtime.actors import ActorGroup, FaultHooks, acquire_group, release_group
+from actclust.runtime.actors import (ActorGroup, FaultHooks, acquire_group, release_group,
+                                     stage_group)
 from actclust.runtime.raycluster import (actor_options, actor_threads, cluster_gpus, init_ray,
                                          set_threads)
 
@@ -285,23 +286,15 @@ def _fit_baseline(cfg: ClusterConfig, manifest: dict, layers: list[int], faults)
     options = actor_options(1)
     Worker = ray.remote(ClusterWorker).options(max_restarts=1, max_task_retries=1, **options)
     key = None if faults is not None else ("baseline worker",)
-    group = acquire_group(key, lambda: ActorGroup(
-        lambda: Worker.remote(actor_threads(1), faults), 1))
-    worker = group.first_actor()
     names = [s["name"] for s in mask_store.complete_shards(manifest)]
     width = mask_store.mask_width(manifest)
     spec = cfg.fit_spec()
     site = manifest.get("mask_site")
-    try:
+    with stage_group(key, lambda: Worker.remote(actor_threads(1), faults), 1) as group:
+        worker = group.first_actor()
         if cfg.pool_layers:
-            fits = {-1: ray.get(worker.fit_baseline.remote(cfg.masks, layers, names, width, spec,
+            return {-1: ray.get(worker.fit_baseline.remote(cfg.masks, layers, names, width, spec,
                                                            site))}
-        else:
-            fits = {layer: ray.get(worker.fit_baseline.remote(cfg.masks, [layer], names, width,
-                                                              spec, site))
-                    for layer in layers}
-    except BaseException:
-        release_group(key, group, failed=True)
-        raise
-    release_group(key, group)
-    return fits
+        return {layer: ray.get(worker.fit_baseline.remote(cfg.masks, [layer], names, width, spec,
+                                                          site))
+                for layer in layers}
