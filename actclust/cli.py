@@ -13,6 +13,7 @@ failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -25,13 +26,23 @@ from actclust.orchestration.runconfig import RunConfig
 log = logging.getLogger("actclust")
 
 
-def _config(cls, args: argparse.Namespace, skip=("command", "config", "verbose")):
-    file_values = C.load_yaml(args.config) if getattr(args, "config", None) else {}
+def _settings(args: argparse.Namespace) -> tuple[dict, str]:
+    """The settings that flags override, and where they came from: a preset handed to
+    :func:`main` (a Ray job's), the ``--config`` file, or nothing."""
+    preset = getattr(args, "preset", None)
+    if preset is not None:
+        return dict(preset.values), preset.source
+    if getattr(args, "config", None):
+        return C.load_yaml(args.config), f"config file {args.config}"
+    return {}, "arguments"
+
+
+def _config(cls, args: argparse.Namespace, skip=("command", "config", "verbose", "preset")):
+    file_values, source = _settings(args)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     for flag, other in (("theta", "density"), ("density", "theta")):
         if overrides.get(flag) is not None:  # a flag replaces the file's objective
             file_values.pop(other, None)
-    source = f"config file {args.config}" if getattr(args, "config", None) else "arguments"
     return C.build(cls, file_values, overrides, source)
 
 
@@ -101,10 +112,11 @@ def _cmd_train_predictor(args) -> int:
 def _cmd_sweep(args) -> int:
     from actclust.orchestration.sweep import run_sweep
 
-    if not args.config:
+    if not args.config and getattr(args, "preset", None) is None:
         raise UserError("sweep needs --config FILE (see jobs/presets/sweep_default.yaml)")
+    values, source = _settings(args)
     overrides = {"predictor": args.predictor} if args.predictor is not None else None
-    run_sweep(C.load_yaml(args.config), source=args.config, overrides=overrides)
+    run_sweep(values, source=source, overrides=overrides)
     return 0
 
 
@@ -164,11 +176,21 @@ COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_e
             "fetch-model": _cmd_fetch_model}
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Settings given as a mapping instead of ``--config FILE`` (a Ray job's preset, already
+    read); ``source`` names it in error messages. Flags still override it."""
+
+    values: dict
+    source: str
+
+
+def main(argv: list[str] | None = None, preset: Preset | None = None) -> int:
     def command() -> int:
         from actclust import console
 
         args = build_parser().parse_args(argv)
+        args.preset = preset
         console.configure(args.verbose)
         if not args.command:
             raise UserError("give a command: " + ", ".join(COMMANDS) + " (see `actclust --help`)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from actclust.errors import UserError
-from actclust.kernels.rules import DEFAULT_THETA
+from actclust.kernels.rules import DEFAULT_THETA, valid_fraction, valid_k
 
 DEFAULT_MODEL = "embedded:smollm2-135m"
 DEFAULT_CORPUS = "embedded:pydoc"
@@ -140,17 +140,16 @@ class ClusterConfig:
         _require(self.masks, "masks", "--masks DIR (the output of actclust extract)")
         _require(self.out, "out", "--out DIR")
         _require(self.k, "k", "--k K (number of clusters)")
-        if self.k < 1:
+        if not valid_k(self.k):
             raise UserError(f"k must be at least 1, got {self.k}")
         if self.theta is not None and self.density is not None:
             raise UserError("give --theta or --density, not both (theta sets the member frequency "
                             "that keeps a centroid bit, density the number of bits)")
         if self.density is None and self.theta is None:
             object.__setattr__(self, "theta", DEFAULT_THETA)
-        if self.theta is not None and not 0.0 < self.theta <= 1.0:
-            raise UserError(f"theta must be in (0, 1], got {self.theta}")
-        if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise UserError(f"density must be in (0, 1], got {self.density}")
+        for key in ("theta", "density"):
+            if getattr(self, key) is not None and not valid_fraction(getattr(self, key)):
+                raise UserError(f"{key} must be in (0, 1], got {getattr(self, key)}")
         _positive(self.workers, "workers")
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.algorithm, ALGORITHMS, "algorithm")

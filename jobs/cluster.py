@@ -1,12 +1,9 @@
-"""Ray job: distributed Hamming k-means of a mask directory.
+"""Ray job: distributed Hamming k-means of a mask directory (``actclust cluster`` on a preset).
 
     ray job submit --working-dir . -- python jobs/cluster.py --config my_cluster.yaml
 """
 
 import _common
-
-from actclust.clustering.distributed import run_cluster
-from actclust.config import ClusterConfig
 
 
 def job() -> int:
@@ -15,10 +12,7 @@ def job() -> int:
     if args.smoke_test:
         paths = _common.smoke_inputs(with_centroids=False)
         smoke = dict(masks=paths["masks"], out=f"{paths['root']}/clusters", k=8, workers=2)
-    cfg = _common.build_from(ClusterConfig, _common.values(args, smoke), args)
-    meta = run_cluster(cfg)
-    print(f"{cfg.out}: K={meta['k']} mean Hamming cost {meta['mean_cost']:.2f}")
-    return 0
+    return _common.run_command("cluster", _common.values(args, smoke), args)
 
 
 if __name__ == "__main__":

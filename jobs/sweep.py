@@ -1,18 +1,15 @@
-"""Ray job: Ray Tune sweep over K, the objective (theta or density) and the algorithm on one extraction.
+"""Ray job: Ray Tune sweep over K, the objective (theta or density) and the algorithm on
+one extraction (``actclust sweep`` on a preset).
 
     ray job submit --working-dir . -- python jobs/sweep.py --config jobs/presets/sweep_default.yaml
 """
 
 import _common
 
-from actclust.orchestration.sweep import run_sweep
-
 
 def job() -> int:
     args = _common.parse(__doc__)
-    data = _common.values(args, _common.SMOKE)
-    print(run_sweep(data, source=args.config or "arguments"))
-    return 0
+    return _common.run_command("sweep", _common.values(args, _common.SMOKE), args)
 
 
 if __name__ == "__main__":

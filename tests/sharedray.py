@@ -40,6 +40,12 @@ class SharedRay:
         self.port: int | None = None
 
     def address(self) -> str:
+        if self.proc is not None and self.proc.poll() is not None:
+            # `ray start --block` exits, taking the whole head down, when any process it
+            # started dies; later tests get a new head rather than a dead address.
+            print(f"sharedray: the head on port {self.port} exited "
+                  f"({self.proc.returncode}); starting another", file=sys.stderr)
+            self.proc = None
         if self.proc is None:
             self._start()
         return f"127.0.0.1:{self.port}"

@@ -297,6 +297,22 @@ def test_a_job_refuses_a_key_no_stage_takes_and_leaves_other_stages_keys_aside(j
     assert_user_error(res, f"unknown key max_token in {preset}; no stage of actclust takes it")
 
 
+@pytest.mark.parametrize("job,preset,message", [
+    ("cluster", dict(masks="m", out="c", k=0), "k must be at least 1, got 0"),
+    ("pipeline", dict(model="tiny:opt", k=[4], theta=[1.5]), "theta must be a list of values"),
+    ("pipeline", dict(model="tiny:opt", k=[4], max_concurrent_trials=2),
+     "unknown key max_concurrent_trials"),
+])
+def test_a_job_refuses_what_the_command_line_refuses(job, preset, message, tmp_path):
+    # A job is `actclust <command>` on its preset: the same checks, the same one line.
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    res = subprocess.run([sys.executable, f"jobs/{job}.py", "--config", str(path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_user_error(res, message)
+    assert not (REPO / "c").exists()
+
+
 def test_a_sweep_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):
     from actclust import config as C
     from actclust.errors import UserError

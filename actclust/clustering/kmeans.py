@@ -58,7 +58,7 @@ from typing import Callable
 import numpy as np
 
 from actclust import kernels
-from actclust.kernels.rules import AssignRule
+from actclust.kernels.rules import AssignRule, valid_k
 from actclust.clustering.datasets import ArrayDataset, MaskDataset
 from actclust.clustering.seeding import (init_kmeanspp, init_random, reseed_empty, seeded_rng,
                                          shared_sample)
@@ -110,7 +110,7 @@ def local_allreduce(array: np.ndarray) -> np.ndarray:
 
 
 def _check_args(k, seed, init, batch_size, max_iter, tol, rank, world_size, layer):
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+    if not valid_k(k):
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     for name, value in (("seed", seed), ("layer", layer), ("rank", rank), ("max_iter", max_iter)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:

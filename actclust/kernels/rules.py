@@ -39,6 +39,18 @@ THETA, DENSITY = "theta", "density"
 DEFAULT_THETA = 0.5
 
 
+# The one rule for each clustering parameter; configs (user errors) and the Python API
+# (ValueError) both check with these.
+def valid_k(value) -> bool:
+    """A number of clusters: an integer of at least 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def valid_fraction(value) -> bool:
+    """theta or a density: a real number in (0, 1]."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value <= 1
+
+
 @dataclass(frozen=True)
 class AssignRule:
     """One objective: ``kind`` "theta" (with ``theta``) or "density" (with ``density``)."""
@@ -58,12 +70,11 @@ class AssignRule:
             raise ValueError("give theta or density, not both (density fixes the number of "
                              "centroid bits, theta the member frequency that sets one)")
         if density is not None:
-            if isinstance(density, bool) or not isinstance(density, numbers.Real) \
-                    or not 0 < density <= 1:
+            if not valid_fraction(density):
                 raise ValueError(f"density must be in (0, 1], got {density!r}")
             return cls(DENSITY, density=float(density))
         theta = DEFAULT_THETA if theta is None else theta
-        if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not 0 < theta <= 1:
+        if not valid_fraction(theta):
             raise ValueError(f"theta must be in (0, 1], got {theta!r}")
         return cls(THETA, theta=kernels.theta_fraction(theta))  # the centroid threshold's fraction
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 from actclust import config as C
 from actclust.errors import UserError
+from actclust.kernels.rules import valid_fraction, valid_k
 
 
 def objective_label(theta: float | None, density: float | None) -> str:
@@ -106,14 +107,13 @@ class RunConfig:
         if self.predictor != "none" and self.sites != "intermediate":
             raise UserError(f"predictor: {self.predictor} needs sites: intermediate (a predictor "
                             f"names FFN-intermediate centroids), got sites: {self.sites}")
-        if not self.k or not all(isinstance(v, int) and v >= 1 for v in self.k):
+        if not self.k or not all(valid_k(v) for v in self.k):
             raise UserError(f"k must be a list of positive integers, got {self.k}")
-        if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.theta):
-            raise UserError(f"theta must be a list of values in (0, 1], got {self.theta}")
+        for key in ("theta", "density"):
+            if not all(valid_fraction(v) for v in getattr(self, key)):
+                raise UserError(f"{key} must be a list of values in (0, 1], got "
+                                f"{getattr(self, key)}")
         self.theta = [float(t) for t in self.theta]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
-                   for v in self.density):
-            raise UserError(f"density must be a list of values in (0, 1], got {self.density}")
         self.density = [float(v) for v in self.density]
         if not self.theta and not self.density:
             raise UserError("give at least one theta or one density to fit")
