@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from actclust import hamming, kmeans
+from actclust.clustering.datasets import ArrayDataset, block_stats
+from actclust.kernels.rules import AssignRule
 
 
 def planted(n=2000, k=8, d=300, flip=0.03, density=0.3, seed=0):
@@ -200,3 +202,25 @@ def test_argument_errors():
         kmeans.fit(None, 2)
     with pytest.raises(ValueError, match="unknown backend"):
         kmeans.fit(x, 2, backend="tpu")
+
+
+@pytest.mark.parametrize("rule", [None, AssignRule.from_args(theta=0.3),
+                                  AssignRule.from_args(density=0.25)])
+def test_full_pass_sums_of_moved_rows_equal_a_recount(rule):
+    # An in-memory dataset re-sums only the rows whose cluster changed since its last pass.
+    rng = np.random.default_rng(3)
+    x = np.packbits(rng.random((3000, 256)) < 0.3, axis=1, bitorder="little")
+    data = ArrayDataset(x)
+    centroids = x[rng.choice(len(x), 16, replace=False)]
+    moved = []
+    for step in range(4):  # each step replaces 3 centroids: some rows move, most stay
+        centroids = centroids.copy()
+        centroids[rng.choice(16, 3, replace=False)] = x[rng.choice(len(x), 3, replace=False)]
+        before = None if data._last_pass is None else data._last_pass[0]
+        got = data.assign_stats(centroids, 16, rule=rule)
+        want = block_stats(x, centroids, 16, "numpy", rule)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        assert got[2] == want[2] and want[1].sum() == len(x)
+        if before is not None:
+            moved.append(int((data._last_pass[0] != before).sum()))
+    assert all(0 < m < len(x) for m in moved), moved

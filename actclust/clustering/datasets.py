@@ -87,6 +87,7 @@ class ArrayDataset:
             raise ValueError(f"global_offset must be >= 0, got {global_offset}")
         self.x = x
         self.global_offset = int(global_offset)
+        self._last_pass = None  # (labels, sums, counts) of the latest full pass
 
     def count(self) -> int:
         """Number of local rows."""
@@ -126,8 +127,24 @@ class ArrayDataset:
             sums: (k, 8B) int64 set-bit counts per cluster and neuron.
             counts: (k,) int64 members.
             cost_sum: int, sum of the rows' integer costs under ``rule``.
+
+        After the first pass only the rows whose cluster changed are summed again (moved
+        out of their old cluster, into the new one): late Lloyd iterations move few rows,
+        and the integer sums are the same as a full recount.
         """
-        return block_stats(self.x, centroids, k, backend, rule)
+        labels, dists = kernels.assign_scored(self.x, centroids, rule, backend=backend)
+        last = self._last_pass
+        if last is None or last[0].shape != labels.shape or last[1].shape[0] != k:
+            sums, counts = kernels.bit_sums(self.x, labels, k, backend=backend)
+        else:
+            old_labels, old_sums, old_counts = last
+            moved = np.flatnonzero(labels != old_labels)
+            rows = self.x[moved]
+            gained, gained_n = kernels.bit_sums(rows, labels[moved], k, backend=backend)
+            lost, lost_n = kernels.bit_sums(rows, old_labels[moved], k, backend=backend)
+            sums, counts = old_sums + gained - lost, old_counts + gained_n - lost_n
+        self._last_pass = (labels, sums, counts)
+        return sums, counts, int(dists.sum(dtype=np.int64))
 
 
 
