@@ -149,10 +149,59 @@ class Targets:
                          for i, c in enumerate(self.centroids)], axis=1)
 
     def __call__(self, bits: np.ndarray):
+        return self.select(self.prepare(bits), slice(None))
+
+    def prepare(self, bits: np.ndarray):
+        """A shard's targets in their compact form: cluster labels (N, L) int64, or the
+        packed masks themselves (N, L, B) uint8, unpacked a batch at a time."""
         import torch
 
+        return torch.from_numpy(self.labels(bits) if self.kind == "cluster" else bits)
+
+    def select(self, prepared, rows):
+        """The targets of ``rows`` (an index tensor or a slice) of a prepared shard:
+        (n, L) int64 labels, or (n, L, width) float32 true masks."""
+        import torch
+
+        part = prepared[rows]
         if self.kind == "cluster":
-            return torch.from_numpy(self.labels(bits))
-        n, L, b = bits.shape
-        return torch.from_numpy(store.unpack(bits.reshape(n * L, b), self.width)
+            return part
+        n, L, b = part.shape
+        return torch.from_numpy(store.unpack(part.numpy().reshape(n * L, b), self.width)
                                 .reshape(n, L, self.width).astype(np.float32))
+
+
+# Decoded shards a training worker keeps between epochs; past it, shards are read again.
+CACHE_BYTES = 4 << 30
+
+
+class ShardCache:
+    """A worker's decoded shards: FFN inputs as float16 tensors and prepared targets.
+
+    Each epoch used to read and decode every shard again and recompute its targets (the
+    clustering's assignment of every mask), which cost far more than the training steps.
+    Shards are kept until ``budget`` bytes are held, so memory stays bounded on any corpus.
+    """
+
+    def __init__(self, spec: FeatureSpec, targets: Targets, budget: int = CACHE_BYTES):
+        self.spec, self.targets, self.budget = spec, targets, budget
+        self.held: dict[int, tuple] = {}
+        self.bytes = 0
+
+    def get(self, index: int):
+        """(h (N, L, d_model) float16 tensor, prepared targets) of shard ``index``."""
+        import torch
+
+        if index in self.held:
+            return self.held[index]
+        table = predictor_store.read_shard(self.spec.root, shard_name(index))
+        h = np.stack([store.bits_to_numpy(table.column(f"h{l}")).view("<f2")
+                      for l in self.spec.layers], axis=1)
+        bits = np.stack([store.bits_to_numpy(table.column(f"m{l}")) for l in self.spec.layers],
+                        axis=1)
+        entry = (torch.from_numpy(h), self.targets.prepare(bits))
+        size = entry[0].nbytes + entry[1].nbytes
+        if self.bytes + size <= self.budget:
+            self.held[index] = entry
+            self.bytes += size
+        return entry

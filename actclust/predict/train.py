@@ -281,6 +281,7 @@ def train_loop(config: dict) -> None:
     # Equal steps on every rank (the smallest share), so DDP's all-reduces pair up.
     steps = min(sum(shard_tokens(n_windows, spec.shard_windows, seq_len, i)
                     for i in train[r::world]) // batch for r in range(world))
+    cache = F.ShardCache(spec, targets)
     for epoch in range(start, loop.epochs):
         rng = np.random.default_rng([loop.seed, epoch, rank])
         done, loss_sum = 0, torch.zeros(2, dtype=torch.float64, device=device)
@@ -288,21 +289,20 @@ def train_loop(config: dict) -> None:
         for i in rng.permutation(mine):
             if done >= steps:
                 break
-            h, bits = F.read_shard(spec, int(i))
-            target = targets(bits)
-            h = torch.from_numpy(h)
+            h, prepared = cache.get(int(i))
             order = torch.from_numpy(rng.permutation(len(h)))
             for s in range(0, len(h) - batch + 1, batch):
                 if done >= steps:
                     break
                 idx = order[s:s + batch]
-                loss = loss_fn(loop.kind, ddp(h[idx].to(device)), target[idx].to(device))
+                loss = loss_fn(loop.kind, ddp(h[idx].to(device, torch.float32)),
+                               targets.select(prepared, idx).to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 loss_sum += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64, device=device)
                 done += 1
-        metrics = _validate(net, spec, targets, loop.kind, val[rank::world], device)
+        metrics = _validate(net, cache, loop.kind, val[rank::world], device)
         dist.all_reduce(loss_sum)
         dist.all_reduce(metrics)
         report = {"epoch": epoch + 1, "first_epoch": start, "train_loss": float(loss_sum[0] / max(1, loss_sum[1])),
@@ -318,7 +318,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(report, checkpoint=saved)
 
 
-def _validate(net, spec, targets, kind: str, shards, device):
+def _validate(net, cache: F.ShardCache, kind: str, shards, device):
     """Summed [loss * tokens, top-1 hits (cluster) , tokens*L] over this rank's shards."""
     import torch
 
@@ -326,10 +326,11 @@ def _validate(net, spec, targets, kind: str, shards, device):
     net.eval()
     with torch.no_grad():
         for i in shards:
-            h, bits = F.read_shard(spec, i)
+            h, prepared = cache.get(i)
             for s in range(0, len(h), 512):
-                target = targets(bits[s:s + 512]).to(device)
-                logits = net(torch.from_numpy(h[s:s + 512]).to(device))
+                rows = slice(s, s + 512)
+                target = cache.targets.select(prepared, rows).to(device)
+                logits = net(h[rows].to(device, torch.float32))
                 n = target.shape[0] * target.shape[1]
                 sums[0] += float(loss_fn(kind, logits, target)) * n
                 if kind == "cluster":
