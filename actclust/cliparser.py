@@ -309,6 +309,10 @@ def _add_generate(sub) -> None:
                         f"(default: {default(cls, 'slab_budget_mb'):g})")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch threads (default: torch's own choice)")
+    p.add_argument("--mask-mode", dest="mask_mode", metavar="MODE",
+                   help="replace: the centroid's neurons; and: of those, only the ones with "
+                        "|a| above the layer's mask threshold reach the output projection "
+                        f"(default: {default(cls, 'mask_mode')})")
     _trust_flag(p)
 
 

@@ -78,6 +78,36 @@ def test_sparse_ffn_equals_masked_dense(loaded, layout, path, tokens):
             torch.testing.assert_close(ffn(h[None]), want[None], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["slab", "gather"])
+@pytest.mark.parametrize("path", ["auto", "sparse", "dense"])
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_mask_mode_and_keeps_only_the_centroids_neurons_above_tau(loaded, layout, path, tokens):
+    # Cluster, then threshold: out(a * (c AND |a| > tau)), tau the median |a| of the layer.
+    parts = ffn_parts(loaded.model)
+    choose = projection_chooser(loaded.model.config.hidden_size, len(parts))
+    kept, dropped, differs = 0, 0, False
+    for layer, part in enumerate(parts):
+        weights = neuron_major(part)
+        masks = centroid_masks(weights.d_ff, seed=layer)
+        h = hidden(loaded, tokens, seed=layer)
+        with torch.no_grad():
+            full = reference(part, h, torch.ones(weights.d_ff, dtype=torch.bool))
+            a = (part.act(part.inputs[0](h)) * part.inputs[1](h) if part.family == "gated"
+                 else part.act(part.inputs[0](h)))
+            tau = float(a.abs().median())
+            ids = choose(layer, h)
+            keep = masks[ids] & (a.abs() > tau)
+            want = reference(part, h, keep)
+            ffn = SparseFFN(SparseLayout(weights, masks, layout=layout), layer, choose,
+                            part.act, path=path, tau=tau)
+            got = ffn(h)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        kept += int(keep.sum())
+        dropped += int((masks[ids] & ~keep).sum())
+        differs |= not torch.allclose(got, full, rtol=1e-3, atol=1e-3)
+    assert kept > 0 and dropped > 0 and differs  # neurons kept, and the threshold drops some
+
+
 def test_paths_taken(loaded):
     """One token reads one block; a batch is grouped or dense by the documented rule."""
     part = ffn_parts(loaded.model)[0]

@@ -90,6 +90,45 @@ def test_sparse_greedy_equals_masked_dense_greedy(name, layout):
         assert result.tokens_per_s > 0
 
 
+@pytest.mark.parametrize("name", ["tiny:llama", "tiny:opt"])
+def test_mask_mode_and_greedy_equals_the_thresholded_masked_dense_greedy(name):
+    loaded = load_model(name)
+    model = loaded.model
+    masks = random_masks(model, 0.6)
+    choose = projection_chooser(model)
+    ids = torch.tensor([loaded.tokenizer.encode(PROMPT)])
+    taus = {}
+
+    def record(layer, a):  # tau_l: the median |a| of the prompt's tokens
+        taus[layer] = float(a.abs().median())
+        return torch.ones_like(a, dtype=torch.bool)
+    with torch.no_grad(), masking(model, record):
+        model(ids)
+    n = 10
+    with torch.no_grad(), masked_by_chooser(model, masks, choose):
+        plain_logits = model(ids).logits
+    parts = ffn_parts(model)
+    chosen: dict = {}
+    handles = [part.inputs[0].register_forward_pre_hook(
+        lambda mod, args, layer=layer: chosen.__setitem__(layer, choose(layer, args[0])))
+        for layer, part in enumerate(parts)]
+    try:
+        # The reference: the model's own FFN, its activation times (c AND |a| > tau_l).
+        with masking(model, lambda layer, a: masks[layer][chosen[layer]].reshape(a.shape)
+                     & (a.abs() > taus[layer])):
+            want = greedy_tokens(model, ids, n)
+            with torch.no_grad():
+                thresholded_logits = model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    layouts = build_layouts(model, masks, layout="gather")
+    got = generate(loaded, PROMPT, n, mode="sparse", layouts=layouts, choose=choose,
+                   stop_at_eos=False, thresholds=taus)
+    assert len(want) == n and got.tokens == want
+    assert (thresholded_logits - plain_logits).abs().max() > 1e-3  # the threshold matters
+
+
 def write_clustering(directory, model_name: str, masks: dict) -> None:
     """A clustering directory as `actclust cluster` writes it (centroids.parquet, cluster.json)."""
     import pyarrow as pa

@@ -7,7 +7,9 @@ computes, for each token, only the neurons of that cluster's centroid c:
     ReLU:  y = W_fc2[:, c] relu(W_fc1[c] h + b_fc1[c]) + b_fc2
 
 which equals the dense FFN with its activation masked, ``a * c``, up to float
-rounding. One token (batch-1 decode) reads one block per projection. On CPU,
+rounding. With a threshold ``tau`` (mask mode ``and``: cluster, then threshold) only the
+centroid's neurons with ``|a| > tau`` go on to the output projection, ``a * (c AND m)``:
+gate/up are read at the centroid's rows, the output projection only at the kept ones. One token (batch-1 decode) reads one block per projection. On CPU,
 several tokens are grouped by cluster, one pair of matmuls per group, when that
 reads no more weight bytes than the dense FFN (few clusters); otherwise, and
 always on a GPU, they take the masked dense path, one matmul per projection.
@@ -38,10 +40,12 @@ class SparseFFN(torch.nn.Module):
     grouped) or ``dense`` (always the masked dense path, the reference).
     ``min_group_tokens``: mean tokens per cluster above which grouping is used even when
     the groups together read more weight bytes than the dense FFN (None: never).
+    ``tau``: the layer's mask threshold for mask mode ``and`` (None: mode ``replace``).
     """
 
     def __init__(self, layout: SparseLayout, layer: int, choose: Chooser, act,
-                 path: str = "auto", min_group_tokens: int | None = MIN_GROUP_TOKENS):
+                 path: str = "auto", min_group_tokens: int | None = MIN_GROUP_TOKENS,
+                 tau: float | None = None):
         super().__init__()
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}")
@@ -51,6 +55,7 @@ class SparseFFN(torch.nn.Module):
         self.act = act
         self.path = path
         self.min_group_tokens = min_group_tokens
+        self.tau = tau
         self.calls: collections.Counter = collections.Counter()  # path taken -> count
 
     def forward(self, h):
@@ -96,6 +101,10 @@ class SparseFFN(torch.nn.Module):
             return self.act(z[..., 0]) * z[..., 1]
         return self.act(z[..., 0])
 
+    def _thresholded(self, a):
+        """a with the entries at or under tau zeroed (mask mode and); a as is otherwise."""
+        return a if self.tau is None else a * (a.abs() > self.tau)
+
     def _output_bias(self, y):
         b = self.layout.weights.b_out
         return y if b is None else y + b
@@ -105,12 +114,21 @@ class SparseFFN(torch.nn.Module):
 
         block = self.layout.block(cluster)
         a = self._activation(F.linear(x, block.in_w, block.in_b))
-        if block.out_w is not None:
-            return self._output_bias(a @ block.out_w)
-        if block.index.numel() == 0:
+        index = block.index
+        if self.tau is not None and x.shape[0] == 1:
+            # One token: read only the kept neurons' output rows.
+            kept = torch.nonzero(a[0].abs() > self.tau).reshape(-1)
+            if block.out_w is not None:
+                return self._output_bias(a[:, kept] @ block.out_w.index_select(0, kept))
+            a, index = a[:, kept], index.index_select(0, kept)
+        else:
+            a = self._thresholded(a)
+            if block.out_w is not None:
+                return self._output_bias(a @ block.out_w)
+        if index.numel() == 0:
             return self._output_bias(x.new_zeros(x.shape[0], self.layout.weights.d_model))
         # Sum of a_i * w_out[i] over the gathered neurons, reading the rows in place.
-        bags = block.index.expand(x.shape[0], -1)
+        bags = index.expand(x.shape[0], -1)
         y = F.embedding_bag(bags, self.layout.weights.w_out, per_sample_weights=a.contiguous(),
                             mode="sum")
         return self._output_bias(y)
@@ -131,14 +149,16 @@ class SparseFFN(torch.nn.Module):
         w = self.layout.weights
         b_in = None if w.b_in is None else w.b_in.reshape(-1)
         a = self._activation(F.linear(x, w.w_in.reshape(-1, w.d_model), b_in))
-        a = a * self.layout.mask_values.index_select(0, ids)
+        a = self._thresholded(a * self.layout.mask_values.index_select(0, ids))
         return self._output_bias(a @ w.w_out)
 
 
 @contextlib.contextmanager
 def sparse_ffns(model, layouts: dict, choose: Chooser, path: str = "auto",
-                min_group_tokens: int | None = MIN_GROUP_TOKENS) -> Iterator[dict]:
-    """Swap the FFN of every layer in ``layouts`` (layer -> SparseLayout) for a SparseFFN.
+                min_group_tokens: int | None = MIN_GROUP_TOKENS,
+                thresholds: dict | None = None) -> Iterator[dict]:
+    """Swap the FFN of every layer in ``layouts`` (layer -> SparseLayout) for a SparseFFN;
+    ``thresholds`` (layer -> tau) gives mask mode ``and``, None mode ``replace``.
 
     Yields {layer: SparseFFN}. The original modules are always put back.
     """
@@ -148,7 +168,8 @@ def sparse_ffns(model, layouts: dict, choose: Chooser, path: str = "auto",
     try:
         for layer, layout in sorted(layouts.items()):
             part = parts[layer]
-            module = SparseFFN(layout, layer, choose, part.act, path, min_group_tokens)
+            tau = None if thresholds is None else float(thresholds[layer])
+            module = SparseFFN(layout, layer, choose, part.act, path, min_group_tokens, tau)
             modules[layer] = module
             for dotted, new in [(part.ffn_path, module)] + \
                     [(p, torch.nn.Identity()) for p in part.identity_paths]:

@@ -105,11 +105,14 @@ def greedy_tokens(model, input_ids, max_new_tokens: int, eos_token_id=None) -> l
 
 
 def generate(loaded, prompt: str, max_new_tokens: int = 32, mode: str = "sparse",
-             layouts: Optional[dict] = None, choose=None, stop_at_eos: bool = True) -> Generation:
+             layouts: Optional[dict] = None, choose=None, stop_at_eos: bool = True,
+             thresholds: Optional[dict] = None) -> Generation:
     """Greedy continuation of ``prompt`` with the FFNs of ``layouts`` swapped in.
 
     ``mode``: ``sparse`` (only the centroid's neurons), ``masked`` (dense FFN times the
     centroid) or ``dense`` (the model as it is; layouts and choose unused).
+    ``thresholds`` (layer -> tau): mask mode ``and``, the centroid's neurons with
+    ``|a| > tau`` only.
     """
     import torch
 
@@ -129,7 +132,7 @@ def generate(loaded, prompt: str, max_new_tokens: int = 32, mode: str = "sparse"
         if layouts is None or choose is None:
             raise ValueError("sparse and masked generation need layouts and choose")
         path = "auto" if mode == "sparse" else "dense"
-        with sparse_ffns(loaded.model, layouts, choose, path=path):
+        with sparse_ffns(loaded.model, layouts, choose, path=path, thresholds=thresholds):
             new = greedy_tokens(loaded.model, input_ids, max_new_tokens, eos)
     seconds = time.perf_counter() - start
     return Generation(mode, len(ids), new, loaded.tokenizer.decode(new), seconds)
@@ -178,5 +181,11 @@ def run_generate(cfg: GenerateConfig, choose=None, layers=None) -> Generation:
     if layers is not None:
         masks = {layer: masks[layer] for layer in layers}
     layouts = build_layouts(loaded.model, masks, cfg.layout, cfg.slab_budget_mb, priority)
+    thresholds = mask_thresholds(meta) if cfg.mask_mode == "and" else None
     return generate(loaded, cfg.prompt, cfg.max_new_tokens, mode="sparse", layouts=layouts,
-                    choose=choose)
+                    choose=choose, thresholds=thresholds)
+
+
+def mask_thresholds(meta: dict) -> dict:
+    """layer -> tau_l, the masks' threshold of each clustered layer (cluster.json)."""
+    return {int(layer): float(tau) for layer, tau in zip(meta["layers"], meta["thresholds"])}
