@@ -88,6 +88,15 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_mass_bits(args) -> int:
+    from actclust.predict.mass import run_mass_bits
+
+    cfg = _config(C.MassBitsConfig, args)
+    run_mass_bits(cfg)
+    log.info("wrote %s/centroids.parquet (bits by activation mass)", cfg.out)
+    return 0
+
+
 def _cmd_generate(args) -> int:
     from actclust.sparse.generate import run_generate
 
@@ -172,6 +181,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_evaluate,
             "generate": _cmd_generate, "train-predictor": _cmd_train_predictor,
+            "mass-bits": _cmd_mass_bits,
             "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report,
             "fetch-model": _cmd_fetch_model}
 

@@ -240,6 +240,27 @@ def _add_evaluate(sub) -> None:
     _workers_flag(p, cls, "evaluation actors, each with its own copy of the model")
 
 
+def _add_mass_bits(sub) -> None:
+    p = sub.add_parser(
+        "mass-bits", help="move each centroid's bits to its members' largest activations",
+        description="Keep each centroid's bit count and its members (the fitted assignment), "
+                    "but set its bits on the neurons with the largest summed |a| over its "
+                    "members instead of the most frequent ones. Reads the FFN inputs of a "
+                    "predictor's features directory; writes a clustering directory.",
+        epilog=examples(
+            "actclust mass-bits --centroids runs/demo/clusters/k=64-theta=0.5 --features "
+            "runs/demo/predictor/features --out runs/demo/k64-mass"))
+    _config_flag(p)
+    p.add_argument("--centroids", metavar="DIR", help="clustering directory (required)")
+    p.add_argument("--features", metavar="DIR",
+                   help="features directory of a predictor trained on these centroids' masks "
+                        "(required)")
+    p.add_argument("--out", metavar="DIR", help="output clustering directory (required)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: torch's own choice)")
+    _trust_flag(p)
+
+
 def _add_train_predictor(sub) -> None:
     cls = C.PredictorConfig
     p = sub.add_parser(
@@ -405,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND",
                                 title="commands")
     for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_train_predictor,
-                _add_generate, _add_run, _add_sweep, _add_report, _add_fetch_model):
+                _add_mass_bits, _add_generate, _add_run, _add_sweep, _add_report,
+                _add_fetch_model):
         add(sub)
     for p in sub.choices.values():
         _verbose_flag(p, default=argparse.SUPPRESS)

@@ -269,6 +269,24 @@ class PredictorConfig:
 
 
 @dataclasses.dataclass
+class MassBitsConfig:
+    """actclust mass-bits: centroid bits chosen by activation mass (actclust.predict.mass)."""
+
+    centroids: Optional[str] = None
+    features: Optional[str] = None
+    out: Optional[str] = None
+    threads: Optional[int] = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
+        _require(self.features, "features", "--features DIR (a predictor's features directory)")
+        _require(self.out, "out", "--out DIR")
+        if self.threads is not None:
+            _positive(self.threads, "threads")
+
+
+@dataclasses.dataclass
 class GenerateConfig:
     """actclust generate: greedy generation with the sparse FFN (actclust.sparse)."""
 

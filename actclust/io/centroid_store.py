@@ -88,6 +88,21 @@ def write_centroids(cfg, manifest: dict, layers: list[int], results: dict, out,
     return meta
 
 
+def write_from_meta(out, meta: dict, centroids: list[np.ndarray]) -> None:
+    """A per-layer clustering directory from a cluster.json record and new centroid bits
+    of the same layers and K (sizes as the record has them); cluster.json last."""
+    import pyarrow as pa
+
+    tables = [pa.table({
+        "layer": pa.array(np.full(len(c), layer, np.int32)),
+        "cluster": pa.array(np.arange(len(c), dtype=np.int32)),
+        "bits": mask_store.bits_array(np.asarray(c, dtype=np.uint8)),
+        "size": pa.array(np.asarray(meta["sizes"][str(layer)], np.int64)),
+    }) for layer, c in zip(meta["layers"], centroids)]
+    write_table_atomic(pa.concat_tables(tables), storage.join(out, CENTROIDS_FILE))
+    write_json_atomic(meta, storage.join(out, META_FILE))
+
+
 def _meta(cfg, manifest: dict, results: dict, policy: dict) -> dict:
     """cluster.json's fields common to both versions; figures keyed by ``str(key)``;
     ``policy``: the fit's rule and max_iter (:func:`actclust.clustering.policy.fit_policy`)."""

@@ -1,0 +1,155 @@
+"""Magnitude-aware centroid bits: ``actclust mass-bits``.
+
+    actclust mass-bits --centroids runs/c --features runs/p/features --out runs/c-mass
+
+A fitted centroid keeps the neurons its members fire most often. Perplexity depends on
+the activation mass a mask drops, not on how many neurons it drops, so here each
+centroid keeps, at the same bit count, the neurons with the largest summed ``|a_i|``
+over its members instead. The members are the fitted assignment (each fitting token's
+true mask assigned by the clustering's own rule); ``a`` comes from the predictor's
+feature shards (the FFN inputs of every fitting window, written once per run), through
+the model's own FFN, so this needs no second forward pass of the whole model.
+
+The output is a clustering directory like any other: ``cluster.json`` records
+``bits_by: activation_mass`` and ``bits_from`` (the fitted directory). A token is then
+assigned (by the oracle, or by a predictor trained on these centroids) under the same
+rule against the new bits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from actclust.capture.hooks import captured
+from actclust.errors import UserError
+from actclust.io import centroid_store, mask_store, outdir, predictor_store, storage
+from actclust.io.centroid_store import load_centroids, require_single_site
+from actclust.io.models import ffn_input_modules, load_model
+from actclust.kernels.rules import AssignRule
+from actclust.predict import features as F
+
+log = logging.getLogger(__name__)
+
+CHUNK = 2048  # tokens per FFN call
+RUN_MARKER = "mass_bits_run.json"
+
+
+def feature_spec(features: str, meta: dict, d_model: int,
+                 trust_remote_code: bool = False) -> tuple[F.FeatureSpec, int]:
+    """The spec and shard count of a feature directory, checked against the clustering it
+    is used with."""
+    path = storage.join(features, predictor_store.FEATURES_RECORD)
+    if not storage.is_file(path):
+        raise UserError(f"{features} holds no predictor features ({predictor_store.FEATURES_RECORD} "
+                        "missing); train a predictor on these centroids first")
+    record = storage.read_json(path)
+    for key in ("model", "corpus", "seq_len", "heldout_every"):
+        if record.get(key) != meta.get(key):
+            raise UserError(f"the features in {features} were written with {key} "
+                            f"{record.get(key)!r}, the centroids were fitted with {meta.get(key)!r}")
+    taus = dict(zip(record["layers"], record["thresholds"]))
+    if any(taus.get(layer) != tau for layer, tau in zip(meta["layers"], meta["thresholds"])):
+        raise UserError(f"the features in {features} were written for other layers or mask "
+                        "thresholds than the centroids'")
+    n_shards = F.shard_count(record["windows"], record["shard_windows"])
+    missing = [i for i in range(n_shards)
+               if not predictor_store.shard_complete(features, F.shard_name(i))]
+    if missing:
+        raise UserError(f"{features} is missing {len(missing)} of its {n_shards} feature shards; "
+                        "rerun the train-predictor command that writes them")
+    spec = F.FeatureSpec(root=storage.normalize(features), model=meta["model"],
+                         site=meta["sites"], layers=tuple(record["layers"]),
+                         thresholds=tuple(record["thresholds"]), d_model=d_model,
+                         width=meta["d_ff"], shard_windows=record["shard_windows"],
+                         trust_remote_code=trust_remote_code)
+    return spec, n_shards
+
+
+def cluster_mass(model, spec: F.FeatureSpec, n_shards: int, centroids: list[np.ndarray], rule,
+                 layers: list[int]) -> tuple[np.ndarray, int]:
+    """(len(layers), K, width) float64: per cluster, the summed |a| of its members; and the
+    number of tokens read.
+
+    Every feature shard (all fitting windows) is read once; each layer's FFN runs on its
+    stored inputs, the capture hook takes ``a`` and the true masks give the assignment.
+    """
+    import torch
+
+    slot = {layer: i for i, layer in enumerate(spec.layers)}
+    picked = [slot[layer] for layer in layers]
+    targets = F.Targets("cluster", centroids, spec.width, rule)
+    k = len(centroids[0])
+    mass = torch.zeros(len(layers), k, spec.width, dtype=torch.float64)
+    modules = ffn_input_modules(model)
+    tokens = 0
+    with torch.inference_mode(), captured(model, spec.site) as acts:
+        for index in range(n_shards):
+            h, bits = F.read_shard(spec, index)
+            labels = torch.from_numpy(targets.labels(np.ascontiguousarray(bits[:, picked])))
+            tokens += len(h)
+            for i, (j, layer) in enumerate(zip(picked, layers)):
+                for s in range(0, len(h), CHUNK):
+                    modules[layer](torch.from_numpy(h[s:s + CHUNK, j]))
+                    a = acts[layer].reshape(-1, spec.width).abs().to(torch.float64)
+                    mass[i].index_add_(0, labels[s:s + CHUNK, i], a)
+    return mass.numpy(), tokens
+
+
+def bits_by_mass(packed: np.ndarray, mass: np.ndarray, width: int) -> np.ndarray:
+    """(K, B) packed centroids with each one's bit count kept and its bits moved to the
+    neurons of largest mass (ties to the lower index); a cluster without mass (no
+    members) keeps its bits."""
+    bits = mask_store.unpack(packed, width)
+    counts = bits.sum(axis=1)
+    order = np.argsort(-mass, axis=1, kind="stable")
+    out = np.zeros_like(bits)
+    for j in range(len(bits)):
+        if mass[j].sum() == 0:
+            out[j] = bits[j]
+        else:
+            out[j, order[j, :counts[j]]] = True
+    return mask_store.pack(out)
+
+
+def run_mass_bits(cfg) -> dict:
+    """Write the magnitude-aware clustering of ``cfg.centroids``; returns its cluster.json.
+    A rerun with the same inputs returns the finished directory's record."""
+    import torch
+
+    meta, packed = load_centroids(cfg.centroids)
+    require_single_site(meta, cfg.centroids, "mass-bits")
+    if meta.get("pooled"):
+        raise UserError("mass-bits needs per-layer centroids, not --pool-layers ones")
+    if meta.get("bits_by") == "activation_mass":
+        raise UserError(f"{cfg.centroids} already holds activation-mass bits")
+    out = storage.normalize(cfg.out)
+    ident = {"centroids": storage.normalize(cfg.centroids),
+             "centroids_sha256": mask_store.sha256_file(
+                 storage.join(cfg.centroids, centroid_store.CENTROIDS_FILE)),
+             "features": storage.normalize(cfg.features)}
+    start = time.perf_counter()
+    model = load_model(meta["model"], trust_remote_code=cfg.trust_remote_code).model
+    spec, n_shards = feature_spec(cfg.features, meta, int(model.config.hidden_size),
+                                  cfg.trust_remote_code)
+    outdir.open_output(out, RUN_MARKER, ident, "activation-mass centroids of other inputs")
+    if centroid_store.is_finished(out):
+        log.info("%s already holds these centroids", out)
+        return centroid_store.read_meta(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rule = AssignRule.from_json(meta["rule"]) if meta.get("rule") else None
+    mass, tokens = cluster_mass(model, spec, n_shards, packed, rule, list(meta["layers"]))
+    new = [bits_by_mass(c, m, meta["d_ff"]) for c, m in zip(packed, mass)]
+    seconds = time.perf_counter() - start
+    record = {**meta, "bits_by": "activation_mass", "bits_from": ident["centroids"],
+              "mass_seconds": round(seconds, 1)}
+    centroid_store.write_from_meta(out, record, new)
+    moved = np.mean([np.mean(mask_store.unpack(a, meta["d_ff"])
+                             != mask_store.unpack(b, meta["d_ff"])) for a, b in zip(packed, new)])
+    log.info("mass-bits: %d layers, %.1f%% of centroid bits moved, %s tokens in %.1f s "
+             "(%.0f tokens/s)", len(new), 100 * moved, f"{tokens:,}", seconds,
+             tokens / max(seconds, 1e-9))
+    return record
