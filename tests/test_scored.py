@@ -150,7 +150,7 @@ def test_int8_rows_where_torch_takes_no_uint8(monkeypatch):
     monkeypatch.setattr(torch_backend, "int_mm_lhs", lambda device="cpu": "int8")
     rng = np.random.default_rng(7)
     x, c = planted_ties(rng, 300, 20, 200)
-    gemm = torch_backend._TorchGemm(c, torch.device("cpu"), weights=(3, 10))
+    gemm = torch_backend._TorchGemm(c, torch.device("cpu"), int_mm=True, weights=(3, 10))
     assert gemm.int_mm and gemm.unpack(x).dtype == torch.int8
     want, _, _ = reference(x, c, theta=0.3)
     for workers in (1, 2):
@@ -176,3 +176,17 @@ def test_device_centroids_and_stats_follow_the_rule():
         np.testing.assert_array_equal(overlap.round().long().numpy(), dots)
         assert stats.tolist() == [len(x), ones.sum(), cbits.sum(), (ones + cbits - 2 * dots).sum(),
                                   dots.sum()]
+
+
+def test_the_int8_gemm_is_used_only_where_it_pays():
+    """CPUs without int8 dot products run torch._int_mm far slower than float32: the
+    default GEMM takes it only where it is no slower (the answers are the same)."""
+    torch = pytest.importorskip("torch")
+    pays = torch_backend.int_mm_pays("cpu")
+    assert pays in (True, False) and (not pays or torch_backend.int_mm_works("cpu"))
+    rng = np.random.default_rng(9)
+    x, c = planted_ties(rng, 200, 12, 200)
+    gemm = torch_backend._TorchGemm(c, torch.device("cpu"))
+    assert gemm.int_mm == pays
+    want, _, _ = reference(x, c, theta=0.5)
+    np.testing.assert_array_equal(gemm.nearest_all(x, block_rows=64, workers=1)[1], want)

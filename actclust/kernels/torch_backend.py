@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import numpy as np
 
@@ -51,6 +52,34 @@ def int_mm_lhs(device: str = "cpu") -> str | None:
         except Exception as err:  # noqa: BLE001 - any failure means "not usable"
             logger.debug("torch._int_mm with %s unusable on %s: %s", name, device, err)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def int_mm_pays(device: str = "cpu") -> bool:
+    """True if ``torch._int_mm`` works on ``device`` and, on a CPU, is no slower than the
+    exact float32 GEMM it replaces. CPUs without int8 dot-product instructions (AVX2
+    only) run it tens of times slower. Both give the same integers, so this choice
+    changes speed only."""
+    lhs = int_mm_lhs(device)
+    if lhs is None or device != "cpu":
+        return lhs is not None
+    import torch
+
+    a = torch.ones(256, 512, dtype=getattr(torch, lhs))
+    b = torch.ones(512, 256, dtype=torch.int8)
+    af, bf = a.float(), b.float()
+
+    def best(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+    pays = best(lambda: torch._int_mm(a, b)) <= best(lambda: af @ bf)
+    logger.debug("torch._int_mm %s the float32 GEMM on this CPU", "beats" if pays else "trails")
+    return pays
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +153,7 @@ class _TorchGemm:
         self.cuda = dev.type == "cuda"
         self.p, self.q = (int(w) for w in weights)
         if int_mm is None:  # probe once per device
-            int_mm = int_mm_works(str(dev) if self.cuda else "cpu")
+            int_mm = int_mm_pays(str(dev) if self.cuda else "cpu")
         self.int_mm = int_mm and self.q <= 127
         self.lhs = (int_mm_lhs(str(dev) if self.cuda else "cpu") or "uint8") \
             if self.int_mm and not self.cuda else "int8"  # dtype of the unpacked rows
