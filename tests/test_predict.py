@@ -124,6 +124,29 @@ def test_feature_shard_holds_the_ffn_input_and_the_true_mask(name, norm, tmp_pat
         assert np.array_equal(bits[:, i], store.pack(masks[i]))
 
 
+@pytest.mark.parametrize("kind", ["cluster", "neuron"])
+def test_shard_cache_gives_what_the_shards_hold_within_its_budget(kind, tmp_path):
+    model = load_model("tiny:llama").model
+    w = load_windows("embedded:pydoc", ByteTokenizer(), SEQ, max_tokens=SEQ * 6)
+    spec = F.FeatureSpec(root=str(tmp_path), model="tiny:llama", site="intermediate",
+                         layers=(0, 1), thresholds=(0.05, 0.1), d_model=64,
+                         width=model.config.intermediate_size, shard_windows=2)
+    assert F.write_missing(spec, w.seq, w.ids) == 3
+    rng = np.random.default_rng(0)
+    centroids = [np.packbits(rng.random((5, spec.width)) < 0.4, axis=1, bitorder="little")
+                 for _ in spec.layers]
+    targets = F.Targets(kind, centroids, spec.width)
+    one_shard = 2 * SEQ * 2 * (64 * 2 + (8 if kind == "cluster" else spec.width // 8))
+    cache = F.ShardCache(spec, targets, budget=2 * one_shard)  # room for two shards
+    for index in (0, 1, 2, 0, 2):
+        h, prepared = cache.get(index)
+        want_h, bits = F.read_shard(spec, index)
+        assert torch.equal(h.to(torch.float32), torch.from_numpy(want_h))
+        rows = torch.tensor([3, 0, 7])
+        assert torch.equal(targets.select(prepared, rows), targets(bits)[rows])
+    assert sorted(cache.held) == [0, 1] and cache.bytes == 2 * one_shard
+
+
 @pytest.mark.slow  # Ray Train (the trained fixture)
 def test_trained_cluster_predictor_record(trained, fitted):
     meta, centroids = load_centroids(fitted / "c")

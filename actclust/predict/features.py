@@ -124,9 +124,15 @@ def write_missing(spec: FeatureSpec, seq: np.ndarray, ids: np.ndarray, rank: int
 
 def read_shard(spec: FeatureSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
     """FFN inputs (N, L, d_model) float32 and packed true masks (N, L, B) uint8 of a shard."""
+    h, bits = read_shard_f16(spec, index)
+    return h.astype(np.float32), bits
+
+
+def read_shard_f16(spec: FeatureSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_shard` with the FFN inputs as stored, float16."""
     table = predictor_store.read_shard(spec.root, shard_name(index))
     h = np.stack([store.bits_to_numpy(table.column(f"h{l}")).view("<f2")
-                  for l in spec.layers], axis=1).astype(np.float32)
+                  for l in spec.layers], axis=1)
     bits = np.stack([store.bits_to_numpy(table.column(f"m{l}")) for l in spec.layers], axis=1)
     return h, bits
 
@@ -194,11 +200,7 @@ class ShardCache:
 
         if index in self.held:
             return self.held[index]
-        table = predictor_store.read_shard(self.spec.root, shard_name(index))
-        h = np.stack([store.bits_to_numpy(table.column(f"h{l}")).view("<f2")
-                      for l in self.spec.layers], axis=1)
-        bits = np.stack([store.bits_to_numpy(table.column(f"m{l}")) for l in self.spec.layers],
-                        axis=1)
+        h, bits = read_shard_f16(self.spec, index)
         entry = (torch.from_numpy(h), self.targets.prepare(bits))
         size = entry[0].nbytes + entry[1].nbytes
         if self.bytes + size <= self.budget:
