@@ -74,6 +74,11 @@ def _corpus_flags(p: argparse.ArgumentParser) -> None:
     _trust_flag(p)
 
 
+def _threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: torch's own choice)")
+
+
 def _trust_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
                    default=None, help="allow a hub model's own Python code to run (default: off)")
@@ -256,8 +261,7 @@ def _add_mass_bits(sub) -> None:
                    help="features directory of a predictor trained on these centroids' masks "
                         "(required)")
     p.add_argument("--out", metavar="DIR", help="output clustering directory (required)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch threads (default: torch's own choice)")
+    _threads_flag(p)
     _trust_flag(p)
 
 
@@ -328,8 +332,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--slab-budget-mb", dest="slab_budget_mb", type=float, metavar="MB",
                    help="memory for per-centroid weight slabs over all layers, in MiB "
                         f"(default: {default(cls, 'slab_budget_mb'):g})")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch threads (default: torch's own choice)")
+    _threads_flag(p)
     p.add_argument("--mask-mode", dest="mask_mode", metavar="MODE",
                    help="replace: the centroid's neurons; and: of those, only the ones with "
                         "|a| above the layer's mask threshold reach the output projection "
