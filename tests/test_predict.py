@@ -218,13 +218,34 @@ def _masked_ppl(fitted, masks_by_layer, max_tokens):
     model = load_model("tiny:llama").model
     w = load_windows("embedded:pydoc", ByteTokenizer(), SEQ, split="heldout", max_tokens=max_tokens)
     total, count = 0.0, 0
-    with torch.inference_mode(), masking(model, lambda layer, a: masks_by_layer[layer]):
+    mask_fn = masks_by_layer if callable(masks_by_layer) else \
+        (lambda layer, a: masks_by_layer[layer])
+    with torch.inference_mode(), masking(model, mask_fn):
         for s in range(0, len(w), 4):
             ids = torch.tensor(w.ids[s:s + 4])
             n = ids.shape[0] * (ids.shape[1] - 1)
             total += model(ids, labels=ids).loss.item() * n
             count += n
     return math.exp(total / count), w
+
+
+@pytest.mark.slow  # Ray Train (the trained fixture)
+def test_predicted_mode_and_keeps_the_true_mask_inside_the_prediction(fitted, trained, tmp_path):
+    meta, centroids = load_centroids(fitted / "c")
+    width = meta["d_ff"]
+    pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", "cluster", 5)
+    fixed = [torch.from_numpy(store.unpack(c[5:6], width)[0]) for c in centroids]
+    reports = {mode: run_evaluate(build(EvaluateConfig, dict(
+        centroids=str(fitted / "c"), out=str(tmp_path / mode), max_tokens=SEQ * 8,
+        predictor=str(pred_dir), dense_prefix=0, mask_mode=mode))) for mode in ("replace", "and")}
+    taus = meta["thresholds"]
+    want, _ = _masked_ppl(fitted, lambda layer, a: fixed[layer] & (a.abs() > taus[layer]),
+                          SEQ * 8)
+    assert reports["and"]["predicted_ppl"] == pytest.approx(want, rel=1e-5)
+    assert reports["and"]["predicted_ppl"] != pytest.approx(reports["replace"]["predicted_ppl"],
+                                                            rel=1e-4)
+    fractions = [r["ffn_bytes_fraction"]["predicted"] for r in reports.values()]
+    assert fractions[1] < fractions[0]  # down is read only at the kept neurons
 
 
 @pytest.mark.slow  # Ray Train (the trained fixture)

@@ -112,7 +112,8 @@ class PredictedMasks:
                                             float((pred * tf).sum(dtype=f64)),
                                             float(mass.sum(dtype=f64)),
                                             float((mass * pred).sum(dtype=f64))])
-        return self.ev._full(a, pred)
+        # Mask mode and: of the predicted neurons, only those the token really fires.
+        return self.ev._full(a, pred * tf if self.ev.mask_mode == "and" else pred)
 
     def take_stats(self) -> np.ndarray:
         stats, self.stats = self.stats, np.zeros_like(self.stats)
