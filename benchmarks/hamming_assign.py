@@ -123,6 +123,12 @@ def run(x: np.ndarray, c: np.ndarray, backends: list[str], repeats: int,
         hamming.assign(x, c, backend=backend)  # warm-up: imports, probes, threads
         methods[f"actclust {backend}"] = functools.partial(hamming.assign, x, c, backend=backend)
     other_rules = {}
+    if "torch" in backends:  # the torch path with each GEMM forced, whichever it picks
+        from actclust.kernels import torch_backend
+
+        gemms = [("float32 GEMM", False)] + [("int8 GEMM", True)] * torch_backend.int_mm_works()
+        for label, int_mm in gemms:
+            methods[f"actclust torch, {label}"] = functools.partial(_torch_gemm, x, c, int_mm)
     if one_worker and "torch" in backends:
         methods["actclust torch, 1 worker"] = functools.partial(_torch_one_worker, x, c)
         for rule in (dict(theta=0.3), dict(density=0.5)):
@@ -142,6 +148,17 @@ def run(x: np.ndarray, c: np.ndarray, backends: list[str], repeats: int,
              "identical": bool(np.array_equal(out[0], want[name][0])
                                and np.array_equal(out[1], want[name][1]))}
             for name, out in outputs.items()]
+
+
+def _torch_gemm(x, c, int_mm: bool):
+    """The torch path with the int8 GEMM (torch._int_mm) or the exact float32 one."""
+    import torch
+
+    from actclust import hamming
+    from actclust.kernels import torch_backend
+
+    best, labels = torch_backend._TorchGemm(c, torch.device("cpu"), int_mm=int_mm).nearest_all(x)
+    return labels, (best + hamming.popcount(x)).astype(np.int32)
 
 
 def _torch_one_worker(x, c):
