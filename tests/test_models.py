@@ -62,5 +62,6 @@ def test_embedded_model_dense_perplexity_matches_transformers_loss():
     with torch.inference_mode():
         out = loaded.model(ids, labels=ids)
         ours = window_nll(out.logits, ids).sum() / (ids.shape[0] * (ids.shape[1] - 1))
-    assert math.exp(ours) == pytest.approx(math.exp(out.loss.item()), rel=1e-5)
+    # Two float32 reductions in different orders: 1.8e-5 apart on an AVX2-only EPYC.
+    assert math.exp(ours) == pytest.approx(math.exp(out.loss.item()), rel=1e-4)
     assert 2 < math.exp(ours) < 100
