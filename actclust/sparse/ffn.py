@@ -9,7 +9,8 @@ computes, for each token, only the neurons of that cluster's centroid c:
 which equals the dense FFN with its activation masked, ``a * c``, up to float
 rounding. With a threshold ``tau`` (mask mode ``and``: cluster, then threshold) only the
 centroid's neurons with ``|a| > tau`` go on to the output projection, ``a * (c AND m)``:
-gate/up are read at the centroid's rows, the output projection only at the kept ones. One token (batch-1 decode) reads one block per projection. On CPU,
+gate/up are read at the centroid's rows, the output projection only at the kept ones.
+One token (batch-1 decode) reads one block per projection. On CPU,
 several tokens are grouped by cluster, one pair of matmuls per group, when that
 reads no more weight bytes than the dense FFN (few clusters); otherwise, and
 always on a GPU, they take the masked dense path, one matmul per projection.
