@@ -157,6 +157,13 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from actclust.evaluation.compare import format_table, run_compare
+
+    print(format_table(run_compare(args.points, args.out, args.resamples, args.seed)))
+    return 0
+
+
 def _cmd_fetch_model(args) -> int:
     from actclust.io.model_fetch import fetch_model
 
@@ -183,7 +190,7 @@ COMMANDS = {"extract": _cmd_extract, "cluster": _cmd_cluster, "evaluate": _cmd_e
             "generate": _cmd_generate, "train-predictor": _cmd_train_predictor,
             "mass-bits": _cmd_mass_bits,
             "sweep": _cmd_sweep, "run": _cmd_run, "verify": _cmd_verify, "report": _cmd_report,
-            "fetch-model": _cmd_fetch_model}
+            "compare": _cmd_compare, "fetch-model": _cmd_fetch_model}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -421,6 +421,26 @@ def _add_report(sub) -> None:
     p.add_argument("dir", metavar="DIR", help="directory written by actclust run or sweep")
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="paired perplexity ratios of evaluations of the same windows",
+        description="Compare operating points evaluated on the same held-out windows (each "
+                    "eval.json keeps its per-window losses): every point's perplexity and FFN "
+                    "bytes, and its perplexity ratio to the first point with a paired bootstrap "
+                    "interval (both on the same resampled windows). Prints a Markdown table.",
+        epilog=examples("actclust compare /tmp/teal50 /tmp/e64 /tmp/e64:dense"))
+    p.add_argument("points", nargs="+", metavar="DIR[:MODE]",
+                   help="directories of eval.json, the first the reference; MODE picks a mode "
+                        "(dense, oracle, cluster, predicted, anchor) (default: predicted, "
+                        "else anchor, else cluster)")
+    p.add_argument("--out", metavar="FILE", help="also write the comparison as JSON "
+                                                 "(default: none)")
+    p.add_argument("--resamples", type=int, metavar="N", default=1000,
+                   help="bootstrap resamples of the windows (default: 1000)")
+    p.add_argument("--seed", type=int, metavar="N", default=0,
+                   help="seed of the window resampling (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="actclust", description=DESCRIPTION, epilog=OVERVIEW)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
@@ -430,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 title="commands")
     for add in (_add_extract, _add_verify, _add_cluster, _add_evaluate, _add_train_predictor,
                 _add_mass_bits, _add_generate, _add_run, _add_sweep, _add_report,
-                _add_fetch_model):
+                _add_compare, _add_fetch_model):
         add(sub)
     for p in sub.choices.values():
         _verbose_flag(p, default=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ from actclust.errors import UserError
 from actclust.evaluation import ffn_bytes
 from actclust.evaluation.anchors import AnchorSpec, check_anchor
 from actclust.evaluation.bootstrap import paired_ppl_intervals
+from actclust.evaluation.compare import PER_WINDOW_DEFINITION, window_losses
 from actclust.evaluation.evaluate import (baseline_identity, evaluator_spec, evaluators,
                                           load_eval_windows, resolve, run_chunks)
 from actclust.io import eval_store, mask_store, storage
@@ -38,6 +39,7 @@ DEFINITIONS = {
                           "positions; teal, wina: gate and up at the kept share of x, down at "
                           "the kept share of h; cats: gate whole, up and down at the kept share",
     "ci95": "percentile bootstrap over windows, the same resampled windows for every mode",
+    "per_window": PER_WINDOW_DEFINITION,
 }
 
 
@@ -136,6 +138,7 @@ def summarize_anchor(results: list, baseline: dict | None, spec: AnchorSpec,
         "windows": len(windows),
         "bootstrap": {"unit": "window", "resamples": cfg.bootstrap_resamples, "seed": cfg.seed,
                       "paired": True},
+        "per_window": window_losses(windows.seq, tokens, nll),
         "definitions": DEFINITIONS,
     })
     return report

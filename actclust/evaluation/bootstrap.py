@@ -21,6 +21,16 @@ def resample_indices(windows: int, resamples: int, seed: int) -> np.ndarray:
     return rng.integers(0, windows, size=(resamples, windows))
 
 
+def resample_counts(windows: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, windows) float64: how often each window is drawn in each replicate.
+
+    Counting the draws turns every replicate's sums into one matmul."""
+    idx = resample_indices(windows, resamples, seed)
+    counts = np.zeros((resamples, windows))
+    np.add.at(counts, (np.repeat(np.arange(resamples), windows), idx.ravel()), 1.0)
+    return counts
+
+
 def paired_ppl_intervals(nll: dict[str, np.ndarray], tokens: np.ndarray, resamples: int = 1000,
                          seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of ``exp(sum nll / sum tokens)`` for every mode.
@@ -35,18 +45,46 @@ def paired_ppl_intervals(nll: dict[str, np.ndarray], tokens: np.ndarray, resampl
         mode -> (lo, hi).
     """
     tokens = np.asarray(tokens, dtype=np.float64)
-    idx = resample_indices(len(tokens), resamples, seed)
-    # Counting how often each window is drawn turns the resample sums into one matmul.
-    counts = np.zeros((resamples, len(tokens)))
-    np.add.at(counts, (np.repeat(np.arange(resamples), len(tokens)), idx.ravel()), 1.0)
+    counts = resample_counts(len(tokens), resamples, seed)
     denom = counts @ tokens
     alpha = (1.0 - level) / 2
     out = {}
     for mode, values in nll.items():
-        values = np.asarray(values, dtype=np.float64)
-        if values.shape != tokens.shape:
-            raise ValueError(f"mode {mode!r}: {values.shape} NLL sums for {tokens.shape} windows")
+        values = _checked(mode, values, tokens)
         ppl = np.exp(counts @ values / denom)
         lo, hi = np.quantile(ppl, [alpha, 1.0 - alpha])
         out[mode] = (float(lo), float(hi))
     return out
+
+
+def paired_ratio_intervals(nll: dict[str, np.ndarray], reference: np.ndarray,
+                           tokens: np.ndarray, resamples: int = 1000, seed: int = 0,
+                           level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+    """Percentile bootstrap intervals of each mode's perplexity over the reference's,
+    ``exp((sum nll - sum reference) / sum tokens)``, both on the same resampled windows.
+
+    This is the interval of the difference itself: two perplexity intervals that overlap
+    can still give a ratio interval that excludes 1 when the windows move together.
+
+    Returns:
+        mode -> (ratio, lo, hi).
+    """
+    tokens = np.asarray(tokens, dtype=np.float64)
+    reference = _checked("reference", reference, tokens)
+    counts = resample_counts(len(tokens), resamples, seed)
+    denom = counts @ tokens
+    alpha = (1.0 - level) / 2
+    out = {}
+    for mode, values in nll.items():
+        delta = _checked(mode, values, tokens) - reference
+        ratio = np.exp(counts @ delta / denom)
+        lo, hi = np.quantile(ratio, [alpha, 1.0 - alpha])
+        out[mode] = (float(np.exp(delta.sum() / tokens.sum())), float(lo), float(hi))
+    return out
+
+
+def _checked(mode: str, values, tokens: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != tokens.shape:
+        raise ValueError(f"mode {mode!r}: {values.shape} NLL sums for {tokens.shape} windows")
+    return values

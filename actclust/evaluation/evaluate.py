@@ -235,6 +235,7 @@ def run_evaluate(cfg, faults: FaultHooks | None = None) -> dict:
         report["predicted_ppl_ci95"] = list(paired_ppl_intervals(
             {"predicted": nll}, tokens, resamples=cfg.bootstrap_resamples,
             seed=cfg.seed)["predicted"])
+        report["per_window"]["nll"]["predicted"] = [float(v) for v in nll]
     report["ffn_bytes_fraction"] = mode_fractions(results, baseline, meta, cfg.mask_mode,
                                                   predictor)
     report["definitions"] = {**report["definitions"], "ffn_bytes_fraction": BYTES_DEFINITION}

@@ -21,6 +21,7 @@ import numpy as np
 
 from actclust.devices import to_host
 from actclust.evaluation.bootstrap import paired_ppl_intervals
+from actclust.evaluation.compare import PER_WINDOW_DEFINITION, window_losses
 from actclust.io.centroid_store import slots
 
 MODES = ("dense", "oracle", "cluster", "random")
@@ -145,6 +146,7 @@ def summarize(results: list, baseline: dict, meta: dict, windows, *, dense_prefi
                       **values(stats[rows], [widths[i] for i in rows], prefix)}
                      for site in sites
                      for rows in [[i for i, m in enumerate(masked) if m[0] == site]]],
+        "per_window": window_losses(windows.seq, per_window_tokens, nll),
         "definitions": DEFINITIONS,
     })
     return report
@@ -161,6 +163,7 @@ DEFINITIONS = {
                          "dense-prefix tokens at 1.0; with several sites, of all masked-site "
                          "neurons, each site weighted by its width (gate/up d_ff, down_out "
                          "d_model)",
+    "per_window": PER_WINDOW_DEFINITION,
     "per_site": "the same metrics over the layers of one masked site (all sites masked in "
                 "the same forward pass)",
     "dense_prefix": "positions < dense_prefix of every window are never masked",
