@@ -254,13 +254,28 @@ def _add_mass_bits(sub) -> None:
                     "predictor's features directory; writes a clustering directory.",
         epilog=examples(
             "actclust mass-bits --centroids runs/demo/clusters/k=64-theta=0.5 --features "
-            "runs/demo/predictor/features --out runs/demo/k64-mass"))
+            "runs/demo/predictor/features --out runs/demo/k64-mass",
+            "actclust mass-bits --centroids runs/demo/clusters/k=64-theta=0.5 --features "
+            "runs/demo/predictor/features --budget 0.5 --out runs/demo/k64-budget"))
     _config_flag(p)
     p.add_argument("--centroids", metavar="DIR", help="clustering directory (required)")
     p.add_argument("--features", metavar="DIR",
                    help="features directory of a predictor trained on these centroids' masks "
                         "(required)")
     p.add_argument("--out", metavar="DIR", help="output clustering directory (required)")
+    p.add_argument("--density", type=float, metavar="D",
+                   help="give every centroid round(D d_ff) bits instead of its fitted count "
+                        "(default: the fitted count)")
+    p.add_argument("--budget", type=float, metavar="B",
+                   help="choose a density per layer so that the FFN bytes read per token are "
+                        "at most B of dense, by a greedy search on each layer's output error "
+                        "(default: off)")
+    p.add_argument("--mask-mode", dest="mask_mode", choices=C.MASK_MODES,
+                   help="the mask mode the budget is counted in "
+                        f"(default: {default(C.MassBitsConfig, 'mask_mode')})")
+    p.add_argument("--sample-tokens", dest="sample_tokens", type=int, metavar="N",
+                   help="fitting tokens each layer's error is measured on "
+                        f"(default: {default(C.MassBitsConfig, 'sample_tokens')})")
     _threads_flag(p)
     _trust_flag(p)
 

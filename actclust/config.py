@@ -275,6 +275,10 @@ class MassBitsConfig:
     centroids: Optional[str] = None
     features: Optional[str] = None
     out: Optional[str] = None
+    density: Optional[float] = None  # default: each centroid keeps its fitted bit count
+    budget: Optional[float] = None  # per-layer densities meeting this FFN bytes fraction
+    mask_mode: str = "and"  # what the budget's bytes and errors assume
+    sample_tokens: int = 4096  # fitting tokens the per-layer errors are measured on
     threads: Optional[int] = None
     trust_remote_code: bool = False
 
@@ -282,6 +286,15 @@ class MassBitsConfig:
         _require(self.centroids, "centroids", "--centroids DIR (the output of actclust cluster)")
         _require(self.features, "features", "--features DIR (a predictor's features directory)")
         _require(self.out, "out", "--out DIR")
+        if self.density is not None and self.budget is not None:
+            raise UserError("give --density (one density for every layer) or --budget "
+                            "(per-layer densities), not both")
+        for key in ("density", "budget"):
+            value = getattr(self, key)
+            if value is not None and not valid_fraction(value):
+                raise UserError(f"{key} must be in (0, 1], got {value}")
+        _choice(self.mask_mode, MASK_MODES, "mask_mode")
+        _positive(self.sample_tokens, "sample_tokens")
         if self.threads is not None:
             _positive(self.threads, "threads")
 

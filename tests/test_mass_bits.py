@@ -132,3 +132,39 @@ def test_mass_bits_refuses_bad_input_in_one_line(fitted, tmp_path):
     assert_user_error(run_cli("mass-bits", "--centroids", str(root / "c"), "--features",
                               str(foreign), "--out", str(tmp_path / "o")), "seq_len 32")
     assert not (tmp_path / "o" / "centroids.parquet").exists()
+
+
+def test_mass_bits_at_a_density_and_at_a_per_layer_budget(fitted, tmp_path):
+    root, _ = fitted
+    common = dict(centroids=str(root / "c"), features=str(root / "features"))
+    width = load_centroids(root / "c")[0]["d_ff"]
+    record = run_mass_bits(build(MassBitsConfig, dict(common, density=0.5,
+                                                      out=str(tmp_path / "d"))))
+    _, packed = load_centroids(tmp_path / "d")
+    assert record["bits_density"] == [0.5] * len(packed) and record["allocation"] is None
+    for c in packed:
+        assert (mask_store.unpack(c, width).sum(axis=1) == round(0.5 * width)).all()
+
+    record = run_mass_bits(build(MassBitsConfig, dict(common, budget=0.6, sample_tokens=512,
+                                                      out=str(tmp_path / "b"))))
+    allocation = record["allocation"]
+    assert allocation["budget"] == 0.6 and allocation["mask_mode"] == "and"
+    assert allocation["sample_tokens"] == 512
+    assert allocation["ffn_bytes_fraction"] <= 0.6
+    assert set(record["bits_density"]) <= set(allocation["grid"])
+    _, packed = load_centroids(tmp_path / "b")
+    for c, density in zip(packed, record["bits_density"]):
+        assert (mask_store.unpack(c, width).sum(axis=1) == round(density * width)).all()
+    # Counted in mask mode replace (down read at the density too) it buys no more neurons.
+    replace = run_mass_bits(build(MassBitsConfig, dict(common, budget=0.6, mask_mode="replace",
+                                                       sample_tokens=512,
+                                                       out=str(tmp_path / "r"))))
+    assert sum(replace["bits_density"]) <= sum(record["bits_density"])
+
+    assert_user_error(run_cli("mass-bits", "--centroids", str(root / "c"), "--features",
+                              str(root / "features"), "--density", "0.5", "--budget", "0.5",
+                              "--out", str(tmp_path / "o")), "not both")
+    assert_user_error(run_cli("mass-bits", "--centroids", str(root / "c"), "--features",
+                              str(root / "features"), "--budget", "0.02",
+                              "--out", str(tmp_path / "o")), "below the sparsest")
+    assert not (tmp_path / "o" / "centroids.parquet").exists()

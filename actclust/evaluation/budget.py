@@ -1,0 +1,62 @@
+"""One FFN-byte budget split across layers: the greedy search, shared by the clusterings
+(``actclust mass-bits --budget``) and the anchors (``evaluate --anchor teal --anchor-budget``).
+
+Layers differ in how much a dropped neuron costs. Given, for every layer, a grid of
+candidate densities with an error of the layer's FFN output and the FFN bytes read at
+each, :func:`greedy` picks one candidate per layer: every layer starts at its densest
+candidate and, while the weighted mean of bytes is above the budget, the layer whose next
+step down adds the least error per byte saved takes it (the block-wise greedy of TEAL,
+arXiv 2408.14690, by marginal cost).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actclust.errors import UserError
+from actclust.evaluation import ffn_bytes
+
+# Candidate densities (kept shares), ascending; 1.0 keeps every neuron.
+GRID = tuple(round(0.2 + 0.05 * i, 2) for i in range(17))
+
+
+def layer_bytes(weights: dict, grid, shares: np.ndarray, mask_mode: str) -> np.ndarray:
+    """Bytes fraction of one layer at each candidate: gate and up at the centroid's
+    density, down at the kept share (``and``) or the density (``replace``)."""
+    return np.asarray([ffn_bytes.fraction([weights], {0: ffn_bytes.split_reads(
+        d, s if mask_mode == "and" else d)}) for d, s in zip(grid, shares)])
+
+
+def greedy(errors: np.ndarray, nbytes: np.ndarray, budget: float,
+           layer_weights: np.ndarray | None = None) -> np.ndarray:
+    """(L,) index into the grid per layer: the least summed error found with the weighted
+    mean of bytes at most ``budget``.
+
+    Args:
+        errors, nbytes: (L, G), candidates in ascending density (bytes non-decreasing).
+        budget: FFN bytes fraction to meet.
+        layer_weights: (L,) each layer's share of the FFN's weights (default: equal).
+    """
+    n_layers, n_grid = errors.shape
+    share = np.full(n_layers, 1.0 / n_layers) if layer_weights is None \
+        else np.asarray(layer_weights, dtype=np.float64) / np.sum(layer_weights)
+    floor = float(share @ nbytes[:, 0])
+    if floor > budget + 1e-12:
+        raise UserError(f"budget {budget} is below the sparsest candidate's "
+                        f"{floor:.3f} FFN bytes; raise --budget")
+    pick = np.full(n_layers, n_grid - 1)
+    spent = float(share @ nbytes[np.arange(n_layers), pick])
+    while spent > budget + 1e-12:
+        best, best_cost = -1, np.inf
+        for layer in np.flatnonzero(pick > 0):
+            g = pick[layer]
+            saved = share[layer] * (nbytes[layer, g] - nbytes[layer, g - 1])
+            added = errors[layer, g - 1] - errors[layer, g]
+            cost = added / saved if saved > 0 else np.inf
+            if cost < best_cost:
+                best, best_cost = layer, cost
+        if best < 0:  # only steps that save nothing are left
+            best = int(np.flatnonzero(pick > 0)[0])
+        spent -= share[best] * (nbytes[best, pick[best]] - nbytes[best, pick[best] - 1])
+        pick[best] -= 1
+    return pick

@@ -1,0 +1,74 @@
+"""Per-layer density budgets of activation-mass centroids: the layer errors.
+
+    actclust mass-bits --centroids C --features F --budget 0.5 --out C-budget
+
+The search itself (:func:`actclust.evaluation.budget.greedy`) is shared with the anchors.
+The error of a layer is measured on stored FFN inputs of fitting windows, through the
+layer's own FFN:
+
+    error_l(d) = ||W_down (a - a * keep_d)||^2 / ||W_down a||^2   summed over sample tokens
+
+with ``keep_d`` the token's mask at density ``d``: its centroid (bits by activation mass,
+``d * d_ff`` of them, the token assigned by the clustering's rule against them), ANDed
+with the token's true mask in mask mode ``and``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actclust.evaluation.budget import GRID
+from actclust.io import mask_store
+from actclust.kernels import assign_scored
+
+OBJECTIVE = ("relative FFN output error per layer, ||W_down (a - a keep)||^2 / "
+             "||W_down a||^2 over sample fitting tokens, summed over layers; greedy by "
+             "marginal error per byte saved")
+
+
+def top_mass_bits(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(K, W) bool: row j sets the ``counts[j]`` neurons of largest ``mass[j]`` (ties to the
+    lower index)."""
+    order = np.argsort(-mass, axis=1, kind="stable")
+    bits = np.zeros(mass.shape, dtype=bool)
+    for j, count in enumerate(counts):
+        bits[j, order[j, :count]] = True
+    return bits
+
+
+def mass_centroids(mass: np.ndarray, density: float) -> np.ndarray:
+    """(K, W) bool centroids of ``round(density W)`` bits each by activation mass; a
+    cluster without members takes the layer's whole mass."""
+    k, width = mass.shape
+    weights = np.where(mass.sum(axis=1, keepdims=True) > 0, mass, mass.sum(axis=0))
+    return top_mass_bits(weights, np.full(k, int(round(density * width))))
+
+
+def layer_errors(a: np.ndarray, true_bits: np.ndarray, mass: np.ndarray, rule, w_down,
+                 grid=GRID, mask_mode: str = "and") -> tuple[np.ndarray, np.ndarray]:
+    """(errors, down shares), each (len(grid),), of one layer on sample tokens.
+
+    Args:
+        a: (N, W) float32 activations entering the down projection.
+        true_bits: (N, B) uint8 packed true masks of the same tokens.
+        mass: (K, W) per cluster summed |a| of its members.
+        rule: the clustering's assignment rule (cluster.json's ``rule``; None: Hamming).
+        w_down: (d_model, W) torch tensor, the down projection's weight.
+    """
+    import torch
+
+    a_t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    w = w_down.detach().float()
+    full = float((a_t @ w.T).square().sum())
+    truth = torch.from_numpy(mask_store.unpack(true_bits, a.shape[1]))
+    errors, shares = [], []
+    for density in grid:
+        cents = mass_centroids(mass, density)
+        labels, _ = assign_scored(true_bits, mask_store.pack(cents), rule)
+        keep = torch.from_numpy(cents[labels])
+        if mask_mode == "and":
+            keep &= truth
+        dropped = a_t * (~keep).to(a_t.dtype)
+        errors.append(float((dropped @ w.T).square().sum()) / max(full, 1e-30))
+        shares.append(float(keep.float().mean()))
+    return np.asarray(errors), np.asarray(shares)

@@ -1,0 +1,94 @@
+"""Per-layer density budgets: the greedy search by hand and against exhaustive search, and
+the layer error against a direct computation."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from actclust.errors import UserError
+from actclust.evaluation import ffn_bytes
+from actclust.io import mask_store
+from actclust.kernels import assign_scored
+from actclust.evaluation import budget as B
+from actclust.predict import allocation as A
+
+
+def test_greedy_spends_the_budget_where_error_is_cheapest():
+    # Two layers, three candidates each; layer 0 loses little by going sparse.
+    errors = np.array([[0.02, 0.01, 0.0], [0.9, 0.3, 0.0]])
+    nbytes = np.array([[0.2, 0.5, 0.8], [0.2, 0.5, 0.8]])
+    assert B.greedy(errors, nbytes, 0.8).tolist() == [2, 2]
+    assert B.greedy(errors, nbytes, 0.65).tolist() == [1, 2]
+    assert B.greedy(errors, nbytes, 0.5).tolist() == [0, 2]
+    assert B.greedy(errors, nbytes, 0.35).tolist() == [0, 1]
+    with pytest.raises(UserError, match="below the sparsest"):
+        B.greedy(errors, nbytes, 0.1)
+
+
+def test_greedy_meets_the_budget_and_is_within_one_step_of_the_exhaustive_optimum():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        layers, grid = 4, 5
+        # Bytes even in the candidate's density, errors convex in it (falling, flattening),
+        # as dropped activation mass gives.
+        nbytes = rng.uniform(0.1, 0.3, (layers, 1)) + rng.uniform(0.1, 0.2, (layers, 1)) \
+            * np.arange(grid)
+        steps = np.sort(rng.uniform(0, 1, (layers, grid - 1)), axis=1)[:, ::-1]
+        errors = np.concatenate([np.cumsum(steps[:, ::-1], axis=1)[:, ::-1],
+                                 np.zeros((layers, 1))], axis=1)
+        weights = rng.uniform(1, 3, layers)
+        share = weights / weights.sum()
+        budget = float(share @ nbytes[:, 0] + rng.uniform(0.05, 0.4))
+        pick = B.greedy(errors, nbytes, budget, weights)
+        rows = np.arange(layers)
+        assert share @ nbytes[rows, pick] <= budget + 1e-12
+        best = min(errors[rows, list(p)].sum()
+                   for p in itertools.product(range(grid), repeat=layers)
+                   if share @ nbytes[rows, list(p)] <= budget + 1e-12)
+        # A knapsack: greedy by marginal cost can overshoot by its last steps, no more.
+        assert best <= errors[rows, pick].sum() <= best + 2 * steps.max()
+
+
+def test_mass_centroids_take_the_density_and_fill_memberless_clusters():
+    mass = np.array([[5.0, 0, 3, 1], [0, 0, 0, 0], [1, 2, 0, 4]])
+    got = A.mass_centroids(mass, 0.5)
+    assert got.sum(axis=1).tolist() == [2, 2, 2]
+    assert np.flatnonzero(got[0]).tolist() == [0, 2]
+    assert np.flatnonzero(got[1]).tolist() == [0, 3]  # the layer's whole mass: 6, 2, 3, 5
+    assert np.flatnonzero(got[2]).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("mask_mode", ["and", "replace"])
+def test_layer_error_equals_a_direct_computation(mask_mode):
+    rng = np.random.default_rng(1)
+    n, width, d_model, k = 300, 48, 16, 5
+    a = rng.normal(size=(n, width)).astype(np.float32)
+    truth = np.abs(a) > 0.6
+    mass = rng.uniform(0, 1, (k, width))
+    w_down = torch.from_numpy(rng.normal(size=(d_model, width)).astype(np.float32))
+    grid = (0.25, 0.5, 1.0)
+    errors, shares = A.layer_errors(a, mask_store.pack(truth), mass, None, w_down, grid,
+                                    mask_mode)
+    w = w_down.numpy().astype(np.float64)
+    full = np.square(a.astype(np.float64) @ w.T).sum()
+    for density, err, share in zip(grid, errors, shares):
+        cents = A.mass_centroids(mass, density)
+        labels, _ = assign_scored(mask_store.pack(truth), mask_store.pack(cents))
+        keep = cents[labels] & truth if mask_mode == "and" else cents[labels]
+        want = np.square((a * ~keep).astype(np.float64) @ w.T).sum() / full
+        assert err == pytest.approx(want, rel=1e-4)
+        assert share == pytest.approx(keep.mean())
+    assert errors[-1] == (pytest.approx(np.square((a * ~truth) @ w.T).sum() / full, rel=1e-4)
+                          if mask_mode == "and" else 0.0)
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_layer_bytes_follow_the_mask_mode():
+    weights = {"gate": 100, "up": 100, "down": 100}
+    got = B.layer_bytes(weights, (0.4, 0.8), np.array([0.2, 0.5]), "and")
+    assert got.tolist() == pytest.approx([(0.4 + 0.4 + 0.2) / 3, (0.8 + 0.8 + 0.5) / 3])
+    got = B.layer_bytes(weights, (0.4,), np.array([0.2]), "replace")
+    assert got.tolist() == pytest.approx([0.4])
+    assert got[0] == ffn_bytes.fraction([weights], {0: ffn_bytes.split_reads(0.4, 0.4)})
