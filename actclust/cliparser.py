@@ -234,6 +234,11 @@ def _add_evaluate(sub) -> None:
                         "--anchor-sparsity (default: none)")
     p.add_argument("--anchor-sparsity", dest="anchor_sparsity", type=float, metavar="S",
                    help="the anchor's target sparsity, in (0, 1) (default: none)")
+    p.add_argument("--anchor-allocation", dest="anchor_allocation",
+                   choices=C.ANCHOR_ALLOCATIONS,
+                   help="uniform: every layer at S; greedy (teal): a sparsity per layer with "
+                        "the FFN bytes of uniform S, chosen on each layer's output error "
+                        f"(default: {default(cls, 'anchor_allocation')})")
     p.add_argument("--masks", metavar="DIR",
                    help="with --anchor: masks directory from actclust extract --split train; "
                         "gives model, corpus and windows, and its fitting windows calibrate "

@@ -30,6 +30,8 @@ MASK_MODES = ("replace", "and")
 NEURON_SELECT = ("threshold", "topk")
 # Training-free FFN sparsity evaluated beside the clustering (actclust.evaluation.anchors).
 ANCHORS = ("teal", "cats", "wina")
+# How an anchor's sparsity is spread over layers (greedy: teal only).
+ANCHOR_ALLOCATIONS = ("uniform", "greedy")
 LAYOUTS = ("auto", "slab", "gather")  # sparse FFN weight layouts
 DEFAULT_SLAB_BUDGET_MB = 1024.0
 
@@ -202,6 +204,7 @@ class EvaluateConfig:
     # of the masks directory, evaluated on its held-out windows.
     anchor: Optional[str] = None
     anchor_sparsity: Optional[float] = None
+    anchor_allocation: str = "uniform"  # or greedy: per-layer sparsities, same FFN bytes
     masks: Optional[str] = None
     calibration_windows: int = 16
 
@@ -213,6 +216,9 @@ class EvaluateConfig:
             _choice(self.anchor, ANCHORS, "anchor")
             _require(self.masks, "masks", "--masks DIR (the output of actclust extract)")
             _require(self.anchor_sparsity, "anchor_sparsity", "--anchor-sparsity S")
+            _choice(self.anchor_allocation, ANCHOR_ALLOCATIONS, "anchor_allocation")
+            if self.anchor_allocation == "greedy" and self.anchor != "teal":
+                raise UserError(f"--anchor-allocation greedy applies to teal, not {self.anchor}")
             if not 0.0 < self.anchor_sparsity < 1.0:
                 raise UserError(f"anchor_sparsity must be in (0, 1), got {self.anchor_sparsity}")
             if self.centroids is not None or self.predictor is not None:

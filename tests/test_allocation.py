@@ -11,7 +11,9 @@ from actclust.errors import UserError
 from actclust.evaluation import ffn_bytes
 from actclust.io import mask_store
 from actclust.kernels import assign_scored
-from actclust.evaluation import budget as B
+from actclust import budget as B
+from actclust.evaluation.anchor_allocation import teal_layer_errors
+from actclust.io.models import ffn_projections, load_model
 from actclust.predict import allocation as A
 
 
@@ -92,3 +94,19 @@ def test_layer_bytes_follow_the_mask_mode():
     got = B.layer_bytes(weights, (0.4,), np.array([0.2]), "replace")
     assert got.tolist() == pytest.approx([0.4])
     assert got[0] == ffn_bytes.fraction([weights], {0: ffn_bytes.split_reads(0.4, 0.4)})
+
+
+def test_teal_layer_error_equals_a_direct_computation():
+    proj = ffn_projections(load_model("tiny:llama").model)[0]
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(200, 64)).astype(np.float32))
+    errors, kept = teal_layer_errors(proj, x, grid=(0.5, 1.0))
+    assert errors[1] == 0.0 and kept[1].tolist() == [1.0, 1.0]
+    with torch.inference_mode():
+        h = proj.act(proj.gate(x)) * proj.up(x)
+        y = proj.down(h)
+        xs = x * (x.abs() > np.quantile(x.abs().numpy(), 0.5))
+        hs = proj.act(proj.gate(xs)) * proj.up(xs)
+        hs = hs * (hs.abs() > np.quantile(h.abs().numpy(), 0.5))
+        want = float((proj.down(hs) - y).square().sum() / y.square().sum())
+    assert errors[0] == pytest.approx(want, rel=1e-5)
+    assert kept[0] == pytest.approx([0.5, float((hs != 0).float().mean())], abs=1e-3)

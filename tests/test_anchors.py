@@ -257,6 +257,28 @@ def test_bad_anchor_input_is_one_line(masks, tmp_path):
     assert not (tmp_path / "e" / "eval.json").exists()
 
 
+def test_greedy_teal_spreads_the_same_budget_over_layers(masks, tmp_path):
+    name, masks_dir = masks
+    base = ("evaluate", "--masks", str(masks_dir), "--out", str(tmp_path / "e"),
+            "--anchor-sparsity", "0.5", "--anchor-allocation", "greedy")
+    if name == "tiny:opt":
+        assert_user_error(run_cli(*base, "--anchor", "teal"), "not gated")
+        return
+    assert_user_error(run_cli(*base, "--anchor", "wina"), "applies to teal, not wina")
+    report = anchor(masks_dir, "teal", 0.5, tmp_path / "g", anchor_allocation="greedy")
+    record = report["anchor_allocation"]
+    assert record["budget"] == 0.5 and record["ffn_bytes_fraction"] <= 0.5
+    assert record["sample_tokens"] == 16 * (SEQ - PREFIX)
+    assert len(record["sparsity"]) == len(report["per_layer"]) == 2
+    for i, s in enumerate(record["sparsity"]):  # each layer's own quantile
+        assert abs(report["calibration"]["sparsity"]["x"][i] - s) <= 0.01
+        assert abs(report["calibration"]["sparsity"]["h"][i] - s) <= 0.01
+    ppl, _ = reference(name, "teal", report)
+    assert report["anchor_ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert report["identity"]["anchor_allocation"] == "greedy"
+    assert "anchor_allocation" not in anchor(masks_dir, "teal", 0.5, tmp_path / "u")["identity"]
+
+
 def test_budget_table_takes_each_method_best_within_the_budget():
     rows = [{"k": 1, "objective": "theta=0.5", "algorithm": "hamming-kmeans",
              "mask_mode": "replace", "cluster_ffn_bytes_fraction": 0.45, "cluster_ppl": 30.0,

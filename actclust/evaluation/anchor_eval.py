@@ -33,6 +33,9 @@ DEFINITIONS = {
                   "column norms, h: down column norms)",
     "thresholds": "per layer, the s-quantile of |x|, |h| or |g| over the masked positions "
                   "of the calibration windows (fitting split), dense forward",
+    "anchor_allocation": "null: every layer at anchor_sparsity; greedy (teal): per-layer "
+                         "sparsities with the FFN bytes of uniform anchor_sparsity, chosen "
+                         "greedily on each layer's relative output error",
     "anchor_realized_sparsity": "share of each input's entries zeroed at masked positions of "
                                 "the evaluated windows",
     "ffn_bytes_fraction": "FFN weight bytes read per token over the dense FFN's at masked "
@@ -63,7 +66,8 @@ def calibrate_anchor(cfg, meta: dict) -> dict:
     spec, options = evaluator_spec(cfg, meta)
     with evaluators(spec, options, cfg.workers) as group:
         return ray.get(group.first_actor().calibrate.remote(
-            ids, cfg.anchor, cfg.anchor_sparsity, cfg.dense_prefix, cfg.batch_windows))
+            ids, cfg.anchor, cfg.anchor_sparsity, cfg.dense_prefix, cfg.batch_windows,
+            cfg.anchor_allocation))
 
 
 def run_anchor(cfg) -> dict:
@@ -88,6 +92,9 @@ def _run_anchor(cfg) -> dict:
     report["identity"] = {**ident, "masks": masks, "anchor": cfg.anchor,
                           "anchor_sparsity": cfg.anchor_sparsity,
                           "calibration_windows": cfg.calibration_windows,
+                          # absent when uniform: identities written before the option match
+                          **({"anchor_allocation": cfg.anchor_allocation}
+                             if cfg.anchor_allocation != "uniform" else {}),
                           "first_seq": int(windows.seq[0]), "last_seq": int(windows.seq[-1])}
     eval_store.write_eval(report, cfg.out)
     return report
@@ -124,6 +131,7 @@ def summarize_anchor(results: list, baseline: dict | None, spec: AnchorSpec,
         "anchor_realized_sparsity": {name: 1.0 - share for name, share in total.items()},
         "ffn_bytes_fraction": {"dense": 1.0, "anchor": ffn_bytes.fraction(weights, reads)},
         "thresholds": spec.thresholds,
+        "anchor_allocation": calibration.get("allocation"),
         "calibration": {"windows": cfg.calibration_windows, "split": "train",
                         "tokens": calibration["calibration_tokens"],
                         "sparsity": calibration["calibration_sparsity"]},

@@ -35,6 +35,7 @@ import torch
 from actclust.capture.hooks import captured_modules
 from actclust.config import ANCHORS
 from actclust.devices import model_input, to_host
+from actclust.evaluation.anchor_allocation import allocate_teal, even_sample, threshold
 from actclust.errors import UserError
 from actclust.io.models import ffn_input_modules, ffn_projections, input_column_norms
 
@@ -155,20 +156,28 @@ class Sparsifier:
 
 
 def calibrate(model, ids: np.ndarray, method: str, sparsity: float, dense_prefix: int,
-              batch_windows: int = 4, model_name: str = "model") -> dict:
+              batch_windows: int = 4, model_name: str = "model",
+              allocation: str = "uniform") -> dict:
     """Per-layer thresholds of each input of ``method`` from a dense pass over ``ids`` (W, T).
 
-    Returns ``thresholds`` (input -> per-layer ``s``-quantile of ``|v|`` at masked
-    positions), ``calibration_sparsity`` (input -> per-layer share of ``|v| <= t`` on those
-    tokens) and ``calibration_tokens``.
+    Returns ``thresholds`` (input -> per-layer quantile of ``|v|`` at masked positions, at
+    ``sparsity``, or with ``allocation`` greedy (teal) at each layer's own sparsity, under
+    the same FFN-byte budget: :mod:`actclust.evaluation.anchor_allocation`),
+    ``calibration_sparsity`` (input -> per-layer share of ``|v| <= t`` on those tokens),
+    ``calibration_tokens`` and ``allocation`` (the greedy search's record, or None).
     """
     projections = ffn_projections(model)
     check_model(method, projections, model_name)
     tokens = int(len(ids) * (ids.shape[1] - dense_prefix))
     if method not in CALIBRATED:
-        return {"thresholds": {}, "calibration_sparsity": {}, "calibration_tokens": tokens}
+        return {"thresholds": {}, "calibration_sparsity": {}, "calibration_tokens": tokens,
+                "allocation": None}
+    greedy = allocation == "greedy"
+    if greedy and method != "teal":
+        raise UserError(f"--anchor-allocation greedy applies to teal, not {method}")
     modules = _input_modules(model, projections)
     values: dict = {name: [[] for _ in projections] for name in INPUTS[method]}
+    raw_x: list = [[] for _ in projections]  # greedy: FFN inputs at masked positions
     with contextlib.ExitStack() as stack, torch.inference_mode():
         acts = {name: stack.enter_context(captured_modules(*modules[name])) for name in values}
         for start in range(0, len(ids), batch_windows):
@@ -180,11 +189,17 @@ def calibrate(model, ids: np.ndarray, method: str, sparsity: float, dense_prefix
                         a = projections[layer].act(a)
                     body = a.reshape(len(batch), batch.shape[1], a.shape[-1])[:, dense_prefix:]
                     values[name][layer].append(to_host(body.abs().reshape(-1).float()))
+                    if greedy and name == "x":
+                        raw_x[layer].append(body.reshape(-1, a.shape[-1]).float().cpu())
+    per_layer_sparsity, record = [sparsity] * len(projections), None
+    if greedy:
+        samples = [even_sample(torch.cat(chunks)) for chunks in raw_x]
+        per_layer_sparsity, record = allocate_teal(projections, samples, sparsity)
     thresholds: dict = {}
     realized: dict = {}
     for name, per_layer in values.items():
         flat = [np.concatenate(chunks) for chunks in per_layer]
-        thresholds[name] = [float(np.quantile(v, sparsity)) for v in flat]
+        thresholds[name] = [threshold(v, s) for v, s in zip(flat, per_layer_sparsity)]
         realized[name] = [float(np.mean(v <= t)) for v, t in zip(flat, thresholds[name])]
     return {"thresholds": thresholds, "calibration_sparsity": realized,
-            "calibration_tokens": tokens}
+            "calibration_tokens": tokens, "allocation": record}

@@ -27,7 +27,6 @@ import dataclasses
 import numpy as np
 
 from actclust.evaluation.anchors import AnchorSpec, Sparsifier, calibrate
-from actclust.evaluation.ffn_bytes import matrix_weights
 from actclust.evaluation.metrics import F, MODES, empty_stats, window_nll
 from actclust.io import centroid_store
 from actclust.io.centroid_store import load_centroids, slots
@@ -71,7 +70,7 @@ class Evaluator:
 
     def __init__(self, spec: EvaluatorSpec, faults: FaultHooks | None = None):
         from actclust.devices import place_model
-        from actclust.io.models import ffn_projections, load_model
+        from actclust.io.models import ffn_projections, load_model, matrix_weights
         from actclust.runtime.raycluster import set_threads
 
         set_threads(spec.num_cpus)
@@ -117,10 +116,10 @@ class Evaluator:
         self.spec = spec
 
     def calibrate(self, ids: np.ndarray, method: str, sparsity: float, dense_prefix: int,
-                  batch_windows: int) -> dict:
+                  batch_windows: int, allocation: str = "uniform") -> dict:
         """An anchor's thresholds from dense passes over ``ids`` (fitting windows)."""
         return calibrate(self.model, ids, method, sparsity, dense_prefix, batch_windows,
-                         self.spec.model)
+                         self.spec.model, allocation)
 
     def bare_forward(self, ids: np.ndarray) -> float:
         """Seconds of one plain forward of ``ids``: no hooks, no loss (a run's floor rate)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from actclust.budget import fraction, split_reads
 from actclust.evaluation.metrics import F
 from actclust.io.centroid_store import slots
 
@@ -52,26 +53,8 @@ def mode_fractions(results: list, baseline: dict, meta: dict, mask_mode: str,
     return fractions
 
 
-def matrix_weights(projections: list) -> list[dict]:
-    """Per layer, matrix name -> number of weights (:func:`actclust.io.models.ffn_projections`)."""
-    return [{name: int(module.weight.numel()) for name, module in p.matrices.items()}
-            for p in projections]
-
-
-def fraction(weights: list[dict], reads: dict[int, dict]) -> float:
-    """Bytes read over dense bytes; ``reads`` layer -> matrix -> share read (absent: 1)."""
-    total = sum(sum(layer.values()) for layer in weights)
-    read = sum(count * reads.get(layer, {}).get(name, 1.0)
-               for layer, matrices in enumerate(weights) for name, count in matrices.items())
-    return read / total
-
-
 def per_layer(weights: list[dict], reads: dict[int, dict]) -> list[float]:
     return [fraction([weights[layer]], {0: reads.get(layer, {})}) for layer in range(len(weights))]
-
-
-def split_reads(in_share: float, down_share: float) -> dict:
-    return {"gate": in_share, "up": in_share, "down": down_share}
 
 
 def anchor_reads(method: str, kept: dict[str, list[float]]) -> dict[int, dict]:

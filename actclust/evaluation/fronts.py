@@ -38,7 +38,9 @@ def points(rows: list[dict], anchors: list[dict]) -> list[dict]:
                             r.get("neuron_predicted_ffn_bytes_fraction"),
                             r.get("neuron_predicted_ppl"), r.get("neuron_predicted_ppl_ci95")))
     for a in anchors:
-        found.append(_point(a["anchor"], f"s={a['anchor_sparsity']:g}", a["ffn_bytes_fraction"],
+        greedy = " greedy" if a.get("anchor_allocation") else ""
+        found.append(_point(a["anchor"], f"s={a['anchor_sparsity']:g}{greedy}",
+                            a["ffn_bytes_fraction"],
                             a["anchor_ppl"], a.get("anchor_ppl_ci95")))
     return [p for p in found if p is not None]
 

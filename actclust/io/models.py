@@ -378,6 +378,12 @@ def ffn_projections(model) -> list[FFNProjections]:
     return layers
 
 
+def matrix_weights(projections: list) -> list[dict]:
+    """Per layer, matrix name -> number of weights (:func:`actclust.io.models.ffn_projections`)."""
+    return [{name: int(module.weight.numel()) for name, module in p.matrices.items()}
+            for p in projections]
+
+
 def input_column_norms(module):
     """``||W[:, i]||_2`` of every input ``i`` of a projection (nn.Linear or GPT-2 Conv1D)."""
     weight = module.weight.detach().float()

@@ -2,7 +2,7 @@
 
     actclust mass-bits --centroids C --features F --budget 0.5 --out C-budget
 
-The search itself (:func:`actclust.evaluation.budget.greedy`) is shared with the anchors.
+The search itself (:func:`actclust.budget.greedy`) is shared with the anchors.
 The error of a layer is measured on stored FFN inputs of fitting windows, through the
 layer's own FFN:
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actclust.evaluation.budget import GRID
+from actclust.budget import GRID
 from actclust.io import mask_store
 from actclust.kernels import assign_scored
 

@@ -23,14 +23,13 @@ import time
 
 import numpy as np
 
+from actclust import budget
 from actclust.capture.hooks import captured
 from actclust.errors import UserError
 from actclust.io import centroid_store, mask_store, outdir, predictor_store, storage
 from actclust.io.centroid_store import load_centroids, require_single_site
-from actclust.evaluation.ffn_bytes import matrix_weights
-from actclust.io.models import ffn_input_modules, ffn_projections, load_model
+from actclust.io.models import ffn_input_modules, ffn_projections, load_model, matrix_weights
 from actclust.kernels.rules import AssignRule
-from actclust.evaluation import budget
 from actclust.predict import allocation as A
 from actclust.predict import features as F
 

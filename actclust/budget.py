@@ -1,5 +1,7 @@
-"""One FFN-byte budget split across layers: the greedy search, shared by the clusterings
-(``actclust mass-bits --budget``) and the anchors (``evaluate --anchor teal --anchor-budget``).
+"""FFN weight bytes read per token, and one byte budget split across layers by a greedy
+search, shared by the clusterings (``actclust mass-bits --budget``) and the anchors
+(``evaluate --anchor teal --anchor-allocation greedy``). Pure numpy: the evaluation's byte
+accounting (:mod:`actclust.evaluation.ffn_bytes`) builds on :func:`fraction`.
 
 Layers differ in how much a dropped neuron costs. Given, for every layer, a grid of
 candidate densities with an error of the layer's FFN output and the FFN bytes read at
@@ -14,16 +16,27 @@ from __future__ import annotations
 import numpy as np
 
 from actclust.errors import UserError
-from actclust.evaluation import ffn_bytes
 
 # Candidate densities (kept shares), ascending; 1.0 keeps every neuron.
 GRID = tuple(round(0.2 + 0.05 * i, 2) for i in range(17))
 
 
+def fraction(weights: list[dict], reads: dict[int, dict]) -> float:
+    """Bytes read over dense bytes; ``reads`` layer -> matrix -> share read (absent: 1)."""
+    total = sum(sum(layer.values()) for layer in weights)
+    read = sum(count * reads.get(layer, {}).get(name, 1.0)
+               for layer, matrices in enumerate(weights) for name, count in matrices.items())
+    return read / total
+
+
+def split_reads(in_share: float, down_share: float) -> dict:
+    return {"gate": in_share, "up": in_share, "down": down_share}
+
+
 def layer_bytes(weights: dict, grid, shares: np.ndarray, mask_mode: str) -> np.ndarray:
     """Bytes fraction of one layer at each candidate: gate and up at the centroid's
     density, down at the kept share (``and``) or the density (``replace``)."""
-    return np.asarray([ffn_bytes.fraction([weights], {0: ffn_bytes.split_reads(
+    return np.asarray([fraction([weights], {0: split_reads(
         d, s if mask_mode == "and" else d)}) for d, s in zip(grid, shares)])
 
 
