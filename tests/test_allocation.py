@@ -13,7 +13,7 @@ from actclust.io import mask_store
 from actclust.kernels import assign_scored
 from actclust import budget as B
 from actclust.evaluation.anchor_allocation import teal_layer_errors
-from actclust.io.models import ffn_projections, load_model
+from actclust.io.models import ffn_projections, load_model, residual_energy
 from actclust.predict import allocation as A
 
 
@@ -74,15 +74,14 @@ def test_layer_error_equals_a_direct_computation(mask_mode):
     errors, shares = A.layer_errors(a, mask_store.pack(truth), mass, None, w_down, grid,
                                     mask_mode)
     w = w_down.numpy().astype(np.float64)
-    full = np.square(a.astype(np.float64) @ w.T).sum()
     for density, err, share in zip(grid, errors, shares):
         cents = A.mass_centroids(mass, density)
         labels, _ = assign_scored(mask_store.pack(truth), mask_store.pack(cents))
         keep = cents[labels] & truth if mask_mode == "and" else cents[labels]
-        want = np.square((a * ~keep).astype(np.float64) @ w.T).sum() / full
+        want = np.square((a * ~keep).astype(np.float64) @ w.T).sum() / n
         assert err == pytest.approx(want, rel=1e-4)
         assert share == pytest.approx(keep.mean())
-    assert errors[-1] == (pytest.approx(np.square((a * ~truth) @ w.T).sum() / full, rel=1e-4)
+    assert errors[-1] == (pytest.approx(np.square((a * ~truth) @ w.T).sum() / n, rel=1e-4)
                           if mask_mode == "and" else 0.0)
     assert errors[0] > errors[1] > errors[2]
 
@@ -107,6 +106,25 @@ def test_teal_layer_error_equals_a_direct_computation():
         xs = x * (x.abs() > np.quantile(x.abs().numpy(), 0.5))
         hs = proj.act(proj.gate(xs)) * proj.up(xs)
         hs = hs * (hs.abs() > np.quantile(h.abs().numpy(), 0.5))
-        want = float((proj.down(hs) - y).square().sum() / y.square().sum())
+        want = float((proj.down(hs) - y).square().sum() / len(x))
     assert errors[0] == pytest.approx(want, rel=1e-5)
     assert kept[0] == pytest.approx([0.5, float((hs != 0).float().mean())], abs=1e-3)
+
+
+def test_residual_energy_is_the_mean_squared_norm_entering_each_layer():
+    model = load_model("tiny:llama").model
+    ids = np.random.default_rng(0).integers(0, 200, size=(3, 12))
+    seen = {}
+    layers = model.model.layers
+    handles = [layer.register_forward_pre_hook(
+        lambda mod, args, kwargs, i=i: seen.__setitem__(i, args[0] if args
+                                                        else kwargs["hidden_states"]),
+        with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.inference_mode():
+        model(torch.from_numpy(ids))
+    for h in handles:
+        h.remove()
+    got = residual_energy(model, ids, dense_prefix=2, batch_windows=2)
+    for i in range(len(layers)):
+        want = float(seen[i][:, 2:].double().square().sum(-1).mean())
+        assert got[i] == pytest.approx(want, rel=1e-5)

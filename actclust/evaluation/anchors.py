@@ -37,7 +37,8 @@ from actclust.config import ANCHORS
 from actclust.devices import model_input, to_host
 from actclust.evaluation.anchor_allocation import allocate_teal, even_sample, threshold
 from actclust.errors import UserError
-from actclust.io.models import ffn_input_modules, ffn_projections, input_column_norms
+from actclust.io.models import (ffn_input_modules, ffn_projections, input_column_norms,
+                                residual_energy)
 
 INPUTS = {"teal": ("x", "h"), "cats": ("g",), "wina": ("x", "h")}
 CALIBRATED = ("teal", "cats")  # wina keeps a fixed count per token: no threshold
@@ -194,7 +195,8 @@ def calibrate(model, ids: np.ndarray, method: str, sparsity: float, dense_prefix
     per_layer_sparsity, record = [sparsity] * len(projections), None
     if greedy:
         samples = [even_sample(torch.cat(chunks)) for chunks in raw_x]
-        per_layer_sparsity, record = allocate_teal(projections, samples, sparsity)
+        energy = residual_energy(model, ids, dense_prefix, batch_windows)
+        per_layer_sparsity, record = allocate_teal(projections, samples, energy, sparsity)
     thresholds: dict = {}
     realized: dict = {}
     for name, per_layer in values.items():

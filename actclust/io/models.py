@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from actclust.devices import model_input
 from actclust.errors import UserError
 from actclust.io import model_fetch
 from actclust.io.cache import default_cache_dir
@@ -382,6 +383,24 @@ def matrix_weights(projections: list) -> list[dict]:
     """Per layer, matrix name -> number of weights (:func:`actclust.io.models.ffn_projections`)."""
     return [{name: int(module.weight.numel()) for name, module in p.matrices.items()}
             for p in projections]
+
+
+def residual_energy(model, ids, dense_prefix: int = 0, batch_windows: int = 4) -> list[float]:
+    """Per decoder layer, the mean squared norm of the residual stream entering it, over
+    the positions >= ``dense_prefix`` of ``ids`` (W, T): the scale an FFN's output error
+    is measured against."""
+    import torch
+
+    sums, count = None, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_windows):
+            batch = model_input(model, ids[start:start + batch_windows])
+            states = model(batch, output_hidden_states=True).hidden_states[:-1]
+            body = [s[:, dense_prefix:].float().square().sum(-1) for s in states]
+            layer_sums = [float(b.sum()) for b in body]
+            sums = layer_sums if sums is None else [a + b for a, b in zip(sums, layer_sums)]
+            count += body[0].numel()
+    return [s / count for s in sums]
 
 
 def input_column_norms(module):

@@ -4,13 +4,15 @@
 
 The search itself (:func:`actclust.budget.greedy`) is shared with the anchors.
 The error of a layer is measured on stored FFN inputs of fitting windows, through the
-layer's own FFN:
+layer's own FFN, against the residual stream the output is added to (see
+:mod:`actclust.evaluation.anchor_allocation` for why not against the FFN's own output):
 
-    error_l(d) = ||W_down (a - a * keep_d)||^2 / ||W_down a||^2   summed over sample tokens
+    error_l(d) = mean ||W_down (a - a * keep_d)||^2 / mean ||r_l||^2
 
 with ``keep_d`` the token's mask at density ``d``: its centroid (bits by activation mass,
 ``d * d_ff`` of them, the token assigned by the clustering's rule against them), ANDed
-with the token's true mask in mask mode ``and``.
+with the token's true mask in mask mode ``and``; ``r_l`` the residual stream entering
+layer ``l``, on the first fitting windows.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from actclust.budget import GRID
 from actclust.io import mask_store
 from actclust.kernels import assign_scored
 
-OBJECTIVE = ("relative FFN output error per layer, ||W_down (a - a keep)||^2 / "
-             "||W_down a||^2 over sample fitting tokens, summed over layers; greedy by "
+OBJECTIVE = ("FFN output error per layer against the residual stream, mean ||W_down (a - "
+             "a keep)||^2 / mean ||r_l||^2 over fitting tokens, summed over layers; greedy by "
              "marginal error per byte saved")
 
 
@@ -46,7 +48,8 @@ def mass_centroids(mass: np.ndarray, density: float) -> np.ndarray:
 
 def layer_errors(a: np.ndarray, true_bits: np.ndarray, mass: np.ndarray, rule, w_down,
                  grid=GRID, mask_mode: str = "and") -> tuple[np.ndarray, np.ndarray]:
-    """(errors, down shares), each (len(grid),), of one layer on sample tokens.
+    """(mean squared output errors per token, down shares), each (len(grid),), of one layer
+    on sample tokens.
 
     Args:
         a: (N, W) float32 activations entering the down projection.
@@ -59,7 +62,6 @@ def layer_errors(a: np.ndarray, true_bits: np.ndarray, mass: np.ndarray, rule, w
 
     a_t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     w = w_down.detach().float()
-    full = float((a_t @ w.T).square().sum())
     truth = torch.from_numpy(mask_store.unpack(true_bits, a.shape[1]))
     errors, shares = [], []
     for density in grid:
@@ -69,6 +71,6 @@ def layer_errors(a: np.ndarray, true_bits: np.ndarray, mass: np.ndarray, rule, w
         if mask_mode == "and":
             keep &= truth
         dropped = a_t * (~keep).to(a_t.dtype)
-        errors.append(float((dropped @ w.T).square().sum()) / max(full, 1e-30))
+        errors.append(float((dropped @ w.T).square().sum()) / len(a))
         shares.append(float(keep.float().mean()))
     return np.asarray(errors), np.asarray(shares)

@@ -28,7 +28,9 @@ from actclust.capture.hooks import captured
 from actclust.errors import UserError
 from actclust.io import centroid_store, mask_store, outdir, predictor_store, storage
 from actclust.io.centroid_store import load_centroids, require_single_site
-from actclust.io.models import ffn_input_modules, ffn_projections, load_model, matrix_weights
+from actclust.io.corpus import load_windows
+from actclust.io.models import (ffn_input_modules, ffn_projections, load_model, load_tokenizer,
+                                matrix_weights, residual_energy)
 from actclust.kernels.rules import AssignRule
 from actclust.predict import allocation as A
 from actclust.predict import features as F
@@ -133,6 +135,7 @@ def allocate(model, spec: F.FeatureSpec, mass: np.ndarray, rule, layers: list[in
     import torch
 
     h, bits = _sample(spec, sample_tokens)
+    energy = residual_energy(model, _first_windows(spec), dense_prefix=0)
     slot = {layer: i for i, layer in enumerate(spec.layers)}
     projections = ffn_projections(model)
     weights = matrix_weights(projections)
@@ -145,7 +148,7 @@ def allocate(model, spec: F.FeatureSpec, mass: np.ndarray, rule, layers: list[in
             err, shares = A.layer_errors(a.numpy(), np.ascontiguousarray(bits[:, j]), mass[i],
                                          rule, projections[layer].down.weight,
                                          mask_mode=mask_mode)
-            errors.append(err)
+            errors.append(err / energy[layer])
             nbytes.append(budget.layer_bytes(weights[layer], budget.GRID, shares, mask_mode))
     errors, nbytes = np.asarray(errors), np.asarray(nbytes)
     layer_weights = np.asarray([sum(weights[layer].values()) for layer in layers], float)
@@ -157,6 +160,16 @@ def allocate(model, spec: F.FeatureSpec, mass: np.ndarray, rule, layers: list[in
                                           / layer_weights.sum()),
               "errors": [float(e) for e in errors[rows, pick]]}
     return [float(budget.GRID[g]) for g in pick], record
+
+
+def _first_windows(spec: F.FeatureSpec, windows: int = 8) -> np.ndarray:
+    """Token ids (W, T) of the first fitting windows of the features' corpus."""
+    record = storage.read_json(storage.join(spec.root, predictor_store.FEATURES_RECORD))
+    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    return load_windows(record["corpus"], tokenizer, record["seq_len"], split="train",
+                        max_tokens=windows * record["seq_len"],
+                        heldout_every=record["heldout_every"],
+                        text_column=record.get("text_column") or "text").ids
 
 
 def _sample(spec: F.FeatureSpec, tokens: int) -> tuple[np.ndarray, np.ndarray]:
