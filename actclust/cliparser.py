@@ -282,6 +282,9 @@ def _add_mass_bits(sub) -> None:
     p.add_argument("--sample-tokens", dest="sample_tokens", type=int, metavar="N",
                    help="fitting tokens each layer's error is measured on "
                         f"(default: {default(C.MassBitsConfig, 'sample_tokens')})")
+    p.add_argument("--dense-prefix", dest="dense_prefix", type=int, metavar="P",
+                   help="window positions < P, never masked, left out of the budget's "
+                        f"errors (default: {default(C.MassBitsConfig, 'dense_prefix')})")
     _threads_flag(p)
     _trust_flag(p)
 

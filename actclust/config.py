@@ -285,6 +285,7 @@ class MassBitsConfig:
     budget: Optional[float] = None  # per-layer densities meeting this FFN bytes fraction
     mask_mode: str = "and"  # what the budget's bytes and errors assume
     sample_tokens: int = 4096  # fitting tokens the per-layer errors are measured on
+    dense_prefix: int = 1  # window positions the budget leaves out (never masked)
     threads: Optional[int] = None
     trust_remote_code: bool = False
 
@@ -301,6 +302,8 @@ class MassBitsConfig:
                 raise UserError(f"{key} must be in (0, 1], got {value}")
         _choice(self.mask_mode, MASK_MODES, "mask_mode")
         _positive(self.sample_tokens, "sample_tokens")
+        if self.dense_prefix < 0:
+            raise UserError(f"dense_prefix must be >= 0, got {self.dense_prefix}")
         if self.threads is not None:
             _positive(self.threads, "threads")
 

@@ -149,7 +149,7 @@ def test_mass_bits_at_a_density_and_at_a_per_layer_budget(fitted, tmp_path):
                                                       out=str(tmp_path / "b"))))
     allocation = record["allocation"]
     assert allocation["budget"] == 0.6 and allocation["mask_mode"] == "and"
-    assert allocation["sample_tokens"] == 512
+    assert allocation["sample_tokens"] == 512 and allocation["dense_prefix"] == 1
     assert allocation["ffn_bytes_fraction"] <= 0.6
     assert set(record["bits_density"]) <= set(allocation["grid"])
     _, packed = load_centroids(tmp_path / "b")

@@ -128,14 +128,17 @@ def bits_by_mass(packed: np.ndarray, mass: np.ndarray, width: int,
 
 
 def allocate(model, spec: F.FeatureSpec, mass: np.ndarray, rule, layers: list[int],
-             target: float, mask_mode: str, sample_tokens: int) -> tuple[list[float], dict]:
+             target: float, mask_mode: str, sample_tokens: int, dense_prefix: int
+             ) -> tuple[list[float], dict]:
     """Per-layer densities meeting the bytes fraction ``target`` over the clustered layers
     (:mod:`actclust.predict.allocation`), measured on the first ``sample_tokens`` fitting
-    tokens; and the record of the search."""
+    tokens at positions >= ``dense_prefix`` (the evaluation never masks the others, and a
+    window's first token carries the residual stream's outlier norms); and the record of
+    the search."""
     import torch
 
-    h, bits = _sample(spec, sample_tokens)
-    energy = residual_energy(model, _first_windows(spec), dense_prefix=0)
+    h, bits = _sample(spec, sample_tokens, dense_prefix)
+    energy = residual_energy(model, _first_windows(spec), dense_prefix=dense_prefix)
     slot = {layer: i for i, layer in enumerate(spec.layers)}
     projections = ffn_projections(model)
     weights = matrix_weights(projections)
@@ -155,7 +158,8 @@ def allocate(model, spec: F.FeatureSpec, mass: np.ndarray, rule, layers: list[in
     pick = budget.greedy(errors, nbytes, target, layer_weights)
     rows = np.arange(len(layers))
     record = {"budget": target, "mask_mode": mask_mode, "grid": list(budget.GRID),
-              "sample_tokens": int(len(h)), "objective": A.OBJECTIVE,
+              "sample_tokens": int(len(h)), "dense_prefix": dense_prefix,
+              "objective": A.OBJECTIVE,
               "ffn_bytes_fraction": float(layer_weights @ nbytes[rows, pick]
                                           / layer_weights.sum()),
               "errors": [float(e) for e in errors[rows, pick]]}
@@ -172,13 +176,17 @@ def _first_windows(spec: F.FeatureSpec, windows: int = 8) -> np.ndarray:
                         text_column=record.get("text_column") or "text").ids
 
 
-def _sample(spec: F.FeatureSpec, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """FFN inputs and packed true masks of the first ``tokens`` fitting tokens."""
+def _sample(spec: F.FeatureSpec, tokens: int, dense_prefix: int = 0
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """FFN inputs and packed true masks of the first ``tokens`` fitting tokens at window
+    positions >= ``dense_prefix`` (a shard holds whole windows, position-major)."""
+    seq_len = storage.read_json(storage.join(spec.root, predictor_store.FEATURES_RECORD))["seq_len"]
     hs, masks, have, index = [], [], 0, 0
     while have < tokens and predictor_store.shard_complete(spec.root, F.shard_name(index)):
         h, bits = F.read_shard(spec, index)
-        hs.append(h), masks.append(bits)
-        have, index = have + len(h), index + 1
+        body = np.arange(len(h)) % seq_len >= dense_prefix
+        hs.append(h[body]), masks.append(bits[body])
+        have, index = have + int(body.sum()), index + 1
     return np.concatenate(hs)[:tokens], np.concatenate(masks)[:tokens]
 
 
@@ -202,7 +210,8 @@ def run_mass_bits(cfg) -> dict:
     if cfg.density is not None:
         ident["density"] = cfg.density
     if cfg.budget is not None:
-        ident.update(budget=cfg.budget, mask_mode=cfg.mask_mode, sample_tokens=cfg.sample_tokens)
+        ident.update(budget=cfg.budget, mask_mode=cfg.mask_mode, sample_tokens=cfg.sample_tokens,
+                     dense_prefix=cfg.dense_prefix)
     start = time.perf_counter()
     model = load_model(meta["model"], trust_remote_code=cfg.trust_remote_code).model
     spec, n_shards = feature_spec(cfg.features, meta, int(model.config.hidden_size),
@@ -219,7 +228,7 @@ def run_mass_bits(cfg) -> dict:
     densities, allocation = [cfg.density] * len(layers), None
     if cfg.budget is not None:
         densities, allocation = allocate(model, spec, mass, rule, layers, cfg.budget,
-                                         cfg.mask_mode, cfg.sample_tokens)
+                                         cfg.mask_mode, cfg.sample_tokens, cfg.dense_prefix)
     new = [bits_by_mass(c, m, meta["d_ff"], d) for c, m, d in zip(packed, mass, densities)]
     seconds = time.perf_counter() - start
     record = {**meta, "bits_by": "activation_mass", "bits_from": ident["centroids"],
