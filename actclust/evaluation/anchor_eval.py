@@ -35,7 +35,8 @@ DEFINITIONS = {
                   "of the calibration windows (fitting split), dense forward",
     "anchor_allocation": "null: every layer at anchor_sparsity; greedy (teal): per-layer "
                          "sparsities with the FFN bytes of uniform anchor_sparsity, chosen "
-                         "greedily on each layer's relative output error",
+                         "greedily on each layer's output error against the residual "
+                         "stream",
     "anchor_realized_sparsity": "share of each input's entries zeroed at masked positions of "
                                 "the evaluated windows",
     "ffn_bytes_fraction": "FFN weight bytes read per token over the dense FFN's at masked "
