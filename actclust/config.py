@@ -149,9 +149,7 @@ class ClusterConfig:
                             "that keeps a centroid bit, density the number of bits)")
         if self.density is None and self.theta is None:
             object.__setattr__(self, "theta", DEFAULT_THETA)
-        for key in ("theta", "density"):
-            if getattr(self, key) is not None and not valid_fraction(getattr(self, key)):
-                raise UserError(f"{key} must be in (0, 1], got {getattr(self, key)}")
+        _fractions(self, "theta", "density")
         _positive(self.workers, "workers")
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.algorithm, ALGORITHMS, "algorithm")
@@ -229,8 +227,7 @@ class EvaluateConfig:
         _choice(self.split, SPLITS, "split")
         _choice(self.mask_mode, MASK_MODES, "mask_mode")
         _choice(self.neuron_select, NEURON_SELECT, "neuron_select")
-        if self.dense_prefix < 0:
-            raise UserError(f"dense_prefix must be >= 0, got {self.dense_prefix}")
+        _non_negative(self.dense_prefix, "dense_prefix")
         _positive(self.bootstrap_resamples, "bootstrap_resamples")
         _positive(self.top_m, "top_m")
         _positive(self.workers, "workers")
@@ -296,14 +293,10 @@ class MassBitsConfig:
         if self.density is not None and self.budget is not None:
             raise UserError("give --density (one density for every layer) or --budget "
                             "(per-layer densities), not both")
-        for key in ("density", "budget"):
-            value = getattr(self, key)
-            if value is not None and not valid_fraction(value):
-                raise UserError(f"{key} must be in (0, 1], got {value}")
+        _fractions(self, "density", "budget")
         _choice(self.mask_mode, MASK_MODES, "mask_mode")
         _positive(self.sample_tokens, "sample_tokens")
-        if self.dense_prefix < 0:
-            raise UserError(f"dense_prefix must be >= 0, got {self.dense_prefix}")
+        _non_negative(self.dense_prefix, "dense_prefix")
         if self.threads is not None:
             _positive(self.threads, "threads")
 
@@ -375,6 +368,19 @@ def _require(value: Any, key: str, hint: str) -> None:
 def _positive(value: int, key: str) -> None:
     if value < 1:
         raise UserError(f"{key} must be at least 1, got {value}")
+
+
+def _non_negative(value: int, key: str) -> None:
+    if value < 0:
+        raise UserError(f"{key} must be >= 0, got {value}")
+
+
+def _fractions(cfg, *keys: str) -> None:
+    """Each of ``keys`` that is set is a theta or density: in (0, 1]."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and not valid_fraction(value):
+            raise UserError(f"{key} must be in (0, 1], got {value}")
 
 
 def _choice(value: str, choices: tuple, key: str) -> None:

@@ -35,7 +35,17 @@ OBJECTIVE = ("FFN output error per layer against the residual stream, mean ||y_s
 def threshold(values, sparsity: float) -> float:
     """The ``sparsity``-quantile of ``values`` (|v| <= t is zeroed); below every value at
     sparsity 0, so that nothing is."""
-    return -1.0 if sparsity <= 0.0 else float(np.quantile(values, sparsity))
+    return float(thresholds(values, [sparsity])[0])
+
+
+def thresholds(values, sparsities) -> np.ndarray:
+    """:func:`threshold` at every sparsity, from one partition of ``values``."""
+    sparsities = np.asarray(sparsities, dtype=np.float64)
+    out = np.full(len(sparsities), -1.0)
+    positive = sparsities > 0.0
+    if positive.any():
+        out[positive] = np.quantile(values, sparsities[positive])
+    return out
 
 
 def teal_layer_errors(proj, x, grid=budget.GRID) -> tuple[np.ndarray, np.ndarray]:
@@ -47,14 +57,15 @@ def teal_layer_errors(proj, x, grid=budget.GRID) -> tuple[np.ndarray, np.ndarray
     with torch.inference_mode():
         dense_h = proj.act(proj.gate(x)) * proj.up(x)
         y = proj.down(dense_h)
-        ax, ah = x.abs().numpy().ravel(), dense_h.abs().numpy().ravel()
+        sparsities = [1.0 - density for density in grid]
+        t_x = thresholds(x.abs().numpy().ravel(), sparsities)
+        t_h = thresholds(dense_h.abs().numpy().ravel(), sparsities)
         errors, kept = [], []
-        for density in grid:
-            s = 1.0 - density
-            keep_x = x.abs() > threshold(ax, s)
+        for tx, th in zip(t_x, t_h):
+            keep_x = x.abs() > float(tx)
             xs = x * keep_x
             h = proj.act(proj.gate(xs)) * proj.up(xs)
-            keep_h = h.abs() > threshold(ah, s)
+            keep_h = h.abs() > float(th)
             errors.append(float((proj.down(h * keep_h) - y).square().sum()) / len(x))
             kept.append((float(keep_x.float().mean()), float(keep_h.float().mean())))
     return np.asarray(errors), np.asarray(kept)
