@@ -33,11 +33,11 @@ def split_reads(in_share: float, down_share: float) -> dict:
     return {"gate": in_share, "up": in_share, "down": down_share}
 
 
-def layer_bytes(weights: dict, grid, shares: np.ndarray, mask_mode: str) -> np.ndarray:
-    """Bytes fraction of one layer at each candidate: gate and up at the centroid's
-    density, down at the kept share (``and``) or the density (``replace``)."""
-    return np.asarray([fraction([weights], {0: split_reads(
-        d, s if mask_mode == "and" else d)}) for d, s in zip(grid, shares)])
+def layer_bytes(weights: dict, in_shares, down_shares) -> np.ndarray:
+    """Bytes fraction of one layer at each candidate: gate and up at ``in_shares``, down at
+    ``down_shares`` (a centroid's density, and the share kept of it)."""
+    return np.asarray([fraction([weights], {0: split_reads(float(i), float(d))})
+                       for i, d in zip(in_shares, down_shares)])
 
 
 def greedy(errors: np.ndarray, nbytes: np.ndarray, budget: float,

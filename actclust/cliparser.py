@@ -262,7 +262,7 @@ def _add_mass_bits(sub) -> None:
             "actclust mass-bits --centroids runs/demo/clusters/k=64-theta=0.5 --features "
             "runs/demo/predictor/features --out runs/demo/k64-mass",
             "actclust mass-bits --centroids runs/demo/clusters/k=64-theta=0.5 --features "
-            "runs/demo/predictor/features --budget 0.5 --out runs/demo/k64-budget"))
+            "runs/demo/predictor/features --budget 0.5 --counts fitted --out runs/demo/k64-budget"))
     _config_flag(p)
     p.add_argument("--centroids", metavar="DIR", help="clustering directory (required)")
     p.add_argument("--features", metavar="DIR",
@@ -276,6 +276,11 @@ def _add_mass_bits(sub) -> None:
                    help="choose a density per layer so that the FFN bytes read per token are "
                         "at most B of dense, by a greedy search on each layer's output error "
                         "(default: off)")
+    p.add_argument("--counts", choices=C.BIT_COUNTS,
+                   help="with --density or --budget: every centroid of a layer gets the "
+                        "layer's density (equal), or its fitted bit count scaled so that the "
+                        "layer's mean is that density (fitted; clusters fitted denser stay "
+                        f"denser) (default: {default(C.MassBitsConfig, 'counts')})")
     p.add_argument("--mask-mode", dest="mask_mode", choices=C.MASK_MODES,
                    help="the mask mode the budget is counted in "
                         f"(default: {default(C.MassBitsConfig, 'mask_mode')})")

@@ -25,6 +25,8 @@ SPLITS = ("train", "heldout", "all")
 BACKENDS = ("auto", "numpy", "torch", "cupy")
 ALGORITHMS = ("hamming-kmeans", "brb-kmeans", "activation-aware")
 MASK_MODES = ("replace", "and")
+# mass-bits at a new density: every centroid of a layer alike, or its fitted count scaled.
+BIT_COUNTS = ("equal", "fitted")
 # How a neuron predictor turns logits into a mask: its per-layer logit threshold, or per
 # token the top round(d * width) neurons, d the clustering's density on the training tokens.
 NEURON_SELECT = ("threshold", "topk")
@@ -280,6 +282,7 @@ class MassBitsConfig:
     out: Optional[str] = None
     density: Optional[float] = None  # default: each centroid keeps its fitted bit count
     budget: Optional[float] = None  # per-layer densities meeting this FFN bytes fraction
+    counts: str = "equal"  # at a new density: every centroid alike, or its fitted count scaled
     mask_mode: str = "and"  # what the budget's bytes and errors assume
     sample_tokens: int = 4096  # fitting tokens the per-layer errors are measured on
     dense_prefix: int = 1  # window positions the budget leaves out (never masked)
@@ -294,6 +297,7 @@ class MassBitsConfig:
             raise UserError("give --density (one density for every layer) or --budget "
                             "(per-layer densities), not both")
         _fractions(self, "density", "budget")
+        _choice(self.counts, BIT_COUNTS, "counts")
         _choice(self.mask_mode, MASK_MODES, "mask_mode")
         _positive(self.sample_tokens, "sample_tokens")
         _non_negative(self.dense_prefix, "dense_prefix")

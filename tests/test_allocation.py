@@ -62,35 +62,54 @@ def test_mass_centroids_take_the_density_and_fill_memberless_clusters():
     assert np.flatnonzero(got[2]).tolist() == [1, 3]
 
 
-@pytest.mark.parametrize("mask_mode", ["and", "replace"])
-def test_layer_error_equals_a_direct_computation(mask_mode):
+def test_scaled_counts_keep_the_fitted_shape_at_the_layer_density():
+    fitted = np.array([10, 20, 30, 60])  # mean 30 of width 100
+    assert A.scaled_counts(fitted, 0.15, 100).tolist() == [5, 10, 15, 30]
+    assert A.scaled_counts(fitted, 0.6, 100).tolist() == [20, 40, 60, 100]  # 120 clipped
+    assert A.scaled_counts(np.array([0, 3]), 0.01, 100).tolist() == [1, 2]  # never empty
+    mass = np.arange(400, dtype=float).reshape(4, 100)
+    got = A.mass_centroids(mass, 0.15, fitted)
+    assert got.sum(axis=1).tolist() == [5, 10, 15, 30]
+    assert got[3, -30:].all()  # the largest mass
+
+
+@pytest.mark.parametrize("mask_mode,counts", [("and", "equal"), ("replace", "equal"),
+                                              ("and", "fitted")])
+def test_layer_error_equals_a_direct_computation(mask_mode, counts):
     rng = np.random.default_rng(1)
     n, width, d_model, k = 300, 48, 16, 5
     a = rng.normal(size=(n, width)).astype(np.float32)
     truth = np.abs(a) > 0.6
     mass = rng.uniform(0, 1, (k, width))
     w_down = torch.from_numpy(rng.normal(size=(d_model, width)).astype(np.float32))
+    fitted = np.array([5, 10, 15, 20, 25]) if counts == "fitted" else None
     grid = (0.25, 0.5, 1.0)
-    errors, shares = A.layer_errors(a, mask_store.pack(truth), mass, None, w_down, grid,
-                                    mask_mode)
+    errors, in_shares, kept_shares = A.layer_errors(a, mask_store.pack(truth), mass, None,
+                                                    w_down, grid, mask_mode, fitted)
     w = w_down.numpy().astype(np.float64)
-    for density, err, share in zip(grid, errors, shares):
-        cents = A.mass_centroids(mass, density)
+    for density, err, in_share, kept_share in zip(grid, errors, in_shares, kept_shares):
+        cents = np.zeros((k, width), dtype=bool)
+        sizes = np.full(k, round(density * width)) if fitted is None \
+            else np.minimum(np.rint(fitted * density * width / 15), width)
+        for j, size in enumerate(sizes.astype(int)):
+            cents[j, np.argsort(-mass[j])[:size]] = True
         labels, _ = assign_scored(mask_store.pack(truth), mask_store.pack(cents))
         keep = cents[labels] & truth if mask_mode == "and" else cents[labels]
         want = np.square((a * ~keep).astype(np.float64) @ w.T).sum() / n
         assert err == pytest.approx(want, rel=1e-4)
-        assert share == pytest.approx(keep.mean())
-    assert errors[-1] == (pytest.approx(np.square((a * ~truth) @ w.T).sum() / n, rel=1e-4)
-                          if mask_mode == "and" else 0.0)
+        assert in_share == pytest.approx(cents[labels].mean())
+        assert kept_share == pytest.approx(keep.mean())
+    if fitted is None:
+        assert errors[-1] == (pytest.approx(np.square((a * ~truth) @ w.T).sum() / n, rel=1e-4)
+                              if mask_mode == "and" else 0.0)
     assert errors[0] > errors[1] > errors[2]
 
 
-def test_layer_bytes_follow_the_mask_mode():
+def test_layer_bytes_read_gate_and_up_at_the_centroid_share_and_down_at_the_kept_share():
     weights = {"gate": 100, "up": 100, "down": 100}
-    got = B.layer_bytes(weights, (0.4, 0.8), np.array([0.2, 0.5]), "and")
+    got = B.layer_bytes(weights, (0.4, 0.8), np.array([0.2, 0.5]))
     assert got.tolist() == pytest.approx([(0.4 + 0.4 + 0.2) / 3, (0.8 + 0.8 + 0.5) / 3])
-    got = B.layer_bytes(weights, (0.4,), np.array([0.2]), "replace")
+    got = B.layer_bytes(weights, (0.4,), (0.4,))
     assert got.tolist() == pytest.approx([0.4])
     assert got[0] == ffn_bytes.fraction([weights], {0: ffn_bytes.split_reads(0.4, 0.4)})
 

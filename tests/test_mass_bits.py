@@ -20,6 +20,7 @@ from actclust.io.centroid_store import load_centroids
 from actclust.io.corpus import load_windows
 from actclust.io.models import load_model, load_tokenizer
 from actclust.kernels.rules import AssignRule
+from actclust.predict import allocation as A
 from actclust.predict import features as F
 from actclust.predict.mass import bits_by_mass, run_mass_bits
 from helpers import assert_user_error, run_cli
@@ -46,12 +47,15 @@ def test_bits_by_mass_keeps_each_count_and_takes_the_largest_mass():
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, ray_session):
-    """Masks, a density-mode clustering and the predictor features of its fitting windows."""
+    """Masks, a density-mode and a theta-mode clustering of them, and the predictor features
+    of their fitting windows."""
     root = tmp_path_factory.mktemp("mass")
     run_extract(build(ExtractConfig, dict(model=MODEL, seq_len=SEQ, max_tokens=SEQ * 24,
                                           sparsity=0.5, out=str(root / "masks"))))
     run_cluster(build(ClusterConfig, dict(masks=str(root / "masks"), k=6, density=0.3,
                                           out=str(root / "c"))))
+    run_cluster(build(ClusterConfig, dict(masks=str(root / "masks"), k=6,
+                                          out=str(root / "c-theta"))))
     meta, _ = load_centroids(root / "c")
     windows = load_windows(meta["corpus"], load_tokenizer(MODEL), SEQ, split="train",
                            max_tokens=meta["tokens"], heldout_every=meta["heldout_every"])
@@ -142,6 +146,7 @@ def test_mass_bits_at_a_density_and_at_a_per_layer_budget(fitted, tmp_path):
                                                       out=str(tmp_path / "d"))))
     _, packed = load_centroids(tmp_path / "d")
     assert record["bits_density"] == [0.5] * len(packed) and record["allocation"] is None
+    assert record["bits_counts"] == "equal"
     for c in packed:
         assert (mask_store.unpack(c, width).sum(axis=1) == round(0.5 * width)).all()
 
@@ -160,6 +165,28 @@ def test_mass_bits_at_a_density_and_at_a_per_layer_budget(fitted, tmp_path):
                                                        sample_tokens=512,
                                                        out=str(tmp_path / "r"))))
     assert sum(replace["bits_density"]) <= sum(record["bits_density"])
+
+    # Counts fitted: each centroid's fitted count, scaled to the layer's density.
+    common["centroids"] = str(root / "c-theta")
+    _, fitted = load_centroids(root / "c-theta")
+    record = run_mass_bits(build(MassBitsConfig, dict(common, density=0.5, counts="fitted",
+                                                      out=str(tmp_path / "f"))))
+    assert record["bits_counts"] == "fitted" and record["bits_density"] == [0.5] * len(fitted)
+    _, packed = load_centroids(tmp_path / "f")
+    for before, after in zip(fitted, packed):
+        counts = mask_store.unpack(before, width).sum(axis=1)
+        assert len(set(counts.tolist())) > 1  # the fit left the clusters of unequal size
+        assert (mask_store.unpack(after, width).sum(axis=1)
+                == A.scaled_counts(counts, 0.5, width)).all()
+    record = run_mass_bits(build(MassBitsConfig, dict(common, budget=0.6, counts="fitted",
+                                                      sample_tokens=512,
+                                                      out=str(tmp_path / "fb"))))
+    assert record["allocation"]["ffn_bytes_fraction"] <= 0.6
+    _, packed = load_centroids(tmp_path / "fb")
+    for before, after, density in zip(fitted, packed, record["bits_density"]):
+        counts = mask_store.unpack(before, width).sum(axis=1)
+        assert (mask_store.unpack(after, width).sum(axis=1)
+                == A.scaled_counts(counts, density, width)).all()
 
     assert_user_error(run_cli("mass-bits", "--centroids", str(root / "c"), "--features",
                               str(root / "features"), "--density", "0.5", "--budget", "0.5",

@@ -113,14 +113,16 @@ def cluster_mass(model, spec: F.FeatureSpec, n_shards: int, centroids: list[np.n
 
 
 def bits_by_mass(packed: np.ndarray, mass: np.ndarray, width: int,
-                 density: float | None = None) -> np.ndarray:
+                 density: float | None = None, counts: str = "equal") -> np.ndarray:
     """(K, B) packed centroids with their bits on the neurons of largest mass (ties to the
-    lower index): each keeps its bit count, or takes ``round(density width)`` bits. A
-    cluster without members keeps its bits, or at a new density takes the layer's whole
-    mass."""
-    if density is not None:
-        return mask_store.pack(A.mass_centroids(mass, density))
+    lower index): each keeps its bit count, or at a new layer density takes
+    ``round(density width)`` bits (``counts`` equal) or its count scaled to that mean
+    (fitted). A cluster without members keeps its bits, or at a new density takes the
+    layer's whole mass."""
     bits = mask_store.unpack(packed, width)
+    if density is not None:
+        fitted = bits.sum(axis=1) if counts == "fitted" else None
+        return mask_store.pack(A.mass_centroids(mass, density, fitted))
     out = A.top_mass_bits(mass, bits.sum(axis=1))
     empty = mass.sum(axis=1) == 0
     out[empty] = bits[empty]
@@ -128,13 +130,14 @@ def bits_by_mass(packed: np.ndarray, mass: np.ndarray, width: int,
 
 
 def allocate(model, spec: F.FeatureSpec, mass: np.ndarray, rule, layers: list[int],
-             target: float, mask_mode: str, sample_tokens: int, dense_prefix: int
-             ) -> tuple[list[float], dict]:
+             fitted_counts: list[np.ndarray] | None, target: float, mask_mode: str,
+             sample_tokens: int, dense_prefix: int) -> tuple[list[float], dict]:
     """Per-layer densities meeting the bytes fraction ``target`` over the clustered layers
     (:mod:`actclust.predict.allocation`), measured on the first ``sample_tokens`` fitting
     tokens at positions >= ``dense_prefix`` (the evaluation never masks the others, and a
     window's first token carries the residual stream's outlier norms); and the record of
-    the search."""
+    the search. ``fitted_counts``: per layer, the fitted bit counts the densities scale
+    (None: every centroid of a layer gets the layer's density)."""
     import torch
 
     h, bits = _sample(spec, sample_tokens, dense_prefix)
@@ -148,11 +151,12 @@ def allocate(model, spec: F.FeatureSpec, mass: np.ndarray, rule, layers: list[in
         for i, layer in enumerate(layers):
             j = slot[layer]
             a = layer_activations(model, modules, acts, h[:, j], layer, spec.width)
-            err, shares = A.layer_errors(a.numpy(), np.ascontiguousarray(bits[:, j]), mass[i],
-                                         rule, projections[layer].down.weight,
-                                         mask_mode=mask_mode)
+            err, in_shares, kept_shares = A.layer_errors(
+                a.numpy(), np.ascontiguousarray(bits[:, j]), mass[i], rule,
+                projections[layer].down.weight, mask_mode=mask_mode,
+                fitted_counts=None if fitted_counts is None else fitted_counts[i])
             errors.append(err / energy[layer])
-            nbytes.append(budget.layer_bytes(weights[layer], budget.GRID, shares, mask_mode))
+            nbytes.append(budget.layer_bytes(weights[layer], in_shares, kept_shares))
     errors, nbytes = np.asarray(errors), np.asarray(nbytes)
     layer_weights = np.asarray([sum(weights[layer].values()) for layer in layers], float)
     pick = budget.greedy(errors, nbytes, target, layer_weights)
@@ -212,6 +216,8 @@ def run_mass_bits(cfg) -> dict:
     if cfg.budget is not None:
         ident.update(budget=cfg.budget, mask_mode=cfg.mask_mode, sample_tokens=cfg.sample_tokens,
                      dense_prefix=cfg.dense_prefix)
+    if (cfg.density is not None or cfg.budget is not None) and cfg.counts != "equal":
+        ident["counts"] = cfg.counts
     start = time.perf_counter()
     model = load_model(meta["model"], trust_remote_code=cfg.trust_remote_code).model
     spec, n_shards = feature_spec(cfg.features, meta, int(model.config.hidden_size),
@@ -226,14 +232,19 @@ def run_mass_bits(cfg) -> dict:
     layers = list(meta["layers"])
     mass, tokens = cluster_mass(model, spec, n_shards, packed, rule, layers)
     densities, allocation = [cfg.density] * len(layers), None
+    fitted = [mask_store.unpack(c, meta["d_ff"]).sum(axis=1) for c in packed] \
+        if cfg.counts == "fitted" else None
     if cfg.budget is not None:
-        densities, allocation = allocate(model, spec, mass, rule, layers, cfg.budget,
+        densities, allocation = allocate(model, spec, mass, rule, layers, fitted, cfg.budget,
                                          cfg.mask_mode, cfg.sample_tokens, cfg.dense_prefix)
-    new = [bits_by_mass(c, m, meta["d_ff"], d) for c, m, d in zip(packed, mass, densities)]
+    new = [bits_by_mass(c, m, meta["d_ff"], d, cfg.counts)
+           for c, m, d in zip(packed, mass, densities)]
+    resized = cfg.density is not None or allocation is not None
     seconds = time.perf_counter() - start
     record = {**meta, "bits_by": "activation_mass", "bits_from": ident["centroids"],
-              "bits_density": None if cfg.density is None and allocation is None
-              else densities, "allocation": allocation, "mass_seconds": round(seconds, 1)}
+              "bits_density": densities if resized else None,
+              "bits_counts": cfg.counts if resized else None,
+              "allocation": allocation, "mass_seconds": round(seconds, 1)}
     centroid_store.write_from_meta(out, record, new)
     moved = np.mean([np.mean(mask_store.unpack(a, meta["d_ff"])
                              != mask_store.unpack(b, meta["d_ff"])) for a, b in zip(packed, new)])
