@@ -303,6 +303,57 @@ def test_budget_table_takes_each_method_best_within_the_budget():
     assert "| 0.6 | 20 [19, 21] @ 0.520" in fronts.markdown(fronts.budget_table(found))
 
 
+def test_budget_winner_is_separated_by_the_paired_ratio_when_windows_pair():
+    rng = np.random.default_rng(3)
+    tokens = np.full(40, 255)
+    hard = rng.uniform(1.5, 4.5, 40) * tokens  # windows differ far more than the methods
+    teal_nll = hard + rng.normal(0, 2, 40)
+
+    def per_window(mode, nll):
+        return {"seq": list(range(40)), "tokens": tokens.tolist(), "nll": {mode: nll.tolist()}}
+
+    def ppl(nll):
+        return float(np.exp(nll.sum() / tokens.sum()))
+
+    def table_for(cluster_nll):
+        row = {"k": 64, "objective": "theta=0.5", "algorithm": "hamming-kmeans",
+               "mask_mode": "and", "predictor_kind": "cluster",
+               "predicted_ffn_bytes_fraction": 0.48, "predicted_ppl": ppl(cluster_nll),
+               "predicted_ppl_ci95": [ppl(cluster_nll) * 0.8, ppl(cluster_nll) * 1.2],
+               "per_window": per_window("predicted", cluster_nll)}
+        anchor = {"anchor": "teal", "anchor_sparsity": 0.5, "ffn_bytes_fraction": 0.49,
+                  "anchor_ppl": ppl(teal_nll),
+                  "anchor_ppl_ci95": [ppl(teal_nll) * 0.8, ppl(teal_nll) * 1.2],
+                  "per_window": per_window("anchor", teal_nll)}
+        return {r["budget"]: r for r in fronts.budget_table(fronts.points([row], [anchor]))}
+
+    # 2% lower on every window: the own intervals overlap, the paired ratio separates.
+    lower = table_for(teal_nll - 0.02 * tokens)[0.5]
+    assert lower["winner"] == "predicted cluster" and lower["runner_up"] == "teal"
+    ratio, lo, hi = lower["ratio"]
+    assert ratio == pytest.approx(np.exp(-0.02)) and hi < 1.0 and not lower["overlaps"]
+    line = fronts.markdown([lower]).splitlines()[-1]
+    assert line.endswith(f"predicted cluster (lower than teal: paired ratio {ratio:.3f} "
+                         f"[{lo:.3f}, {hi:.3f}]) |")
+    # Lower on average but by noise of the same size as the difference: not separated.
+    noisy = table_for(teal_nll - 0.002 * tokens + rng.normal(0, 40, 40))[0.5]
+    assert noisy["ratio"][1] < 1.0 <= noisy["ratio"][2] and noisy["overlaps"]
+    assert "not separated from" in fronts.markdown([noisy])
+    # Losses of other windows do not pair: the own intervals decide (they overlap).
+    found = fronts.points([], [{"anchor": "teal", "anchor_sparsity": 0.5,
+                                "ffn_bytes_fraction": 0.49, "anchor_ppl": 20.0,
+                                "anchor_ppl_ci95": [19.0, 21.0],
+                                "per_window": per_window("anchor", teal_nll)},
+                               {"anchor": "wina", "anchor_sparsity": 0.5,
+                                "ffn_bytes_fraction": 0.49, "anchor_ppl": 20.5,
+                                "anchor_ppl_ci95": [19.5, 21.5],
+                                "per_window": {**per_window("anchor", teal_nll),
+                                               "seq": list(range(1, 41))}}])
+    unpaired = fronts.budget_table(found)[1]
+    assert unpaired["winner"] == "teal" and unpaired["ratio"] is None and unpaired["overlaps"]
+    assert "(interval overlaps wina)" in fronts.markdown([unpaired])
+
+
 def test_trials_table_has_a_row_per_trial_with_its_predictors():
     rows = [{"k": 1, "objective": "theta=0.5", "algorithm": "hamming-kmeans",
              "cluster_ffn_bytes_fraction": 0.45, "cluster_ppl": 30.0,

@@ -4,20 +4,34 @@ perplexity of each method within fixed byte budgets.
 A point is an *operating point* when its mask is known before the FFN runs (predicted
 cluster, neuron predictor, static K = 1 in mask mode replace, the anchors); cluster points
 with the oracle assignment need the true mask and are drawn as upper bounds only.
+
+Within a budget the winner is separated from the runner-up by the paired bootstrap interval
+of their perplexity ratio when both points keep per-window losses of the same windows
+(eval.json's ``per_window``, carried into the results rows), and by their own intervals
+otherwise (rows of a sweep, or written by an older actclust).
 """
 
 from __future__ import annotations
+
+import numpy as np
+
+from actclust.evaluation.bootstrap import paired_ratio_intervals
 
 BUDGETS = (0.4, 0.5, 0.6, 0.7)
 OPERATING = ("predicted cluster", "neuron predictor", "teal", "cats", "wina", "static")
 UPPER_BOUND = "cluster (oracle assignment)"
 
 
-def _point(method: str, label: str, fraction, ppl, ci95) -> dict | None:
+def _point(method: str, label: str, fraction, ppl, ci95, per_window: dict | None = None,
+           mode: str | None = None) -> dict | None:
     if fraction is None or ppl is None:
         return None
+    losses = None
+    if per_window and mode in per_window.get("nll", {}):
+        losses = {"seq": list(per_window["seq"]), "tokens": list(per_window["tokens"]),
+                  "nll": list(per_window["nll"][mode])}
     return {"method": method, "label": label, "ffn_bytes_fraction": float(fraction),
-            "ppl": float(ppl), "ppl_ci95": list(ci95) if ci95 else None}
+            "ppl": float(ppl), "ppl_ci95": list(ci95) if ci95 else None, "losses": losses}
 
 
 def points(rows: list[dict], anchors: list[dict]) -> list[dict]:
@@ -28,26 +42,42 @@ def points(rows: list[dict], anchors: list[dict]) -> list[dict]:
         static = r["k"] == 1 and r.get("mask_mode", "replace") == "replace"
         found.append(_point("static" if static else UPPER_BOUND, name,
                             r.get("cluster_ffn_bytes_fraction"), r.get("cluster_ppl"),
-                            r.get("cluster_ppl_ci95")))
+                            r.get("cluster_ppl_ci95"), r.get("per_window"), "cluster"))
         kind = r.get("predictor_kind")
         if kind:
             method = "predicted cluster" if kind == "cluster" else "neuron predictor"
             found.append(_point(method, name, r.get("predicted_ffn_bytes_fraction"),
-                                r.get("predicted_ppl"), r.get("predicted_ppl_ci95")))
+                                r.get("predicted_ppl"), r.get("predicted_ppl_ci95"),
+                                r.get("per_window"), "predicted"))
         found.append(_point("neuron predictor", name,
                             r.get("neuron_predicted_ffn_bytes_fraction"),
-                            r.get("neuron_predicted_ppl"), r.get("neuron_predicted_ppl_ci95")))
+                            r.get("neuron_predicted_ppl"), r.get("neuron_predicted_ppl_ci95"),
+                            r.get("neuron_per_window"), "predicted"))
     for a in anchors:
         greedy = " greedy" if a.get("anchor_allocation") else ""
         found.append(_point(a["anchor"], f"s={a['anchor_sparsity']:g}{greedy}",
-                            a["ffn_bytes_fraction"],
-                            a["anchor_ppl"], a.get("anchor_ppl_ci95")))
+                            a["ffn_bytes_fraction"], a["anchor_ppl"], a.get("anchor_ppl_ci95"),
+                            a.get("per_window"), "anchor"))
     return [p for p in found if p is not None]
+
+
+def paired_ratio(first: dict, second: dict) -> tuple[float, float, float] | None:
+    """(ratio, lo, hi): the perplexity of ``first`` over ``second``'s with its paired
+    bootstrap interval over windows (1000 resamples, seed 0, as eval.json's intervals);
+    None unless both keep the losses of the same windows."""
+    a, b = first.get("losses"), second.get("losses")
+    if not a or not b or a["seq"] != b["seq"] or a["tokens"] != b["tokens"]:
+        return None
+    ratio = paired_ratio_intervals({"first": np.asarray(a["nll"])}, np.asarray(b["nll"]),
+                                   np.asarray(a["tokens"]))
+    return ratio["first"]
 
 
 def budget_table(found: list[dict], budgets=BUDGETS) -> list[dict]:
     """Per budget: each operating method's best point within it, and the winner (lowest
-    perplexity; ``overlaps`` when the runner-up's interval overlaps the winner's)."""
+    perplexity). ``ratio`` is the winner's perplexity over the runner-up's with its paired
+    interval (None without per-window losses); ``overlaps`` when that interval reaches 1,
+    or without it when the two perplexity intervals overlap."""
     table = []
     for budget in budgets:
         best = {}
@@ -57,11 +87,16 @@ def budget_table(found: list[dict], budgets=BUDGETS) -> list[dict]:
             best[method] = min(within, key=lambda p: p["ppl"]) if within else None
         ranked = sorted((p for p in best.values() if p is not None), key=lambda p: p["ppl"])
         first, second = (ranked + [None, None])[:2]
-        overlaps = bool(second and first["ppl_ci95"] and second["ppl_ci95"]
-                        and second["ppl_ci95"][0] <= first["ppl_ci95"][1])
+        ratio = paired_ratio(first, second) if second else None
+        if ratio is not None:
+            overlaps = ratio[2] >= 1.0
+        else:
+            overlaps = bool(second and first["ppl_ci95"] and second["ppl_ci95"]
+                            and second["ppl_ci95"][0] <= first["ppl_ci95"][1])
         table.append({"budget": budget, "best": best,
                       "winner": first["method"] if first else None,
-                      "runner_up": second["method"] if second else None, "overlaps": overlaps})
+                      "runner_up": second["method"] if second else None, "overlaps": overlaps,
+                      "ratio": list(ratio) if ratio else None})
     return table
 
 
@@ -78,7 +113,12 @@ def markdown(table: list[dict]) -> str:
              "|---" * (len(OPERATING) + 2) + "|"]
     for row in table:
         winner = row["winner"] or "–"
-        if row["overlaps"]:
+        if row["ratio"]:
+            ratio, lo, hi = row["ratio"]
+            verdict = "not separated from" if row["overlaps"] else "lower than"
+            winner += (f" ({verdict} {row['runner_up']}: paired ratio {ratio:.3f} "
+                       f"[{lo:.3f}, {hi:.3f}])")
+        elif row["overlaps"]:
             winner += f" (interval overlaps {row['runner_up']})"
         lines.append(f"| {row['budget']:g} | "
                      + " | ".join(_cell(row["best"][m]) for m in OPERATING) + f" | {winner} |")

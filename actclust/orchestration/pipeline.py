@@ -318,6 +318,7 @@ def anchor_row(report: dict) -> dict:
     row = {key: report.get(key) for key in ANCHOR_COLUMNS}
     row["ffn_bytes_fraction"] = report["ffn_bytes_fraction"]["anchor"]
     row["realized_sparsity"] = report["anchor_realized_sparsity"]
+    row["per_window"] = report.get("per_window")  # pairs it with the trials in budgets.md
     return row
 
 
@@ -344,6 +345,9 @@ def result_row(report: dict, cluster_meta: dict, neuron_report: dict | None = No
     if neuron_report is not None:
         row[NEURON + "predicted_ffn_bytes_fraction"] = \
             (neuron_report.get("ffn_bytes_fraction") or {}).get("predicted")
+    # Per-window losses pair the trials with each other and the anchors in budgets.md.
+    row["per_window"] = report.get("per_window")
+    row[NEURON + "per_window"] = (neuron_report or {}).get("per_window")
     row.update(k=cluster_meta["k"], theta=cluster_meta["theta"],
                target_density=cluster_meta.get("density"),
                objective=objective_label(cluster_meta["theta"], cluster_meta.get("density")),
