@@ -1,6 +1,7 @@
 """End to end: actclust run, the HTML report in a real browser, and a Tune sweep that resumes."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -124,6 +125,18 @@ def test_run_puts_anchors_on_the_front_by_ffn_bytes(run_dir):
     assert budgets.splitlines()[0].startswith("| FFN bytes ≤ | predicted cluster")
     assert "| 0.5 |" in budgets and "wina" in budgets.split("| 0.5 |")[1].splitlines()[0]
     assert "perplexity_vs_ffn_bytes" in (run_dir / "report.html").read_text()
+    # Every point keeps its per-window losses, so the winner at 0.7 (teal or wina, both at
+    # s = 0.5; the trials' oracle assignment is no operating point) is set against the
+    # runner-up by their paired ratio.
+    for point in (*rows, *anchors):
+        assert len(point["per_window"]["seq"]) == 8
+    teal, wina = (next(a for a in anchors if a["anchor"] == m) for m in ("teal", "wina"))
+    ratio = math.exp((sum(teal["per_window"]["nll"]["anchor"])
+                      - sum(wina["per_window"]["nll"]["anchor"]))
+                     / sum(teal["per_window"]["tokens"]))
+    if ratio > 1:
+        ratio = 1 / ratio
+    assert f"paired ratio {ratio:.3f} [" in budgets.split("| 0.7 |")[1].splitlines()[0]
 
 
 @pytest.mark.timeout(1500)
