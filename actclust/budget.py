@@ -45,6 +45,10 @@ def greedy(errors: np.ndarray, nbytes: np.ndarray, budget: float,
     """(L,) index into the grid per layer: the least summed error found with the weighted
     mean of bytes at most ``budget``.
 
+    A layer's step goes to its next sparser candidate that reads fewer bytes: candidates
+    that read as many (centroids clipped at full width, say) are passed over rather than
+    costing the step nothing saved, which would stall the layer above them.
+
     Args:
         errors, nbytes: (L, G), candidates in ascending density (bytes non-decreasing).
         budget: FFN bytes fraction to meet.
@@ -53,23 +57,24 @@ def greedy(errors: np.ndarray, nbytes: np.ndarray, budget: float,
     n_layers, n_grid = errors.shape
     share = np.full(n_layers, 1.0 / n_layers) if layer_weights is None \
         else np.asarray(layer_weights, dtype=np.float64) / np.sum(layer_weights)
-    floor = float(share @ nbytes[:, 0])
+    floor = float(share @ nbytes.min(axis=1))
     if floor > budget + 1e-12:
         raise UserError(f"budget {budget} is below the sparsest candidate's "
                         f"{floor:.3f} FFN bytes; raise --budget")
     pick = np.full(n_layers, n_grid - 1)
     spent = float(share @ nbytes[np.arange(n_layers), pick])
     while spent > budget + 1e-12:
-        best, best_cost = -1, np.inf
-        for layer in np.flatnonzero(pick > 0):
+        best, best_to, best_cost = -1, -1, np.inf
+        for layer in range(n_layers):
             g = pick[layer]
-            saved = share[layer] * (nbytes[layer, g] - nbytes[layer, g - 1])
-            added = errors[layer, g - 1] - errors[layer, g]
-            cost = added / saved if saved > 0 else np.inf
+            cheaper = np.flatnonzero(nbytes[layer, :g] < nbytes[layer, g] - 1e-12)
+            if len(cheaper) == 0:
+                continue
+            to = int(cheaper[-1])
+            saved = share[layer] * (nbytes[layer, g] - nbytes[layer, to])
+            cost = (errors[layer, to] - errors[layer, g]) / saved
             if cost < best_cost:
-                best, best_cost = layer, cost
-        if best < 0:  # only steps that save nothing are left
-            best = int(np.flatnonzero(pick > 0)[0])
-        spent -= share[best] * (nbytes[best, pick[best]] - nbytes[best, pick[best] - 1])
-        pick[best] -= 1
+                best, best_to, best_cost = layer, to, cost
+        spent -= share[best] * (nbytes[best, pick[best]] - nbytes[best, best_to])
+        pick[best] = best_to
     return pick

@@ -29,6 +29,16 @@ def test_greedy_spends_the_budget_where_error_is_cheapest():
         B.greedy(errors, nbytes, 0.1)
 
 
+def test_greedy_passes_over_candidates_that_save_no_bytes():
+    # Layer 0's two densest candidates read the same bytes (centroids clipped at full
+    # width): its step from the top goes straight to the candidate that saves bytes, which
+    # is far cheaper in error than stepping layer 1 down.
+    errors = np.array([[0.5, 0.01, 0.0, 0.0], [0.9, 0.6, 0.3, 0.0]])
+    nbytes = np.array([[0.2, 0.5, 0.8, 0.8], [0.2, 0.4, 0.6, 0.8]])
+    assert B.greedy(errors, nbytes, 0.65).tolist() == [1, 3]
+    assert B.greedy(errors, nbytes, 0.2).tolist() == [0, 0]
+
+
 def test_greedy_meets_the_budget_and_is_within_one_step_of_the_exhaustive_optimum():
     rng = np.random.default_rng(4)
     for _ in range(20):
