@@ -75,8 +75,10 @@ def test_mass_centroids_take_the_density_and_fill_memberless_clusters():
 def test_scaled_counts_keep_the_fitted_shape_at_the_layer_density():
     fitted = np.array([10, 20, 30, 60])  # mean 30 of width 100
     assert A.scaled_counts(fitted, 0.15, 100).tolist() == [5, 10, 15, 30]
-    assert A.scaled_counts(fitted, 0.6, 100).tolist() == [20, 40, 60, 100]  # 120 clipped
-    assert A.scaled_counts(np.array([0, 3]), 0.01, 100).tolist() == [1, 2]  # never empty
+    # 60 is clipped at 100, so the others scale further: (10 + 20 + 30) s + 100 = 4 * 60.
+    assert A.scaled_counts(fitted, 0.6, 100).tolist() == [23, 47, 70, 100]
+    assert A.scaled_counts(fitted, 1.0, 100).tolist() == [100] * 4
+    assert A.scaled_counts(np.array([0, 3]), 0.01, 100).tolist() == [1, 1]  # never empty
     mass = np.arange(400, dtype=float).reshape(4, 100)
     got = A.mass_centroids(mass, 0.15, fitted)
     assert got.sum(axis=1).tolist() == [5, 10, 15, 30]
@@ -99,8 +101,9 @@ def test_layer_error_equals_a_direct_computation(mask_mode, counts):
     w = w_down.numpy().astype(np.float64)
     for density, err, in_share, kept_share in zip(grid, errors, in_shares, kept_shares):
         cents = np.zeros((k, width), dtype=bool)
-        sizes = np.full(k, round(density * width)) if fitted is None \
-            else np.minimum(np.rint(fitted * density * width / 15), width)
+        # Fitted mean 15 of 48: scaled by 0.8, 1.6, and at 1.0 every centroid full.
+        sizes = np.full(k, round(density * width)) if fitted is None else {
+            0.25: fitted * 0.8, 0.5: fitted * 1.6, 1.0: np.full(k, width)}[density]
         for j, size in enumerate(sizes.astype(int)):
             cents[j, np.argsort(-mass[j])[:size]] = True
         labels, _ = assign_scored(mask_store.pack(truth), mask_store.pack(cents))
@@ -109,9 +112,8 @@ def test_layer_error_equals_a_direct_computation(mask_mode, counts):
         assert err == pytest.approx(want, rel=1e-4)
         assert in_share == pytest.approx(cents[labels].mean())
         assert kept_share == pytest.approx(keep.mean())
-    if fitted is None:
-        assert errors[-1] == (pytest.approx(np.square((a * ~truth) @ w.T).sum() / n, rel=1e-4)
-                              if mask_mode == "and" else 0.0)
+    assert errors[-1] == (pytest.approx(np.square((a * ~truth) @ w.T).sum() / n, rel=1e-4)
+                          if mask_mode == "and" else 0.0)
     assert errors[0] > errors[1] > errors[2]
 
 

@@ -41,11 +41,16 @@ def top_mass_bits(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def scaled_counts(fitted: np.ndarray, density: float, width: int) -> np.ndarray:
-    """Each fitted bit count times ``density width / mean(fitted)``, rounded and clipped to
-    [1, width]: the layer's mean is ``density width`` unless clipping at ``width`` lowers
-    it."""
-    scale = density * width / max(float(np.mean(fitted)), 1.0)
-    return np.clip(np.rint(np.asarray(fitted) * scale), 1, width).astype(np.int64)
+    """The fitted bit counts (at least 1) times the one factor that makes their mean
+    ``density width`` once each is clipped to [1, width], rounded. Density 1 fills every
+    centroid; without clipping the factor is ``density width / mean(fitted)``."""
+    base = np.maximum(np.asarray(fitted, dtype=np.float64), 1.0)
+    target = density * width
+    lo, hi = 0.0, width / base.min()  # at hi every count reaches width
+    for _ in range(60):  # bisection: the clipped mean rises with the factor
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.clip(base * mid, 1, width).mean() < target else (lo, mid)
+    return np.clip(np.rint(base * hi), 1, width).astype(np.int64)
 
 
 def mass_centroids(mass: np.ndarray, density: float,
