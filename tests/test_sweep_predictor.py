@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from actclust.io import storage
+from actclust.io import mask_store, storage
+from actclust.io.centroid_store import load_centroids
 from helpers import assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow  # a second Ray cluster (job submit), or Ray Tune with Ray Train
@@ -76,7 +77,8 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
 
 @pytest.mark.timeout(900)
 def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
-    """`actclust run` shares the trial's stages: outside Tune, Ray Train sizes its own."""
+    """`actclust run` shares the trial's stages: outside Tune, Ray Train sizes its own.
+    With bits_by activation_mass the predicted trial's centroids take mass bits first."""
     from actclust import config as C
     from actclust.orchestration.runconfig import RunConfig
     from actclust.orchestration.pipeline import run_pipeline
@@ -85,28 +87,56 @@ def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
     run_pipeline(C.build(RunConfig, dict(
         model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ, max_tokens=SEQ * 32,
         eval_max_tokens=SEQ * 4, k=[2, 4], theta=[0.5], workers=1, predictor="cluster",
-        predictor_epochs=1, predictor_trials=["k=4-theta=0.5"], out=str(out))))
+        predictor_epochs=1, predictor_trials=["k=4-theta=0.5"], bits_by="activation_mass",
+        out=str(out))))
     rows = {r["k"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert sorted(rows) == [2, 4]
     # Only the trial named in predictor_trials trains and evaluates a predictor.
     assert rows[2]["predicted_ppl"] is None and rows[2]["predictor_kind"] is None
     assert not (out / "predictors" / "k=2-theta=0.5").exists()
+    assert rows[2]["bits_by"] == "frequency" and not (out / "mass-bits" / "k=2-theta=0.5").exists()
     row = rows[4]
     ev = json.loads((out / "eval" / "k=4-theta=0.5" / "eval.json").read_text())
-    record = json.loads((out / "predictors" / "k=4-theta=0.5" / "cluster" /
+    # The predictor of mass bits has its own directory (a rerun with frequency bits trains
+    # another beside it).
+    record = json.loads((out / "predictors" / "k=4-theta=0.5-mass" / "cluster" /
                          "predictor.json").read_text())
     assert record["placement"] == "own" and record["k"] == 4
     assert row["predicted_ppl"] == ev["predicted_ppl"] and row["predictor_kind"] == "cluster"
     assert row["neuron_predicted_ppl"] is None
     lo, hi = ev["predicted_ppl_ci95"]
     assert lo <= ev["predicted_ppl"] <= hi
-    assert "predicted: hamming-kmeans theta=0.5, cluster predictor" in \
+    assert "predicted: hamming-kmeans theta=0.5 mass bits, cluster predictor" in \
         (out / "report.html").read_text()
+    # The mass bits: the fitted counts on other neurons, used by the predictor and the
+    # evaluation alike.
+    mass, fitted = out / "mass-bits" / "k=4-theta=0.5", out / "clusters" / "k=4-theta=0.5"
+    meta, moved = load_centroids(mass)
+    _, before = load_centroids(fitted)
+    assert meta["bits_by"] == "activation_mass" and meta["bits_from"] == str(fitted)
+    assert row["bits_by"] == "activation_mass"
+    for a, b in zip(moved, before):
+        width = meta["d_ff"]
+        assert (mask_store.unpack(a, width).sum(axis=1)
+                == mask_store.unpack(b, width).sum(axis=1)).all()
+    assert record["identity"]["centroids"] == ev["identity"]["centroids"] == str(mass)
+    stages = [s["stage"] for s in json.loads((out / "results.json").read_text())
+              ["throughput"]["stages"]]
+    assert stages.index("mass-bits k=4-theta=0.5") < stages.index(
+        "train-predictor k=4-theta=0.5 cluster")
 
 
 def test_predictor_kind_is_checked(tmp_path):
     assert_user_error(run_cli("run", "--out", str(tmp_path / "r"), "--predictor", "maybe"),
                       "predictor must be one of none, cluster, neuron, both")
+    config = tmp_path / "mass.yaml"
+    config.write_text("bits_by: activation_mass\n")
+    assert_user_error(run_cli("run", "--config", str(config), "--out", str(tmp_path / "r")),
+                      "bits_by: activation_mass applies to the trials that get a predictor")
+    config.write_text("bits_by: activation_mass\npredictor: cluster\npool_layers: true\n"
+                      "algorithm: [brb-kmeans]\n")
+    assert_user_error(run_cli("run", "--config", str(config), "--out", str(tmp_path / "r")),
+                      "needs per-layer centroids")
     assert not (tmp_path / "r").exists()
 
 
@@ -142,3 +172,7 @@ def test_a_finished_evaluation_is_reused_only_for_its_predictor_kind_and_rule():
     assert not _is_evaluation_of({"mask_mode": "replace"}, None, "threshold", mask_mode="and")
     assert _is_evaluation_of({"mask_mode": "and"}, None, "threshold", mask_mode="and")
     assert _is_evaluation_of({"random_ppl": None}, None, "threshold", with_random=False)
+    # Other centroids (the fitted ones against their mass bits) are another evaluation.
+    done = {"identity": {"centroids": "/r/clusters/k=4-theta=0.5"}}
+    assert _is_evaluation_of(done, None, "threshold", centroids="/r/clusters/k=4-theta=0.5")
+    assert not _is_evaluation_of(done, None, "threshold", centroids="/r/mass-bits/k=4-theta=0.5")

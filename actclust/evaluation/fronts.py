@@ -18,8 +18,15 @@ import numpy as np
 from actclust.evaluation.bootstrap import paired_ratio_intervals
 
 BUDGETS = (0.4, 0.5, 0.6, 0.7)
+MASS_BITS = " mass bits"  # after the objective of a trial whose bits are by activation mass
 OPERATING = ("predicted cluster", "neuron predictor", "teal", "cats", "wina", "static")
 UPPER_BOUND = "cluster (oracle assignment)"
+
+
+def fit_objective(row: dict) -> str:
+    """"theta=0.5", "density=0.4 mass bits": a row's fit objective and its centroid bits."""
+    mass = MASS_BITS if row.get("bits_by") == "activation_mass" else ""
+    return f"{row.get('objective') or ''}{mass}"
 
 
 def _point(method: str, label: str, fraction, ppl, ci95, per_window: dict | None = None,
@@ -38,7 +45,7 @@ def points(rows: list[dict], anchors: list[dict]) -> list[dict]:
     """Every point of a results table by FFN bytes: trials, their predictors, anchors."""
     found = []
     for r in rows:
-        name = f"K={r['k']} {r.get('objective') or ''} {r.get('algorithm')}".strip()
+        name = f"K={r['k']} {fit_objective(r)} {r.get('algorithm')}".strip()
         static = r["k"] == 1 and r.get("mask_mode", "replace") == "replace"
         found.append(_point("static" if static else UPPER_BOUND, name,
                             r.get("cluster_ffn_bytes_fraction"), r.get("cluster_ppl"),
@@ -63,8 +70,8 @@ def points(rows: list[dict], anchors: list[dict]) -> list[dict]:
 
 def paired_ratio(first: dict, second: dict) -> tuple[float, float, float] | None:
     """(ratio, lo, hi): the perplexity of ``first`` over ``second``'s with its paired
-    bootstrap interval over windows (1000 resamples, seed 0, as eval.json's intervals);
-    None unless both keep the losses of the same windows."""
+    bootstrap interval over windows (1000 resamples, seed 0: ``actclust compare``'s
+    defaults); None unless both keep the losses of the same windows."""
     a, b = first.get("losses"), second.get("losses")
     if not a or not b or a["seq"] != b["seq"] or a["tokens"] != b["tokens"]:
         return None
@@ -144,7 +151,7 @@ def trials_markdown(rows: list[dict]) -> str:
              "|---" * 10 + "|"]
     for r in rows:
         lines.append(" | ".join([
-            f"| {r['algorithm']}", str(r.get("objective") or ""), str(r["k"]),
+            f"| {r['algorithm']}", fit_objective(r), str(r["k"]),
             _ppl(r, "cluster_ppl"), _fraction(r, "cluster_ffn_bytes_fraction"),
             "–" if r.get("weighted_recall") is None else f"{r['weighted_recall']:.3f}",
             _ppl(r, "predicted_ppl") if r.get("predictor_kind") == "cluster" else "–",

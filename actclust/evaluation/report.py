@@ -70,7 +70,7 @@ def _versions() -> dict:
 def objective(row: dict) -> str:
     """"theta=0.3" or "density=0.5": the fit objective of a result row."""
     if row.get("objective"):
-        return row["objective"]
+        return fronts.fit_objective(row)
     return f"theta={row['theta']:g}"
 
 

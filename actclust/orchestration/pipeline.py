@@ -27,11 +27,12 @@ import time
 
 from actclust import config as C
 from actclust.errors import UserError
-from actclust.io import centroid_store, eval_store, mask_store, predictor_store, storage
+from actclust.io import centroid_store, eval_store, mask_store, storage
 from actclust.io.storage import write_bytes_atomic, write_json_atomic
 from actclust.orchestration.ledger import Ledger, fit_macs, measure_gemm_rate
+from actclust.orchestration.predictor_stages import mass_bits_stage, predictor_stage
 from actclust.orchestration.runconfig import RunConfig, TrialPoint, objective_label
-from actclust.runtime.actors import release_all, run_lived_actors
+from actclust.runtime.actors import run_lived_actors
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,12 @@ RESULT_COLUMNS = ("k", "theta", "target_density", "objective", "algorithm", "den
                   "predicted_accuracy", "predicted_precision", "predicted_recall",
                   "predicted_weighted_recall", "oracle_ffn_bytes_fraction",
                   "cluster_ffn_bytes_fraction", "random_ffn_bytes_fraction",
-                  "predicted_ffn_bytes_fraction")
+                  "predicted_ffn_bytes_fraction", "bits_by")
 # With ``predictor: both`` the neuron predictor's figures sit beside the cluster predictor's.
 NEURON = "neuron_"
 NEURON_COLUMNS = tuple(NEURON + c for c in RESULT_COLUMNS
                        if c.startswith("predict") and c != "predictor_kind")
 RESULT_COLUMNS += NEURON_COLUMNS
-PREDICTOR_KINDS = {"none": (), "cluster": ("cluster",), "neuron": ("neuron",),
-                   "both": ("cluster", "neuron")}
 # Algorithms without a theta: one trial per K for all the thetas listed (densities still vary).
 THETA_FREE = ("brb-kmeans", "activation-aware")
 
@@ -146,39 +145,6 @@ def cluster_stage(cfg: RunConfig, masks: str, point: TrialPoint,
     return out
 
 
-def features_dir(cfg: RunConfig) -> str:
-    """The run's predictor features: FFN inputs and true masks of the fitting windows, which
-    depend only on the model and the windows, so every trial's predictors share them."""
-    return storage.join(cfg.out, "predictors", "features")
-
-
-def predictor_stage(cfg: RunConfig, centroids: str, name: str,
-                    ledger: Ledger | None = None) -> dict:
-    """Train the run's predictor kind(s) on one trial's centroids (Ray Train); {kind: dir}."""
-    from actclust.predict.train import run_train_predictor
-
-    trained = {}
-    if cfg.predictor_trials and name not in cfg.predictor_trials:
-        return trained
-    for kind in PREDICTOR_KINDS[cfg.predictor]:
-        out = storage.join(cfg.out, "predictors", name, kind)
-        if not predictor_store.is_finished(out):
-            release_all()  # Ray Train places its own workers on the whole cluster
-        start = time.monotonic()
-        features_claimed = storage.is_file(storage.join(features_dir(cfg),
-                                                        predictor_store.FEATURES_RECORD))
-        reused = predictor_store.is_finished(out)
-        run_train_predictor(C.build(C.PredictorConfig, dict(
-            centroids=centroids, out=out, kind=kind, epochs=cfg.predictor_epochs,
-            workers=cfg.workers, seed=cfg.seed, features=features_dir(cfg))))
-        if ledger is not None and not reused:
-            # The first predictor of a run forwards the fitting windows once for the features.
-            tokens = 0 if features_claimed else centroid_store.read_meta(centroids)["tokens"]
-            ledger.stage(f"train-predictor {name} {kind}", time.monotonic() - start, tokens)
-        trained[kind] = out
-    return trained
-
-
 def neuron_eval_dir(cfg: RunConfig, name: str) -> str:
     """Where the neuron predictor's eval.json of a ``predictor: both`` trial lives."""
     return storage.join(cfg.out, "eval", name, "predicted-neuron")
@@ -197,14 +163,14 @@ def evaluate_stage(cfg: RunConfig, centroids: str, name: str,
     if len(kinds) > 1:
         second = neuron_eval_dir(cfg, name)
         if not _is_evaluation_of(eval_store.read_eval(second), "neuron", cfg.neuron_select,
-                                 cfg.random, cfg.mask_mode):
+                                 cfg.random, cfg.mask_mode, centroids):
             _evaluate(_evaluate_config(cfg, centroids, second, predictors["neuron"],
                                        cfg.neuron_select), f"evaluate {name} neuron", ledger)
     out = storage.join(cfg.out, "eval", name)
     kind = kinds[0] if kinds else None
     select = cfg.neuron_select if kind == "neuron" else "threshold"
     finished = eval_store.read_eval(out)
-    if _is_evaluation_of(finished, kind, select, cfg.random, cfg.mask_mode):
+    if _is_evaluation_of(finished, kind, select, cfg.random, cfg.mask_mode, centroids):
         return finished
     return _evaluate(_evaluate_config(cfg, centroids, out, predictors.get(kind), select),
                      f"evaluate {name}", ledger)
@@ -223,11 +189,16 @@ def _evaluate(ecfg, label: str, ledger: Ledger | None) -> dict:
 
 
 def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
-                      with_random: bool = False, mask_mode: str = "replace") -> bool:
-    """Whether a finished eval.json used this predictor kind (and neuron selection rule)
-    and mask mode, and has the random pass if it is asked for; eval.json from before the
-    rule existed used the threshold."""
+                      with_random: bool = False, mask_mode: str = "replace",
+                      centroids: str | None = None) -> bool:
+    """Whether a finished eval.json used this predictor kind (and neuron selection rule),
+    mask mode and centroids (the fitted ones, or their mass bits), and has the random pass
+    if it is asked for; eval.json from before the rule existed used the threshold."""
     if report is None or report.get("predictor_kind") != kind:
+        return False
+    used = report.get("identity", {}).get("centroids")
+    if centroids is not None and used is not None \
+            and storage.normalize(used) != storage.normalize(centroids):
         return False
     if report.get("mask_mode", "replace") != mask_mode:
         return False
@@ -354,6 +325,7 @@ def result_row(report: dict, cluster_meta: dict, neuron_report: dict | None = No
                hit_cap=len(cluster_meta.get("hit_cap", [])),
                algorithm=cluster_meta["algorithm"], cost=cluster_meta["mean_cost"],
                fit_seconds=cluster_meta.get("fit_seconds"),
+               bits_by=cluster_meta.get("bits_by") or "frequency",
                per_layer_recall=[p["recall"] for p in report["per_layer"]])
     return row
 
@@ -409,6 +381,7 @@ def run_pipeline(cfg: RunConfig) -> str:
         rows = []
         for point in trial_grid(cfg):
             centroids = cluster_stage(cfg, masks, point, ledger)
+            centroids = mass_bits_stage(cfg, centroids, point.name, ledger)
             report, second = trial_evaluation(cfg, centroids, point.name, ledger)
             meta = centroid_store.read_meta(centroids)
             rows.append(result_row(report, meta, second))

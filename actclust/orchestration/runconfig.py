@@ -10,6 +10,8 @@ from actclust.errors import UserError
 from actclust.kernels.rules import valid_fraction, valid_k
 
 
+BITS_BY = ("frequency", "activation_mass")  # how a predicted trial's centroid bits are chosen
+
 def objective_label(theta: float | None, density: float | None) -> str:
     return f"density={density:g}" if density is not None else f"theta={theta:g}"
 
@@ -73,6 +75,9 @@ class RunConfig:
     # The trials (names as in OUT/clusters/, e.g. k=256-theta=0.5) that get predictors;
     # empty: every trial.
     predictor_trials: list = dataclasses.field(default_factory=list)
+    # The centroid bits of the trials that get predictors: frequency (as fitted), or
+    # activation_mass (actclust mass-bits on the predictors' features, same bit counts).
+    bits_by: str = "frequency"
     anchors: list = dataclasses.field(default_factory=list)  # one point per (anchor, sparsity)
     # The random-mask pass of every trial (random_ppl), opt-in: the front's floors are
     # the K = 1 static mask (k: [1, ...]) and the anchors.
@@ -101,6 +106,14 @@ class RunConfig:
         C._choice(self.predictor, C.PREDICTOR_CHOICES, "predictor")
         C._positive(self.predictor_epochs, "predictor_epochs")
         C._choice(self.neuron_select, C.NEURON_SELECT, "neuron_select")
+        C._choice(self.bits_by, BITS_BY, "bits_by")
+        if self.bits_by != "frequency" and self.predictor == "none":
+            raise UserError(f"bits_by: {self.bits_by} applies to the trials that get a "
+                            "predictor (their feature pass gives the activations); set "
+                            "predictor: cluster, neuron or both")
+        if self.bits_by != "frequency" and self.pool_layers:
+            raise UserError(f"bits_by: {self.bits_by} needs per-layer centroids, not "
+                            "pool_layers: true")
         if not all(isinstance(name, str) for name in self.predictor_trials):
             raise UserError("predictor_trials must be a list of trial names such as "
                             f"k=256-theta=0.5, got {self.predictor_trials}")

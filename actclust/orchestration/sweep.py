@@ -29,6 +29,7 @@ from actclust import config as C
 from actclust.errors import UserError
 from actclust.io import centroid_store, outdir, storage
 from actclust.io.storage import write_table_atomic
+from actclust.orchestration.predictor_stages import mass_bits_stage
 from actclust.orchestration.runconfig import RunConfig, TrialPoint
 from actclust.runtime.actors import run_lived_actors
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, anchor_rows, baseline_stage,
@@ -47,7 +48,7 @@ class SweepConfig(RunConfig):
         "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
         "sparsity", "threshold", "k", "theta", "density", "algorithm", "seed", "workers",
         "static_point", "dense_prefix", "mask_mode", "sites", "pool_layers", "predictor",
-        "predictor_epochs", "neuron_select", "random", "predictor_trials", "grid")
+        "predictor_epochs", "neuron_select", "random", "predictor_trials", "grid", "bits_by")
 
     out: str = "runs/sweep"
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
@@ -79,6 +80,7 @@ def trial(config: dict) -> None:
     point = TrialPoint(**config["point"])  # Tune holds it as a dict
     with run_lived_actors():  # the trial's evaluations share their actors
         centroids = cluster_stage(cfg, config["masks"], point)
+        centroids = mass_bits_stage(cfg, centroids, point.name)
         report, second = trial_evaluation(cfg, centroids, point.name)
     meta = centroid_store.read_meta(centroids)
     row = result_row(report, meta, second)

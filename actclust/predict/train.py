@@ -71,22 +71,15 @@ def run_train_predictor(cfg) -> dict:
     if done is not None:
         log.info("%s already holds this predictor", out)
         return done
-    tokenizer = load_tokenizer(meta["model"], trust_remote_code=cfg.trust_remote_code)
-    windows = load_windows(meta["corpus"], tokenizer, meta["seq_len"], split="train",
-                           max_tokens=cfg.max_tokens or meta["tokens"],
-                           heldout_every=meta["heldout_every"], text_column=meta["text_column"])
-    ident.update(first_seq=int(windows.seq[0]), last_seq=int(windows.seq[-1]),
-                 windows=len(windows), split="train")
+    windows = _fitting_windows(meta, cfg.max_tokens, cfg.trust_remote_code)
+    ident.update(_window_identity(windows))
     if predictor_store.open_run(out, ident):
         log.info("resuming the predictor run in %s", out)
     d_model, ffn_params = _model_shape(meta["model"], meta["layers"], cfg.trust_remote_code)
     out_dim = meta["k"] if cfg.kind == "cluster" else meta["d_ff"]
     rank = cfg.rank or M.default_rank(d_model, out_dim, min(ffn_params))
-    spec = F.FeatureSpec(root=storage.normalize(cfg.features or storage.join(out, "features")),
-                         model=meta["model"], site=meta["sites"], layers=tuple(meta["layers"]),
-                         thresholds=tuple(meta["thresholds"]), d_model=d_model,
-                         width=meta["d_ff"], shard_windows=cfg.shard_windows,
-                         trust_remote_code=cfg.trust_remote_code)
+    spec = _feature_spec(meta, cfg.features or storage.join(out, "features"), d_model,
+                         cfg.shard_windows, cfg.trust_remote_code)
     _open_features(spec, ident)
 
     start = time.perf_counter()
@@ -132,6 +125,40 @@ def _identity(cfg, meta: dict) -> dict:
                                                                "centroids.parquet")),
             "kind": cfg.kind, "rank": cfg.rank, "epochs": cfg.epochs, "max_tokens": cfg.max_tokens,
             "seed": cfg.seed}
+
+
+def write_features(centroids: str, features: str, shard_windows: int = 8,
+                   trust_remote_code: bool = False) -> int:
+    """Write the missing feature shards of ``centroids``' fitting windows into ``features``
+    in this process (train-predictor writes them inside its Ray Train workers), so that
+    what needs the features before a predictor (``mass-bits``) can have them; returns the
+    number of shards written."""
+    meta, _ = load_centroids(centroids)
+    windows = _fitting_windows(meta, None, trust_remote_code)
+    d_model, _ = _model_shape(meta["model"], meta["layers"], trust_remote_code)
+    spec = _feature_spec(meta, features, d_model, shard_windows, trust_remote_code)
+    _open_features(spec, {**meta, **_window_identity(windows)})
+    return F.write_missing(spec, windows.seq, windows.ids)
+
+
+def _fitting_windows(meta: dict, max_tokens: int | None, trust_remote_code: bool):
+    tokenizer = load_tokenizer(meta["model"], trust_remote_code=trust_remote_code)
+    return load_windows(meta["corpus"], tokenizer, meta["seq_len"], split="train",
+                        max_tokens=max_tokens or meta["tokens"],
+                        heldout_every=meta["heldout_every"], text_column=meta["text_column"])
+
+
+def _window_identity(windows) -> dict:
+    return {"first_seq": int(windows.seq[0]), "last_seq": int(windows.seq[-1]),
+            "windows": len(windows), "split": "train"}
+
+
+def _feature_spec(meta: dict, root: str, d_model: int, shard_windows: int,
+                  trust_remote_code: bool) -> F.FeatureSpec:
+    return F.FeatureSpec(root=storage.normalize(root), model=meta["model"], site=meta["sites"],
+                         layers=tuple(meta["layers"]), thresholds=tuple(meta["thresholds"]),
+                         d_model=d_model, width=meta["d_ff"], shard_windows=shard_windows,
+                         trust_remote_code=trust_remote_code)
 
 
 def _open_features(spec: F.FeatureSpec, ident: dict) -> None:
