@@ -75,6 +75,8 @@ def greedy(errors: np.ndarray, nbytes: np.ndarray, budget: float,
             cost = (errors[layer, to] - errors[layer, g]) / saved
             if cost < best_cost:
                 best, best_to, best_cost = layer, to, cost
+        if best < 0:
+            raise ValueError(f"no finite step left: layer errors {errors.tolist()}")
         spent -= share[best] * (nbytes[best, pick[best]] - nbytes[best, best_to])
         pick[best] = best_to
     return pick

@@ -298,6 +298,8 @@ class MassBitsConfig:
                             "(per-layer densities), not both")
         _fractions(self, "density", "budget")
         _choice(self.counts, BIT_COUNTS, "counts")
+        if self.counts != "equal" and self.density is None and self.budget is None:
+            raise UserError("--counts applies to a new density: give --density or --budget")
         _choice(self.mask_mode, MASK_MODES, "mask_mode")
         _positive(self.sample_tokens, "sample_tokens")
         _non_negative(self.dense_prefix, "dense_prefix")

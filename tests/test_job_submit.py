@@ -66,6 +66,7 @@ def ray_job(env, address, *args):
 TRANSIENT = ("No available agent", "ConnectionError", "RemoteDisconnected")
 
 
+@pytest.mark.timeout(900)  # up to 120 s to submit and 480 s to run, on a loaded machine
 def test_ray_job_submit_runs_the_pipeline_smoke_test(head_node, tmp_path):
     address, env = head_node
     out = tmp_path / "job-out"

@@ -168,12 +168,13 @@ def test_mass_bits_at_a_density_and_at_a_per_layer_budget(fitted, tmp_path):
 
     # Counts fitted: each centroid's fitted count, scaled to the layer's density.
     common["centroids"] = str(root / "c-theta")
-    _, fitted = load_centroids(root / "c-theta")
+    _, theta_centroids = load_centroids(root / "c-theta")
     record = run_mass_bits(build(MassBitsConfig, dict(common, density=0.5, counts="fitted",
                                                       out=str(tmp_path / "f"))))
-    assert record["bits_counts"] == "fitted" and record["bits_density"] == [0.5] * len(fitted)
+    assert record["bits_counts"] == "fitted"
+    assert record["bits_density"] == [0.5] * len(theta_centroids)
     _, packed = load_centroids(tmp_path / "f")
-    for before, after in zip(fitted, packed):
+    for before, after in zip(theta_centroids, packed):
         counts = mask_store.unpack(before, width).sum(axis=1)
         assert len(set(counts.tolist())) > 1  # the fit left the clusters of unequal size
         assert (mask_store.unpack(after, width).sum(axis=1)
@@ -183,7 +184,7 @@ def test_mass_bits_at_a_density_and_at_a_per_layer_budget(fitted, tmp_path):
                                                       out=str(tmp_path / "fb"))))
     assert record["allocation"]["ffn_bytes_fraction"] <= 0.6
     _, packed = load_centroids(tmp_path / "fb")
-    for before, after, density in zip(fitted, packed, record["bits_density"]):
+    for before, after, density in zip(theta_centroids, packed, record["bits_density"]):
         counts = mask_store.unpack(before, width).sum(axis=1)
         assert (mask_store.unpack(after, width).sum(axis=1)
                 == A.scaled_counts(counts, density, width)).all()
@@ -194,4 +195,7 @@ def test_mass_bits_at_a_density_and_at_a_per_layer_budget(fitted, tmp_path):
     assert_user_error(run_cli("mass-bits", "--centroids", str(root / "c"), "--features",
                               str(root / "features"), "--budget", "0.02",
                               "--out", str(tmp_path / "o")), "below the sparsest")
+    assert_user_error(run_cli("mass-bits", "--centroids", str(root / "c"), "--features",
+                              str(root / "features"), "--counts", "fitted",
+                              "--out", str(tmp_path / "o")), "give --density or --budget")
     assert not (tmp_path / "o" / "centroids.parquet").exists()
