@@ -65,6 +65,11 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
         assert row["neuron_predicted_ppl"] == evals["neuron"]["predicted_ppl"]
         assert row["neuron_predicted_effective_density"] == \
             evals["neuron"]["predicted_effective_density"]
+        # results.json pairs the sweep's points by their per-window losses, as a run's.
+        results = {r["k"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+        assert results[k]["per_window"] == evals["cluster"]["per_window"]
+        assert results[k]["neuron_per_window"] == evals["neuron"]["per_window"]
+        assert len(results[k]["per_window"]["seq"]) == evals["cluster"]["windows"]
 
     page = (out / "report.html").read_text()
     assert str(report) == str(out / "report.html")

@@ -8,7 +8,7 @@ with the oracle assignment need the true mask and are drawn as upper bounds only
 Within a budget the winner is separated from the runner-up by the paired bootstrap interval
 of their perplexity ratio when both points keep per-window losses of the same windows
 (eval.json's ``per_window``, carried into the results rows), and by their own intervals
-otherwise (rows of a sweep, or written by an older actclust).
+otherwise (rows written by an older actclust).
 """
 
 from __future__ import annotations

@@ -27,16 +27,16 @@ from typing import Optional
 
 from actclust import config as C
 from actclust.errors import UserError
-from actclust.io import centroid_store, outdir, storage
+from actclust.io import centroid_store, eval_store, outdir, storage
 from actclust.io.storage import write_table_atomic
 from actclust.orchestration.predictor_stages import mass_bits_stage
 from actclust.orchestration.runconfig import RunConfig, TrialPoint
 from actclust.runtime.actors import run_lived_actors
 from actclust.orchestration.pipeline import (RESULT_COLUMNS, anchor_rows, baseline_stage,
                                              check_predictor_trials, cluster_stage,
-                                             extract_stage, objectives, result_row,
-                                             run_identity, trial_evaluation, trial_grid,
-                                             write_results)
+                                             extract_stage, neuron_eval_dir, objectives,
+                                             result_row, run_identity, trial_evaluation,
+                                             trial_grid, write_results)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ def run_sweep(values: dict, source: str = "config", overrides: dict | None = Non
     if errors:
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed; first: {errors[0]}")
     rows = [dict(r.metrics) for r in grid]
-    rows = [{key: row.get(key) for key in (*RESULT_COLUMNS, "per_layer_recall")} for row in rows]
+    rows = [{**{key: row.get(key) for key in (*RESULT_COLUMNS, "per_layer_recall")},
+             **(window_losses(cfg, row["trial"]) if row.get("trial") else {})} for row in rows]
     rows.sort(key=lambda r: (r["algorithm"], r["objective"], r["k"]))
     _write_table(rows, out, masks, cfg, anchor_rows(cfg, masks))
     path = write_report(out)
@@ -186,6 +187,14 @@ def grid_points(cfg: SweepConfig) -> list[TrialPoint]:
 
 
 SWEEP_RECORD = "sweep_config.json"
+
+
+def window_losses(cfg: SweepConfig, trial: str) -> dict:
+    """A trial's per-window losses, read from its eval.json(s) rather than passed through
+    Tune's results, so that budgets.md pairs the sweep's points as a run's."""
+    main = eval_store.read_eval(storage.join(cfg.out, "eval", trial)) or {}
+    neuron = eval_store.read_eval(neuron_eval_dir(cfg, trial)) or {}
+    return {"per_window": main.get("per_window"), "neuron_per_window": neuron.get("per_window")}
 
 
 def _check_identity(out: str, cfg: SweepConfig) -> None:
