@@ -371,3 +371,20 @@ def test_trials_table_has_a_row_per_trial_with_its_predictors():
                         "| – | – |")
     assert lines[3] == ("| hamming-kmeans | density=0.5 | 64 | 12 [11.5, 12.5] | 0.800 | 0.812 "
                         "| 20 [19, 21] | 0.520 | 18 [17, 19.5] | 0.600 |")
+
+
+def test_a_union_of_top_m_clusters_is_named_on_the_front_and_in_the_trials_table():
+    row = {"k": 256, "objective": "theta=0.5", "algorithm": "hamming-kmeans",
+           "mask_mode": "and", "bits_by": "activation_mass", "predictor_kind": "cluster",
+           "top_m": 2, "predicted_ffn_bytes_fraction": 0.58, "predicted_ppl": 19.3,
+           "predicted_ppl_ci95": [17.8, 21.0], "neuron_predicted_ppl": 25.0,
+           "neuron_predicted_ppl_ci95": [23.0, 27.0],
+           "neuron_predicted_ffn_bytes_fraction": 0.5}
+    labels = {p["method"]: p["label"] for p in fronts.points([row], [])}
+    assert labels["predicted cluster"] == "K=256 theta=0.5 mass bits hamming-kmeans top-2"
+    assert labels["neuron predictor"] == "K=256 theta=0.5 mass bits hamming-kmeans"
+    assert "| 19.3 [17.8, 21] (top-2) | 0.580 |" in fronts.trials_markdown([row])
+    top1 = {**row, "top_m": 1}
+    assert {p["label"] for p in fronts.points([top1], [])} == \
+        {"K=256 theta=0.5 mass bits hamming-kmeans"}
+    assert "(top-" not in fronts.trials_markdown([top1])

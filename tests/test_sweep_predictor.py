@@ -93,7 +93,7 @@ def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
         model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ, max_tokens=SEQ * 32,
         eval_max_tokens=SEQ * 4, k=[2, 4], theta=[0.5], workers=1, predictor="cluster",
         predictor_epochs=1, predictor_trials=["k=4-theta=0.5"], bits_by="activation_mass",
-        out=str(out))))
+        top_m=2, out=str(out))))
     rows = {r["k"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert sorted(rows) == [2, 4]
     # Only the trial named in predictor_trials trains and evaluates a predictor.
@@ -108,6 +108,10 @@ def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
                          "predictor.json").read_text())
     assert record["placement"] == "own" and record["k"] == 4
     assert row["predicted_ppl"] == ev["predicted_ppl"] and row["predictor_kind"] == "cluster"
+    # top_m 2: the union of the two predicted centroids, recorded in eval.json and the row.
+    assert ev["top_m"] == row["top_m"] == 2
+    assert f"| {ev['predicted_ppl']:.4g} " in (out / "trials.md").read_text()
+    assert "(top-2)" in (out / "trials.md").read_text()
     assert row["neuron_predicted_ppl"] is None
     lo, hi = ev["predicted_ppl_ci95"]
     assert lo <= ev["predicted_ppl"] <= hi
@@ -142,6 +146,23 @@ def test_predictor_kind_is_checked(tmp_path):
                       "algorithm: [brb-kmeans]\n")
     assert_user_error(run_cli("run", "--config", str(config), "--out", str(tmp_path / "r")),
                       "needs per-layer centroids")
+    config.write_text("top_m: 2\npredictor: neuron\n")
+    assert_user_error(run_cli("run", "--config", str(config), "--out", str(tmp_path / "r")),
+                      "top_m: 2 applies to a cluster predictor")
+    config.write_text("top_m: 0\npredictor: cluster\n")
+    assert_user_error(run_cli("run", "--config", str(config), "--out", str(tmp_path / "r")),
+                      "top_m must be")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_top_m_needs_k_at_least_m_in_every_predicted_trial(tmp_path, command):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(dict(model="tiny:llama", k=[2, 8], theta=[0.5],
+                                          predictor="cluster", top_m=4, out=str(tmp_path / "r"))))
+    assert_user_error(run_cli(command, "--config", str(config)),
+                      "top_m: 4 needs K >= 4 in every trial that gets a predictor, not "
+                      "k=2-theta=0.5")
     assert not (tmp_path / "r").exists()
 
 
@@ -181,3 +202,9 @@ def test_a_finished_evaluation_is_reused_only_for_its_predictor_kind_and_rule():
     done = {"identity": {"centroids": "/r/clusters/k=4-theta=0.5"}}
     assert _is_evaluation_of(done, None, "threshold", centroids="/r/clusters/k=4-theta=0.5")
     assert not _is_evaluation_of(done, None, "threshold", centroids="/r/mass-bits/k=4-theta=0.5")
+    # The union of another number of clusters is another evaluation; before the key: top-1.
+    union = {"predictor_kind": "cluster", "top_m": 2}
+    assert _is_evaluation_of(union, "cluster", "threshold", top_m=2)
+    assert not _is_evaluation_of(union, "cluster", "threshold", top_m=1)
+    assert _is_evaluation_of({"predictor_kind": "cluster"}, "cluster", "threshold", top_m=1)
+    assert not _is_evaluation_of({"predictor_kind": "cluster"}, "cluster", "threshold", top_m=2)

@@ -53,7 +53,9 @@ def points(rows: list[dict], anchors: list[dict]) -> list[dict]:
         kind = r.get("predictor_kind")
         if kind:
             method = "predicted cluster" if kind == "cluster" else "neuron predictor"
-            found.append(_point(method, name, r.get("predicted_ffn_bytes_fraction"),
+            union = f" top-{r['top_m']}" if kind == "cluster" and (r.get("top_m") or 1) > 1 \
+                else ""
+            found.append(_point(method, name + union, r.get("predicted_ffn_bytes_fraction"),
                                 r.get("predicted_ppl"), r.get("predicted_ppl_ci95"),
                                 r.get("per_window"), "predicted"))
         found.append(_point("neuron predictor", name,
@@ -143,6 +145,11 @@ def _fraction(row: dict, key: str) -> str:
     return "–" if row.get(key) is None else f"{row[key]:.3f}"
 
 
+def _union(row: dict) -> str:
+    """" (top-2)": a cluster predictor's mask is the union of its top-M centroids."""
+    return f" (top-{row['top_m']})" if (row.get("top_m") or 1) > 1 else ""
+
+
 def trials_markdown(rows: list[dict]) -> str:
     """Every trial as one Markdown row: its cluster pass (the oracle assignment, an upper
     bound), its predictors, recall and FFN bytes, in the table's order."""
@@ -154,7 +161,7 @@ def trials_markdown(rows: list[dict]) -> str:
             f"| {r['algorithm']}", fit_objective(r), str(r["k"]),
             _ppl(r, "cluster_ppl"), _fraction(r, "cluster_ffn_bytes_fraction"),
             "–" if r.get("weighted_recall") is None else f"{r['weighted_recall']:.3f}",
-            _ppl(r, "predicted_ppl") if r.get("predictor_kind") == "cluster" else "–",
+            _ppl(r, "predicted_ppl") + _union(r) if r.get("predictor_kind") == "cluster" else "–",
             _fraction(r, "predicted_ffn_bytes_fraction")
             if r.get("predictor_kind") == "cluster" else "–",
             _ppl(r, "neuron_predicted_ppl"),

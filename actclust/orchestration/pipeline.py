@@ -30,7 +30,8 @@ from actclust.errors import UserError
 from actclust.io import centroid_store, eval_store, mask_store, storage
 from actclust.io.storage import write_bytes_atomic, write_json_atomic
 from actclust.orchestration.ledger import Ledger, fit_macs, measure_gemm_rate
-from actclust.orchestration.predictor_stages import mass_bits_stage, predictor_stage
+from actclust.orchestration.predictor_stages import (gets_predictor, mass_bits_stage,
+                                                     predictor_stage)
 from actclust.orchestration.runconfig import RunConfig, TrialPoint, objective_label
 from actclust.runtime.actors import run_lived_actors
 
@@ -47,7 +48,7 @@ RESULT_COLUMNS = ("k", "theta", "target_density", "objective", "algorithm", "den
                   "predicted_accuracy", "predicted_precision", "predicted_recall",
                   "predicted_weighted_recall", "oracle_ffn_bytes_fraction",
                   "cluster_ffn_bytes_fraction", "random_ffn_bytes_fraction",
-                  "predicted_ffn_bytes_fraction", "bits_by")
+                  "predicted_ffn_bytes_fraction", "bits_by", "top_m")
 # With ``predictor: both`` the neuron predictor's figures sit beside the cluster predictor's.
 NEURON = "neuron_"
 NEURON_COLUMNS = tuple(NEURON + c for c in RESULT_COLUMNS
@@ -101,6 +102,11 @@ def check_predictor_trials(cfg: RunConfig, points: list[TrialPoint]) -> None:
                         f"run; its trials: {', '.join(names)}")
     if cfg.predictor_trials and cfg.predictor == "none":
         raise UserError("predictor_trials needs predictor: cluster, neuron or both")
+    small = [p.name for p in points if gets_predictor(cfg, p.name) and p.k < cfg.top_m]
+    if small:
+        raise UserError(f"top_m: {cfg.top_m} needs K >= {cfg.top_m} in every trial that gets "
+                        f"a predictor, not {', '.join(small)}; name the others in "
+                        "predictor_trials")
 
 
 def extract_stage(cfg: RunConfig, ledger: Ledger | None = None) -> str:
@@ -169,10 +175,11 @@ def evaluate_stage(cfg: RunConfig, centroids: str, name: str,
     out = storage.join(cfg.out, "eval", name)
     kind = kinds[0] if kinds else None
     select = cfg.neuron_select if kind == "neuron" else "threshold"
+    top_m = cfg.top_m if kind == "cluster" else 1
     finished = eval_store.read_eval(out)
-    if _is_evaluation_of(finished, kind, select, cfg.random, cfg.mask_mode, centroids):
+    if _is_evaluation_of(finished, kind, select, cfg.random, cfg.mask_mode, centroids, top_m):
         return finished
-    return _evaluate(_evaluate_config(cfg, centroids, out, predictors.get(kind), select),
+    return _evaluate(_evaluate_config(cfg, centroids, out, predictors.get(kind), select, top_m),
                      f"evaluate {name}", ledger)
 
 
@@ -190,11 +197,14 @@ def _evaluate(ecfg, label: str, ledger: Ledger | None) -> dict:
 
 def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
                       with_random: bool = False, mask_mode: str = "replace",
-                      centroids: str | None = None) -> bool:
-    """Whether a finished eval.json used this predictor kind (and neuron selection rule),
-    mask mode and centroids (the fitted ones, or their mass bits), and has the random pass
-    if it is asked for; eval.json from before the rule existed used the threshold."""
+                      centroids: str | None = None, top_m: int = 1) -> bool:
+    """Whether a finished eval.json used this predictor kind (and neuron selection rule or
+    number of unioned clusters), mask mode and centroids (the fitted ones, or their mass
+    bits), and has the random pass if it is asked for; eval.json from before the rule
+    existed used the threshold."""
     if report is None or report.get("predictor_kind") != kind:
+        return False
+    if kind == "cluster" and (report.get("top_m") or 1) != top_m:
         return False
     used = report.get("identity", {}).get("centroids")
     if centroids is not None and used is not None \
@@ -208,12 +218,13 @@ def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
 
 
 def _evaluate_config(cfg: RunConfig, centroids: str | None, out: str | None,
-                     predictor: str | None = None, neuron_select: str = "threshold"):
+                     predictor: str | None = None, neuron_select: str = "threshold",
+                     top_m: int = 1):
     return C.build(C.EvaluateConfig, dict(
         centroids=centroids or "-", out=out or "-", max_tokens=cfg.eval_max_tokens,
         workers=cfg.workers, seed=cfg.seed, dense_prefix=cfg.dense_prefix,
         mask_mode=cfg.mask_mode, baseline=storage.join(cfg.out, "eval", "baseline"),
-        predictor=predictor, neuron_select=neuron_select, random=cfg.random))
+        predictor=predictor, neuron_select=neuron_select, top_m=top_m, random=cfg.random))
 
 
 def trial_evaluation(cfg: RunConfig, centroids: str, name: str,

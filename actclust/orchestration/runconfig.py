@@ -78,6 +78,9 @@ class RunConfig:
     # The centroid bits of the trials that get predictors: frequency (as fitted), or
     # activation_mass (actclust mass-bits on the predictors' features, same bit counts).
     bits_by: str = "frequency"
+    # The cluster predictor's mask: the union of its top-M predicted centroids (evaluate's
+    # --top-m); 1: the top-1 cluster's centroid.
+    top_m: int = 1
     anchors: list = dataclasses.field(default_factory=list)  # one point per (anchor, sparsity)
     # The random-mask pass of every trial (random_ppl), opt-in: the front's floors are
     # the K = 1 static mask (k: [1, ...]) and the anchors.
@@ -114,6 +117,10 @@ class RunConfig:
         if self.bits_by != "frequency" and self.pool_layers:
             raise UserError(f"bits_by: {self.bits_by} needs per-layer centroids, not "
                             "pool_layers: true")
+        C._positive(self.top_m, "top_m")
+        if self.top_m > 1 and self.predictor not in ("cluster", "both"):
+            raise UserError(f"top_m: {self.top_m} applies to a cluster predictor; set "
+                            "predictor: cluster or both")
         if not all(isinstance(name, str) for name in self.predictor_trials):
             raise UserError("predictor_trials must be a list of trial names such as "
                             f"k=256-theta=0.5, got {self.predictor_trials}")

@@ -48,7 +48,8 @@ class SweepConfig(RunConfig):
         "model", "corpus", "seq_len", "max_tokens", "eval_max_tokens", "heldout_every",
         "sparsity", "threshold", "k", "theta", "density", "algorithm", "seed", "workers",
         "static_point", "dense_prefix", "mask_mode", "sites", "pool_layers", "predictor",
-        "predictor_epochs", "neuron_select", "random", "predictor_trials", "grid", "bits_by")
+        "predictor_epochs", "neuron_select", "random", "predictor_trials", "grid", "bits_by",
+        "top_m")
 
     out: str = "runs/sweep"
     theta: list = dataclasses.field(default_factory=lambda: [0.5])
