@@ -160,7 +160,8 @@ def _cmd_report(args) -> int:
 def _cmd_compare(args) -> int:
     from actclust.evaluation.compare import format_table, run_compare
 
-    print(format_table(run_compare(args.points, args.out, args.resamples, args.seed)))
+    print(format_table(run_compare(args.points, args.out, args.resamples, args.seed,
+                                   args.plot)))
     return 0
 
 

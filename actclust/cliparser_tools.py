@@ -56,6 +56,10 @@ def add_compare(sub) -> None:
                         "else anchor, else cluster)")
     p.add_argument("--out", metavar="FILE", help="also write the comparison as JSON "
                                                  "(default: none)")
+    p.add_argument("--plot", metavar="FILE",
+                   help="also draw the points as a front (perplexity with its interval "
+                        "against FFN bytes, one series per method) into this PNG "
+                        "(default: none)")
     p.add_argument("--resamples", type=int, metavar="N", default=1000,
                    help="bootstrap resamples of the windows (default: 1000)")
     p.add_argument("--seed", type=int, metavar="N", default=0,

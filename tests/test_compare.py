@@ -11,7 +11,8 @@ from actclust.clustering.distributed import run_cluster
 from actclust.config import ClusterConfig, EvaluateConfig, build
 from actclust.evaluation.anchor_eval import run_anchor
 from actclust.evaluation.bootstrap import paired_ppl_intervals, paired_ratio_intervals
-from actclust.evaluation.compare import load_point, window_losses
+from actclust.evaluation import fronts
+from actclust.evaluation.compare import load_point, point_method, window_losses
 from actclust.evaluation.evaluate import run_evaluate
 from helpers import assert_user_error, run_cli
 
@@ -124,3 +125,34 @@ def test_ratio_interval_by_hand_and_separation_despite_overlap():
     assert 1.0 < lo < ratio < hi
     own = paired_ppl_intervals({"a": a, "n": noisy}, tokens, resamples=500, seed=2)
     assert own["n"][0] < own["a"][1]  # the two perplexity intervals overlap
+
+
+def test_compare_draws_the_points_as_a_front(evaluations, tmp_path):
+    root, _, _ = evaluations
+    plot = tmp_path / "front.png"
+    proc = run_cli("compare", str(root / "teal"), str(root / "e"), "--plot", str(plot),
+                   "--resamples", "50")
+    assert proc.returncode == 0, proc.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    assert [load_point(str(root / d)).method for d in ("teal", "e")] == \
+        ["teal", fronts.UPPER_BOUND]
+    # Dense alone has no front to draw: refused in one line, and no file is left.
+    refused = tmp_path / "dense.png"
+    assert_user_error(run_cli("compare", f"{root / 'e'}:dense", f"{root / 'teal'}:dense",
+                              "--plot", str(refused)), "--plot needs at least one point")
+    assert not refused.exists()
+
+
+def test_each_mode_of_an_evaluation_names_its_series_on_the_front():
+    assert point_method({"predictor_kind": "cluster", "top_m": 1}, "predicted") == \
+        "predicted cluster"
+    assert point_method({"predictor_kind": "cluster", "top_m": 2}, "predicted") == \
+        "predicted cluster top-2"
+    assert point_method({"predictor_kind": "neuron", "top_m": 1}, "predicted") == \
+        "neuron predictor"
+    assert point_method({"anchor": "wina"}, "anchor") == "wina"
+    assert point_method({"anchor": "teal", "anchor_allocation": {"allocation": "greedy"}},
+                        "anchor") == "teal per-layer"
+    assert point_method({"k": 1, "mask_mode": "replace"}, "cluster") == "static"
+    assert point_method({"k": 1, "mask_mode": "and"}, "cluster") == fronts.UPPER_BOUND
+    assert point_method({"k": 64}, "oracle") == "oracle"

@@ -12,11 +12,13 @@ where their own perplexity intervals overlap, since a window hard for one is har
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 
 import numpy as np
 
 from actclust.errors import UserError
+from actclust.evaluation import fronts
 from actclust.evaluation.bootstrap import paired_ppl_intervals, paired_ratio_intervals
 from actclust.io import eval_store, storage
 
@@ -48,6 +50,8 @@ class Point:
     nll: np.ndarray  # (W,) float64 NLL sums
     ffn_bytes_fraction: float | None
     protocol: dict
+    method: str = ""  # the series it belongs to on a front: fronts' names ("teal", ...)
+    dense_ppl: float | None = None
 
     @property
     def ppl(self) -> float:
@@ -81,7 +85,26 @@ def load_point(spec: str) -> Point:
                  tokens=np.asarray(record["tokens"], dtype=np.float64),
                  nll=np.asarray(modes[mode], dtype=np.float64),
                  ffn_bytes_fraction=None if fraction is None else float(fraction),
-                 protocol=_protocol(report))
+                 protocol=_protocol(report), method=point_method(report, mode),
+                 dense_ppl=report.get("dense_ppl"))
+
+
+def point_method(report: dict, mode: str) -> str:
+    """The front's series of one mode of an evaluation: "predicted cluster" (" top-M" for
+    a union), "neuron predictor", the anchor ("teal", " per-layer" with a per-layer
+    budget), the cluster pass's upper bound (static for K = 1), or the mode itself."""
+    if mode == "predicted":
+        if report.get("predictor_kind") == "neuron":
+            return "neuron predictor"
+        top = report.get("top_m") or 1
+        return "predicted cluster" + (f" top-{top}" if top > 1 else "")
+    if mode == "anchor":
+        return report.get("anchor", "anchor") + (" per-layer" if report.get("anchor_allocation")
+                                                 else "")
+    if mode == "cluster":
+        static = report.get("k") == 1 and report.get("mask_mode", "replace") == "replace"
+        return "static" if static else fronts.UPPER_BOUND
+    return mode
 
 
 def _names_mode(spec: str) -> bool:
@@ -149,12 +172,40 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_front(points: list[Point], result: dict, path: str) -> None:
+    """The compared points as a front: perplexity with its interval against FFN bytes, one
+    series per method, dense as a line; a PNG written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = [{"method": p.method, "label": p.label, "ffn_bytes_fraction": p.ffn_bytes_fraction,
+              "ppl": row["ppl"], "ppl_ci95": row["ppl_ci95"]}
+             for p, row in zip(points, result["points"])
+             if p.ffn_bytes_fraction is not None and p.mode != "dense"]
+    if not found:
+        raise UserError("--plot needs at least one point with FFN bytes besides dense")
+
+    def save(fig, _name):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        storage.write_bytes_atomic(buffer.getbuffer(), path)
+
+    fronts.plot(found, {"dense_ppl": points[0].dense_ppl}, plt, save)
+
+
 def run_compare(specs: list[str], out: str | None = None, resamples: int = 1000,
-                seed: int = 0) -> dict:
-    """Load, compare, optionally write ``out`` (JSON, atomically); returns the result."""
+                seed: int = 0, plot: str | None = None) -> dict:
+    """Load, compare, optionally write ``out`` (JSON) and ``plot`` (PNG), each atomically;
+    returns the result."""
     if resamples < 1:
         raise UserError(f"resamples must be at least 1, got {resamples}")
-    result = compare([load_point(s) for s in specs], resamples=resamples, seed=seed)
+    points = [load_point(s) for s in specs]
+    result = compare(points, resamples=resamples, seed=seed)
+    if plot is not None:
+        plot_front(points, result, plot)
     if out is not None:
         storage.write_json_atomic(result, out)
     return result

@@ -172,7 +172,8 @@ def trials_markdown(rows: list[dict]) -> str:
 def plot(found: list[dict], baseline: dict, plt, save) -> None:
     """Perplexity with intervals against FFN bytes read, one series per method."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in (*OPERATING, UPPER_BOUND):
+    known = (*OPERATING, UPPER_BOUND)
+    for method in (*known, *sorted({p["method"] for p in found} - set(known))):
         series = sorted((p for p in found if p["method"] == method),
                         key=lambda p: p["ffn_bytes_fraction"])
         if not series:
