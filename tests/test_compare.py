@@ -138,9 +138,11 @@ def test_compare_draws_the_points_as_a_front(evaluations, tmp_path):
         ["teal", fronts.UPPER_BOUND]
     # Dense alone has no front to draw: refused in one line, and no file is left.
     refused = tmp_path / "dense.png"
+    table = tmp_path / "dense.json"
     assert_user_error(run_cli("compare", f"{root / 'e'}:dense", f"{root / 'teal'}:dense",
-                              "--plot", str(refused)), "--plot needs at least one point")
-    assert not refused.exists()
+                              "--plot", str(refused), "--out", str(table)),
+                      "--plot needs at least one point")
+    assert not refused.exists() and not table.exists()
 
 
 def test_each_mode_of_an_evaluation_names_its_series_on_the_front():

@@ -172,9 +172,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_front(points: list[Point], result: dict, path: str) -> None:
+def render_front(points: list[Point], result: dict) -> bytes:
     """The compared points as a front: perplexity with its interval against FFN bytes, one
-    series per method, dense as a line; a PNG written atomically to ``path``."""
+    series per method, dense as a line; the PNG's bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,26 +186,28 @@ def plot_front(points: list[Point], result: dict, path: str) -> None:
              if p.ffn_bytes_fraction is not None and p.mode != "dense"]
     if not found:
         raise UserError("--plot needs at least one point with FFN bytes besides dense")
+    dense = next((p.dense_ppl for p in points if p.dense_ppl is not None), None)
+    png = io.BytesIO()
 
     def save(fig, _name):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
-        storage.write_bytes_atomic(buffer.getbuffer(), path)
 
-    fronts.plot(found, {"dense_ppl": points[0].dense_ppl}, plt, save)
+    fronts.plot(found, {"dense_ppl": dense}, plt, save)
+    return png.getvalue()
 
 
 def run_compare(specs: list[str], out: str | None = None, resamples: int = 1000,
                 seed: int = 0, plot: str | None = None) -> dict:
-    """Load, compare, optionally write ``out`` (JSON) and ``plot`` (PNG), each atomically;
-    returns the result."""
+    """Load, compare, optionally write ``out`` (JSON) and ``plot`` (PNG), each atomically
+    and only once both are ready; returns the result."""
     if resamples < 1:
         raise UserError(f"resamples must be at least 1, got {resamples}")
     points = [load_point(s) for s in specs]
     result = compare(points, resamples=resamples, seed=seed)
-    if plot is not None:
-        plot_front(points, result, plot)
+    png = render_front(points, result) if plot is not None else None
     if out is not None:
         storage.write_json_atomic(result, out)
+    if png is not None:
+        storage.write_bytes_atomic(png, plot)
     return result

@@ -106,7 +106,7 @@ def check_predictor_trials(cfg: RunConfig, points: list[TrialPoint]) -> None:
     if small:
         raise UserError(f"top_m: {cfg.top_m} needs K >= {cfg.top_m} in every trial that gets "
                         f"a predictor, not {', '.join(small)}; name the others in "
-                        "predictor_trials")
+                        "predictor_trials (a sweep: or set static_point: false)")
 
 
 def extract_stage(cfg: RunConfig, ledger: Ledger | None = None) -> str:
