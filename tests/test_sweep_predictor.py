@@ -155,26 +155,25 @@ def test_predictor_kind_is_checked(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "sweep"])
-def test_top_m_needs_k_at_least_m_in_every_predicted_trial(tmp_path, command):
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(dict(model="tiny:llama", k=[2, 8], theta=[0.5],
-                                          predictor="cluster", top_m=4, out=str(tmp_path / "r"))))
-    assert_user_error(run_cli(command, "--config", str(config)),
-                      "top_m: 4 needs K >= 4 in every trial that gets a predictor, not "
-                      "k=2-theta=0.5")
-    assert not (tmp_path / "r").exists()
+GRID_REFUSALS = {
+    "predictor_trials names no trial": (
+        dict(k=[4, 8], predictor_trials=["k=4-theta=0.5", "k=16-theta=0.5"]),
+        "predictor_trials names k=16-theta=0.5, not a trial of this run; its trials: "
+        "k=4-theta=0.5, k=8-theta=0.5"),
+    "top_m above a predicted trial's K": (
+        dict(k=[2, 8], top_m=4),
+        "top_m: 4 needs K >= 4 in every trial that gets a predictor, not k=2-theta=0.5"),
+}
 
 
+@pytest.mark.parametrize("case", sorted(GRID_REFUSALS))
 @pytest.mark.parametrize("command", ["run", "sweep"])
-def test_predictor_trials_must_name_trials_of_the_grid(tmp_path, command):
+def test_settings_that_do_not_fit_the_grid_are_refused(tmp_path, command, case):
+    settings, message = GRID_REFUSALS[case]
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(dict(model="tiny:llama", k=[4, 8], theta=[0.5],
-                                          predictor="cluster", out=str(tmp_path / "r"),
-                                          predictor_trials=["k=4-theta=0.5", "k=16-theta=0.5"])))
-    assert_user_error(run_cli(command, "--config", str(config)),
-                      "predictor_trials names k=16-theta=0.5, not a trial of this run; its "
-                      "trials: k=4-theta=0.5, k=8-theta=0.5")
+    config.write_text(yaml.safe_dump(dict(model="tiny:llama", theta=[0.5], predictor="cluster",
+                                          out=str(tmp_path / "r"), **settings)))
+    assert_user_error(run_cli(command, "--config", str(config)), message)
     assert not (tmp_path / "r").exists()
 
 
