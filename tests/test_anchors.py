@@ -232,6 +232,12 @@ def test_ffn_bytes_by_hand():
     assert replace["random"] == pytest.approx((18 + 4.5) / 36)  # known before the FFN
     static = ffn_bytes.mask_fractions(stats, [1], 4, weights, k=1, mask_mode="replace")
     assert static["cluster"] == pytest.approx((18 + 4.5) / 36)
+    # Mask mode and: the one centroid (density 0.5) is known before the FFN runs, so gate
+    # and up read at its density and down at the kept share (m AND c, 0.25).
+    stats[0, F["centroid_bits"]] = 20
+    static_and = ffn_bytes.mask_fractions(stats, [1], 4, weights, k=1, mask_mode="and")
+    assert static_and["cluster"] == pytest.approx((18 + 3 + 3 + 1.5) / 36)
+    assert static_and["random"] == pytest.approx((18 + 12 + 1.5) / 36)  # needs the true mask
     predicted = np.array([[10, 0, 10, 20, 5, 0, 0]], dtype=float)  # density 0.25, m AND p 0.125
     assert ffn_bytes.predicted_fraction(predicted, [1], 4, weights, "and", 0.01) == \
         pytest.approx((18 + 3 + 0.75) / 36 + 0.01)

@@ -156,5 +156,6 @@ def test_each_mode_of_an_evaluation_names_its_series_on_the_front():
     assert point_method({"anchor": "teal", "anchor_allocation": {"allocation": "greedy"}},
                         "anchor") == "teal per-layer"
     assert point_method({"k": 1, "mask_mode": "replace"}, "cluster") == "static"
-    assert point_method({"k": 1, "mask_mode": "and"}, "cluster") == fronts.UPPER_BOUND
+    assert point_method({"k": 1, "mask_mode": "and"}, "cluster") == "static"
+    assert point_method({"k": 4, "mask_mode": "and"}, "cluster") == fronts.UPPER_BOUND
     assert point_method({"k": 64}, "oracle") == "oracle"

@@ -70,3 +70,17 @@ def test_fit_macs_counts_every_layer_at_its_sites_width():
     sites = {"d_ff": {"gate": 10, "up": 20}, "iterations": {"gate:0": 2, "up:0": 3},
              "tokens": 4, "k": 5}
     assert fit_macs(sites) == (2 * 10 + 3 * 20) * 4 * 5
+
+
+@pytest.mark.parametrize("settings, bits_by", [
+    ({"predictor": "cluster"}, "activation_mass"), ({"predictor": "both"}, "activation_mass"),
+    ({}, "frequency"), ({"predictor": "neuron"}, "frequency"),
+    ({"predictor": "cluster", "bits_by": "frequency"}, "frequency"),
+    ({"predictor": "cluster", "pool_layers": True, "algorithm": ["brb-kmeans"]}, "frequency")])
+def test_the_levers_that_pay_at_every_budget_are_the_defaults(settings, bits_by):
+    """Mask mode and, and mass bits wherever a cluster predictor is trained."""
+    from actclust.orchestration.runconfig import RunConfig
+
+    cfg = C.build(RunConfig, settings)
+    assert cfg.bits_by == bits_by and cfg.mask_mode == "and"
+    assert C.build(C.EvaluateConfig, {}).mask_mode == "and"

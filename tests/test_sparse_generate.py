@@ -161,7 +161,8 @@ def test_run_generate_reads_a_clustering_directory(tmp_path):
     assert priority[0] == list(range(K - 1, -1, -1))  # largest cluster first
     choose = projection_chooser(loaded.model)
     cfg = GenerateConfig(centroids=str(tmp_path / "clusters"), predictor="unused", prompt=PROMPT,
-                         max_new_tokens=6, layout="auto", slab_budget_mb=0.05)
+                         max_new_tokens=6, layout="auto", slab_budget_mb=0.05,
+                         mask_mode="replace")
     cfg.validate()
     result = run_generate(cfg, choose=choose, layers=[1])
     with masked_by_chooser(loaded.model, {0: torch.ones_like(masks[0]), 1: masks[1]}, choose):

@@ -83,7 +83,8 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
 @pytest.mark.timeout(900)
 def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
     """`actclust run` shares the trial's stages: outside Tune, Ray Train sizes its own.
-    With bits_by activation_mass the predicted trial's centroids take mass bits first."""
+    By default (bits_by activation_mass with a cluster predictor) the predicted trial's
+    centroids take mass bits first."""
     from actclust import config as C
     from actclust.orchestration.runconfig import RunConfig
     from actclust.orchestration.pipeline import run_pipeline
@@ -92,8 +93,7 @@ def test_run_trains_and_evaluates_a_predictor_per_k(tmp_path, ray_session):
     run_pipeline(C.build(RunConfig, dict(
         model="tiny:llama", corpus="embedded:pydoc", seq_len=SEQ, max_tokens=SEQ * 32,
         eval_max_tokens=SEQ * 4, k=[2, 4], theta=[0.5], workers=1, predictor="cluster",
-        predictor_epochs=1, predictor_trials=["k=4-theta=0.5"], bits_by="activation_mass",
-        top_m=2, out=str(out))))
+        predictor_epochs=1, predictor_trials=["k=4-theta=0.5"], top_m=2, out=str(out))))
     rows = {r["k"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert sorted(rows) == [2, 4]
     # Only the trial named in predictor_trials trains and evaluates a predictor.

@@ -102,7 +102,7 @@ def point_method(report: dict, mode: str) -> str:
         return report.get("anchor", "anchor") + (" per-layer" if report.get("anchor_allocation")
                                                  else "")
     if mode == "cluster":
-        static = report.get("k") == 1 and report.get("mask_mode", "replace") == "replace"
+        static = report.get("k") == 1  # one centroid, known before the FFN runs
         return "static" if static else fronts.UPPER_BOUND
     return mode
 

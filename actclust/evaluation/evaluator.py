@@ -50,7 +50,7 @@ class EvaluatorSpec:
     predictor_dir: str | None = None
     top_m: int = 1
     dense_prefix: int = 1
-    mask_mode: str = "replace"
+    mask_mode: str = "and"
     meta: dict | None = None
     neuron_select: str = "threshold"
     anchor: AnchorSpec | None = None

@@ -7,13 +7,13 @@ that is not masked reads everything, and the overall fraction sums bytes over la
 
 - teal, wina: gate and up at the kept share of ``x``, down at the kept share of ``h``;
 - cats: gate whole (``g`` must exist to be thresholded), up and down at the kept share;
-- masks that need the token's true mask (oracle; cluster, unless one static centroid is
-  applied in mask mode replace; random in mask mode ``and``): gate and up whole, down at
-  the kept share. These are upper bounds, not operating points;
-- masks known before the FFN runs (static, random replace, predicted replace): every
-  matrix at the mask's density; predicted in mask mode ``and``: gate and up at the
-  predicted density, down at the kept share (m AND p). A predictor adds its own
-  parameters as a fraction of the FFN's.
+- masks that need the token's true mask (oracle; cluster with K > 1; random in mask mode
+  ``and``): gate and up whole, down at the kept share. These are upper bounds, not
+  operating points;
+- masks known before the FFN runs (the static K = 1 centroid, random replace, predicted):
+  gate and up at the mask's density, down at the kept share (in mask mode ``and``, m AND
+  the mask; in replace, the mask itself). A predictor adds its own parameters as a
+  fraction of the FFN's.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from actclust.io.centroid_store import slots
 
 BYTES_DEFINITION = (
     "per mode, FFN weight bytes read per token over the dense FFN's at masked positions "
-    "(site intermediate only): oracle, cluster and random-and need the true mask, so gate and "
-    "up count whole and down at the kept share; a static centroid (k = 1, replace) and random "
-    "replace read every matrix at their density; predicted: gate and up at the predicted "
-    "density, down at the kept share, plus the predictor's parameters")
+    "(site intermediate only): oracle, cluster (k > 1) and random-and need the true mask, so "
+    "gate and up count whole and down at the kept share; a static centroid (k = 1), random "
+    "replace and predicted read gate and up at the mask's density and down at the kept "
+    "share, predicted plus the predictor's parameters")
 
 
 def mode_fractions(results: list, baseline: dict, meta: dict, mask_mode: str,
@@ -71,16 +71,23 @@ def mask_fractions(stats: np.ndarray, layers: list[int], width: int, weights: li
     (one site, ``intermediate``; ``layers`` the model layer of each slot)."""
     cells = stats[:, F["tokens"]] * width
 
-    def reads(field: str, needs_true_mask: bool) -> dict:
-        shares = np.divide(stats[:, F[field]], cells, out=np.zeros(len(cells)), where=cells > 0)
-        return {layer: split_reads(1.0 if needs_true_mask else float(s), float(s))
-                for layer, s in zip(layers, shares)}
+    def share(field: str) -> np.ndarray:
+        return np.divide(stats[:, F[field]], cells, out=np.zeros(len(cells)), where=cells > 0)
 
-    static = k == 1 and mask_mode == "replace"  # one centroid, known before the FFN runs
+    def reads(down_field: str, in_field: str | None) -> dict:
+        """gate and up at ``in_field``'s share (None: whole), down at ``down_field``'s."""
+        ins = np.ones(len(cells)) if in_field is None else share(in_field)
+        return {layer: split_reads(float(i), float(d))
+                for layer, i, d in zip(layers, ins, share(down_field))}
+
+    # One centroid is known before the FFN runs: gate and up read at its density (in mask
+    # mode and, down then reads the kept share of it, as a predicted mask does).
+    static = k == 1
     return {"dense": 1.0,
-            "oracle": fraction(weights, reads("oracle_bits", True)),
-            "cluster": fraction(weights, reads("kept_bits", not static)),
-            "random": fraction(weights, reads("random_kept_bits", mask_mode == "and"))}
+            "oracle": fraction(weights, reads("oracle_bits", None)),
+            "cluster": fraction(weights, reads("kept_bits", "centroid_bits" if static else None)),
+            "random": fraction(weights, reads("random_kept_bits",
+                                              None if mask_mode == "and" else "random_kept_bits"))}
 
 
 def predicted_fraction(stats: np.ndarray, layers: list[int], width: int, weights: list[dict],

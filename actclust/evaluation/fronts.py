@@ -46,7 +46,7 @@ def points(rows: list[dict], anchors: list[dict]) -> list[dict]:
     found = []
     for r in rows:
         name = f"K={r['k']} {fit_objective(r)} {r.get('algorithm')}".strip()
-        static = r["k"] == 1 and r.get("mask_mode", "replace") == "replace"
+        static = r["k"] == 1  # one centroid, known before the FFN runs
         found.append(_point("static" if static else UPPER_BOUND, name,
                             r.get("cluster_ffn_bytes_fraction"), r.get("cluster_ppl"),
                             r.get("cluster_ppl_ci95"), r.get("per_window"), "cluster"))

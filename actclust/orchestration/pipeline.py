@@ -196,7 +196,7 @@ def _evaluate(ecfg, label: str, ledger: Ledger | None) -> dict:
 
 
 def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
-                      with_random: bool = False, mask_mode: str = "replace",
+                      with_random: bool = False, mask_mode: str = "and",
                       centroids: str | None = None, top_m: int = 1) -> bool:
     """Whether a finished eval.json used this predictor kind (and neuron selection rule or
     number of unioned clusters), mask mode and centroids (the fitted ones, or their mass

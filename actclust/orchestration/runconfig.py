@@ -64,7 +64,7 @@ class RunConfig:
     # leaves out take the values above); empty: the one product of the values above.
     grid: list = dataclasses.field(default_factory=list)
     dense_prefix: int = 1
-    mask_mode: str = "replace"
+    mask_mode: str = "and"  # replace: a*c; and: a*m*c, fewer bytes (EvaluateConfig)
     sites: "list | str" = "intermediate"  # several: masked together (format version 2)
     pool_layers: bool = False  # one centroid set per site over all layers (baselines only)
     # Per trial, after its centroids: train this predictor kind (both: cluster and neuron)
@@ -77,7 +77,9 @@ class RunConfig:
     predictor_trials: list = dataclasses.field(default_factory=list)
     # The centroid bits of the trials that get predictors: frequency (as fitted), or
     # activation_mass (actclust mass-bits on the predictors' features, same bit counts).
-    bits_by: str = "frequency"
+    # None: activation_mass where a cluster predictor is trained (lower perplexity at
+    # every budget measured), frequency otherwise.
+    bits_by: Optional[str] = None
     # The cluster predictor's mask: the union of its top-M predicted centroids (evaluate's
     # --top-m); 1: the top-1 cluster's centroid.
     top_m: int = 1
@@ -109,6 +111,9 @@ class RunConfig:
         C._choice(self.predictor, C.PREDICTOR_CHOICES, "predictor")
         C._positive(self.predictor_epochs, "predictor_epochs")
         C._choice(self.neuron_select, C.NEURON_SELECT, "neuron_select")
+        if self.bits_by is None:
+            self.bits_by = ("activation_mass" if self.predictor in ("cluster", "both")
+                            and not self.pool_layers else "frequency")
         C._choice(self.bits_by, BITS_BY, "bits_by")
         if self.bits_by != "frequency" and self.predictor == "none":
             raise UserError(f"bits_by: {self.bits_by} applies to the trials that get a "
