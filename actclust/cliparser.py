@@ -365,7 +365,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--mask-mode", dest="mask_mode", metavar="MODE",
                    help="replace: the centroid's neurons; and: of those, only the ones with "
                         "|a| above the layer's mask threshold reach the output projection "
-                        f"(default: {default(cls, 'mask_mode')})")
+                        "(default: and for centroids of site intermediate, else replace)")
     _trust_flag(p)
 
 

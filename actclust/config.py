@@ -323,12 +323,15 @@ class GenerateConfig:
     slab_budget_mb: float = DEFAULT_SLAB_BUDGET_MB
     threads: Optional[int] = None
     trust_remote_code: bool = False
-    mask_mode: str = "and"  # of the centroid's neurons, only |a| > tau_l reach down
+    # and: of the centroid's neurons, only |a| > tau_l reach down; None: and for centroids
+    # of site intermediate, replace for gate or up (their thresholds are not |a|'s).
+    mask_mode: Optional[str] = None
 
     def validate(self) -> None:
         if self.prompt is None or self.prompt == "":
             raise UserError("generate needs --prompt TEXT")
-        _choice(self.mask_mode, MASK_MODES, "mask_mode")
+        if self.mask_mode is not None:
+            _choice(self.mask_mode, MASK_MODES, "mask_mode")
         _positive(self.max_new_tokens, "max_new_tokens")
         _choice(self.layout, LAYOUTS, "layout")
         if self.slab_budget_mb < 0:

@@ -86,7 +86,11 @@ def trial_files(run: Path, k: int, density: float) -> dict:
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise SystemExit(f"decode.py: {run} lacks {', '.join(missing)}; run actclust run with "
-                         f"k: [1, {k}], density: [{density:g}], predictor: cluster first")
+                         f"k: [1, {k}], density: [{density:g}], predictor: cluster, "
+                         "mask_mode: replace, bits_by: frequency first")
+    if json.loads(files["eval"].read_text()).get("mask_mode", "replace") != "replace":
+        raise SystemExit(f"decode.py: {files['eval']} was evaluated in mask mode and; this "
+                         "benchmark decodes mask mode replace: run with mask_mode: replace")
     return files
 
 

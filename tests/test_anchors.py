@@ -225,6 +225,7 @@ def test_ffn_bytes_by_hand():
     stats[0, F["tokens"]] = 10
     stats[0, F["oracle_bits"]] = 20  # density 0.5
     stats[0, F["kept_bits"]] = 10  # 0.25
+    stats[0, F["centroid_bits"]] = 10  # in mask mode replace the kept bits are the centroid's
     stats[0, F["random_kept_bits"]] = 10
     replace = ffn_bytes.mask_fractions(stats, [1], 4, weights, k=8, mask_mode="replace")
     assert replace["oracle"] == pytest.approx((18 + 12 + 3) / 36)

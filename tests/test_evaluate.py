@@ -34,7 +34,9 @@ def fitted(request, tmp_path_factory, ray_session):
 
 
 def evaluate(root, name="e", **kw):
-    values = dict(centroids=str(root / "c"), out=str(root / name), max_tokens=SEQ * 6)
+    # replace (a * c), the mode these tests check against a masked forward
+    values = dict(centroids=str(root / "c"), out=str(root / name), max_tokens=SEQ * 6,
+                  mask_mode="replace")
     values.update(kw)
     return run_evaluate(build(EvaluateConfig, values))
 

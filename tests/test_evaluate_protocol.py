@@ -37,7 +37,9 @@ def fitted(tmp_path_factory, ray_session):
 
 
 def evaluate(root, name, **kw):
-    values = dict(centroids=str(root / "c"), out=str(root / name), max_tokens=EVAL_TOKENS)
+    # replace (a * c), the mode whose densities these tests check; and is asked for by name
+    values = dict(centroids=str(root / "c"), out=str(root / name), max_tokens=EVAL_TOKENS,
+                  mask_mode="replace")
     values.update(kw)
     return run_evaluate(build(EvaluateConfig, values))
 

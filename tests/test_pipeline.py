@@ -152,7 +152,11 @@ def test_run_shares_one_baseline_and_reports_intervals(run_dir):
         # The random pass is opt-in in a run: its figures are null, not made up.
         assert row["random_ppl"] is None and row["random_density"] is None
         assert row["random_ffn_bytes_fraction"] is None
-        assert row["density"] < row["effective_density"] <= 1
+        # Mask mode and (the default) keeps m AND c of the centroid's bits; the dense
+        # prefix (1 of 64 positions) counts at 1.0.
+        prefix = 1 / TINY_RUN["seq_len"]
+        assert row["mask_mode"] == "and"
+        assert prefix < row["effective_density"] <= prefix + (1 - prefix) * row["density"] + 1e-12
     html = (run_dir / "report.html").read_text()
     assert html.index("perplexity_vs_effective_density") < html.index("perplexity_vs_k")
 
@@ -357,3 +361,11 @@ def test_a_sweep_recorded_before_a_setting_existed_resumes_at_its_default(tmp_pa
     S._check_identity(str(tmp_path), C.build(S.SweepConfig, dict(out=str(tmp_path), k=[4],
                                                                 random=True)))
     assert json.loads(record.read_text())["random"] is True
+    # Before mask_mode and bits_by existed a sweep masked a * c with frequency bits.
+    record.write_text(json.dumps({k: v for k, v in C.identity(at_defaults).items()
+                                  if k not in ("mask_mode", "bits_by")}))
+    with pytest.raises(UserError, match="mask_mode: replace and bits_by: frequency"):
+        S._check_identity(str(tmp_path), at_defaults)
+    S._check_identity(str(tmp_path), C.build(S.SweepConfig, dict(
+        out=str(tmp_path), k=[4], mask_mode="replace", bits_by="frequency")))
+    assert json.loads(record.read_text())["mask_mode"] == "replace"

@@ -257,7 +257,8 @@ def test_predicted_mode_equals_an_independent_masked_pass(fitted, trained, tmp_p
     pred_dir = _fixed_predictor(fitted, tmp_path / "fixed", kind, 5 if kind == "cluster" else neurons)
     report = run_evaluate(build(EvaluateConfig, dict(
         centroids=str(fitted / "c"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
-        predictor=str(pred_dir), dense_prefix=0)))  # the reference masks every position
+        predictor=str(pred_dir), dense_prefix=0,  # the reference masks every position
+        mask_mode="replace")))  # the reference applies the predicted mask itself
     if kind == "cluster":
         fixed = [torch.from_numpy(store.unpack(c[5:6], width)[0]) for c in centroids]
     else:
@@ -299,7 +300,8 @@ def test_neuron_topk_keeps_each_layers_cluster_density_exactly(fitted, trained, 
              for i, n in enumerate(budgets)]
     report = run_evaluate(build(EvaluateConfig, dict(
         centroids=str(fitted / "c"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
-        predictor=str(tmp_path / "fixed"), neuron_select="topk", dense_prefix=0)))
+        predictor=str(tmp_path / "fixed"), neuron_select="topk", dense_prefix=0,
+        mask_mode="replace")))
     want, _ = _masked_ppl(fitted, fixed, SEQ * 8)
     assert report["predicted_ppl"] == pytest.approx(want, rel=1e-5)
     assert report["neuron_select"] == "topk"
@@ -347,7 +349,7 @@ def test_predicted_weighted_recall_equals_the_cluster_pass_when_prediction_is_as
            {"down": torch.zeros(2, 64, 1), "up": torch.zeros(2, 1, 1), "bias": torch.zeros(2, 1)})
     report = run_evaluate(build(EvaluateConfig, dict(
         centroids=str(tmp_path / "c1"), out=str(tmp_path / "e"), max_tokens=SEQ * 8,
-        predictor=str(tmp_path / "p1"))))
+        predictor=str(tmp_path / "p1"), mask_mode="replace")))
     assert report["predicted_accuracy"] == 1.0
     assert 0 < report["weighted_recall"] < 1
     assert report["predicted_weighted_recall"] == pytest.approx(report["weighted_recall"], rel=1e-6)

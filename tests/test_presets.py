@@ -83,4 +83,4 @@ def test_the_levers_that_pay_at_every_budget_are_the_defaults(settings, bits_by)
 
     cfg = C.build(RunConfig, settings)
     assert cfg.bits_by == bits_by and cfg.mask_mode == "and"
-    assert C.build(C.EvaluateConfig, {}).mask_mode == "and"
+    assert C.EvaluateConfig().mask_mode == "and"

@@ -201,7 +201,7 @@ def test_mask_mode_and_with_full_centroids_is_the_oracle_over_all_sites(multi, t
     assert report["cluster_ppl"] == pytest.approx(report["oracle_ppl"], rel=1e-12)
     assert report["effective_density"] == pytest.approx(report["oracle_effective_density"])
     assert report["weighted_recall"] == 1.0
-    replace = evaluate(ones, tmp_path / "replace", dense_prefix=0)
+    replace = evaluate(ones, tmp_path / "replace", dense_prefix=0, mask_mode="replace")
     assert replace["cluster_ppl"] == pytest.approx(replace["dense_ppl"], rel=1e-12)
     assert replace["effective_density"] == 1.0
 

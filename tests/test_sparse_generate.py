@@ -13,8 +13,9 @@ from actclust.io import mask_store
 from actclust.capture.hooks import masking
 from actclust.io.models import load_model
 from actclust.sparse.ffn import sparse_ffns
+from actclust.errors import UserError
 from actclust.sparse.generate import (GenerateConfig, build_layouts, centroid_masks, generate,
-                                      greedy_tokens, run_generate)
+                                      greedy_tokens, mask_mode_of, run_generate)
 from actclust.sparse.layout import ffn_parts
 from helpers import assert_user_error, run_cli
 
@@ -206,3 +207,15 @@ def test_embedded_model_sparse_greedy_equals_masked_dense():
                      choose):
         got = greedy_tokens(model, ids, 6)
     assert got == want
+
+
+def test_generate_thresholds_only_the_ffn_activation():
+    """Mask mode and (the default for site intermediate) thresholds |a|; centroids of gate
+    or up default to replace, and and is refused for them in one line."""
+    assert mask_mode_of(GenerateConfig(prompt="x"), {"sites": "intermediate"}) == "and"
+    assert mask_mode_of(GenerateConfig(prompt="x"), {}) == "and"
+    assert mask_mode_of(GenerateConfig(prompt="x"), {"sites": "gate"}) == "replace"
+    assert mask_mode_of(GenerateConfig(prompt="x", mask_mode="replace"),
+                        {"sites": "intermediate"}) == "replace"
+    with pytest.raises(UserError, match="over site 'up': use --mask-mode replace"):
+        mask_mode_of(GenerateConfig(prompt="x", mask_mode="and", centroids="c"), {"sites": "up"})

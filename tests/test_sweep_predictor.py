@@ -37,20 +37,23 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
         evals = {"cluster": json.loads((out / "eval" / name / "eval.json").read_text()),
                  "neuron": json.loads((out / "eval" / name / "predicted-neuron" /
                                        "eval.json").read_text())}
-        digest = storage.sha256_file(str(out / "clusters" / name / "centroids.parquet"))
+        # A cluster predictor makes mass bits the trial's centroids (bits_by's default).
+        digest = storage.sha256_file(str(out / "mass-bits" / name / "centroids.parquet"))
         for kind, ev in evals.items():
             assert ev["predictor_kind"] == kind
             lo, hi = ev["predicted_ppl_ci95"]
             assert math.isfinite(ev["predicted_ppl"]) and lo <= ev["predicted_ppl"] <= hi
             assert 0 < ev["predicted_weighted_recall"] <= 1
             assert 0 < ev["predicted_effective_density"] <= 1
-            record = json.loads((out / "predictors" / name / kind / "predictor.json").read_text())
+            record = json.loads((out / "predictors" / f"{name}-mass" / kind /
+                                 "predictor.json").read_text())
             assert record["k"] == k and record["epochs"] == 1
             assert record["placement"] == "trial"  # Ray Train ran inside the Tune trial
             assert record["identity"]["centroids_sha256"] == digest  # this trial's centroids
             assert ev["predictor_params_fraction"] == record["params_fraction"]
         # The neuron predictor at the clustering's per-layer density, exactly (top-k).
-        record = json.loads((out / "predictors" / name / "neuron" / "predictor.json").read_text())
+        record = json.loads((out / "predictors" / f"{name}-mass" / "neuron" /
+                             "predictor.json").read_text())
         width = record["width"]
         assert evals["neuron"]["neuron_select"] == "topk"
         assert evals["cluster"]["neuron_select"] is None
@@ -75,7 +78,7 @@ def test_sweep_trains_and_evaluates_both_predictor_kinds_per_trial(tmp_path, ray
     assert str(report) == str(out / "report.html")
     section = page.split("<h2>Predicted series</h2>", 1)[1].split("</ul>", 1)[0]
     for kind in ("cluster", "neuron"):
-        assert f"predicted: hamming-kmeans theta=0.5, {kind} predictor" in section
+        assert f"predicted: hamming-kmeans theta=0.5 mass bits, {kind} predictor" in section
     assert section.count("K=4:") == 2
     assert (out / "plots" / "perplexity_vs_effective_density.png").stat().st_size > 0
 

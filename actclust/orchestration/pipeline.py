@@ -27,6 +27,7 @@ import time
 
 from actclust import config as C
 from actclust.errors import UserError
+from actclust.evaluation.ffn_bytes import BYTES_DEFINITION
 from actclust.io import centroid_store, eval_store, mask_store, storage
 from actclust.io.storage import write_bytes_atomic, write_json_atomic
 from actclust.orchestration.ledger import Ledger, fit_macs, measure_gemm_rate
@@ -196,7 +197,7 @@ def _evaluate(ecfg, label: str, ledger: Ledger | None) -> dict:
 
 
 def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
-                      with_random: bool = False, mask_mode: str = "and",
+                      with_random: bool = False, mask_mode: str = "replace",
                       centroids: str | None = None, top_m: int = 1) -> bool:
     """Whether a finished eval.json used this predictor kind (and neuron selection rule or
     number of unioned clusters), mask mode and centroids (the fitted ones, or their mass
@@ -212,6 +213,9 @@ def _is_evaluation_of(report: dict | None, kind: str | None, neuron_select: str,
         return False
     if report.get("mask_mode", "replace") != mask_mode:
         return False
+    if report.get("k") == 1 and mask_mode == "and" and \
+            report.get("definitions", {}).get("ffn_bytes_fraction") != BYTES_DEFINITION:
+        return False  # counted before the static centroid read gate and up at its density
     if with_random and report.get("random_ppl") is None:
         return False
     return kind != "neuron" or (report.get("neuron_select") or "threshold") == neuron_select

@@ -68,8 +68,8 @@ class SweepConfig(RunConfig):
 
 
 # Settings whose behaviour before the key existed differs from today's default: every
-# trial of such a sweep ran the random-mask pass.
-BEFORE_THE_KEY = {"random": True}
+# trial of such a sweep ran the random-mask pass, mask mode replace and frequency bits.
+BEFORE_THE_KEY = {"random": True, "mask_mode": "replace", "bits_by": "frequency"}
 
 
 def trial(config: dict) -> None:
@@ -218,7 +218,9 @@ def _check_identity(out: str, cfg: SweepConfig) -> None:
         if added:
             storage.write_json_atomic({**recorded, **added}, path)
     outdir.open_output(out, SWEEP_RECORD, current, "a sweep with other settings",
-                       fresh_only=False, hint="use a new out directory")
+                       fresh_only=False,
+                       hint="use a new out directory (a sweep from before 2026-12-06 resumes "
+                            "with mask_mode: replace and bits_by: frequency, its defaults then)")
 
 
 def _write_table(rows: list[dict], out: str, masks: str, cfg: SweepConfig,

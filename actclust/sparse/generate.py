@@ -181,9 +181,21 @@ def run_generate(cfg: GenerateConfig, choose=None, layers=None) -> Generation:
     if layers is not None:
         masks = {layer: masks[layer] for layer in layers}
     layouts = build_layouts(loaded.model, masks, cfg.layout, cfg.slab_budget_mb, priority)
-    thresholds = mask_thresholds(meta) if cfg.mask_mode == "and" else None
+    thresholds = mask_thresholds(meta) if mask_mode_of(cfg, meta or {}) == "and" else None
     return generate(loaded, cfg.prompt, cfg.max_new_tokens, mode="sparse", layouts=layouts,
                     choose=choose, thresholds=thresholds)
+
+
+def mask_mode_of(cfg: GenerateConfig, meta: dict) -> str:
+    """The mask mode of a generation: as given, else and for centroids of the FFN
+    activation (site intermediate, the thresholds are |a|'s) and replace for gate or up."""
+    site = meta.get("sites", "intermediate")
+    if cfg.mask_mode is None:
+        return "and" if site == "intermediate" else "replace"
+    if cfg.mask_mode == "and" and site != "intermediate":
+        raise UserError(f"--mask-mode and thresholds the FFN activation a; centroids in "
+                        f"{cfg.centroids} are over site {site!r}: use --mask-mode replace")
+    return cfg.mask_mode
 
 
 def mask_thresholds(meta: dict) -> dict:
