@@ -10,6 +10,9 @@ action. Messages we have already acted on are held back, and shown again with
 - matplotlib's "generated new fontManager" (its font cache, built once);
 - Ray Train's "Failed to query Ray Train Controller actor state" from its placement
   group cleaner, in Ray's workers (through a worker setup hook, :func:`quiet_ray_worker`);
+- Ray's core-worker line about Ray Train's PreemptionWatcher actor, which a worker
+  writes to stderr outside Python logging (held back in the driver on its way to the
+  terminal, :func:`hold_back_worker_lines`);
 - the progress bars of transformers (GGUF conversion, weight loading), the
   Hugging Face hub and datasets, and Ray Tune's experiment tables: our own bars
   and lines report the stage instead.
@@ -54,6 +57,12 @@ WORKER_ACTED_ON = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
 }
 
+# Lines that Ray's workers write outside Python logging and that we have acted on. Ray
+# Train's controller starts its PreemptionWatcher actor with max_restarts and arguments
+# in the object store, and Ray's core worker warns that a restart could then fail
+# (ray-project/ray#53727): a failed fit is rerun and resumes from its checkpoint anyway.
+WORKER_LINES_ACTED_ON = ("Actor with class name: 'PreemptionWatcher'",)
+
 
 def quiet_ray_worker() -> None:
     """Ray's ``worker_process_setup_hook`` for our jobs: in each worker, hold back the
@@ -68,6 +77,33 @@ def worker_runtime_env() -> dict:
     return {"worker_process_setup_hook": "actclust.console.quiet_ray_worker",
             "env_vars": {"ACTCLUST_QUIET_WORKERS": os.environ.get("ACTCLUST_QUIET_WORKERS",
                                                                   "0")}}
+
+
+def hold_back_worker_lines() -> None:
+    """In the driver, after ``ray.init``: drop WORKER_LINES_ACTED_ON from the worker
+    output Ray forwards to this terminal, unless the command runs with ``-v``. Ray hands
+    each batch of forwarded lines to the handlers of one dispatcher; each is wrapped once."""
+    if os.environ.get("ACTCLUST_QUIET_WORKERS") != "1":
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # a Ray without it: every line reaches the terminal, as with -v
+        return
+    for name, handler in list(dispatcher.handlers):
+        if not getattr(handler, "holds_back_acted_on", False):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, _without_acted_on(handler))
+
+
+def _without_acted_on(handler):
+    def forward(batch: dict) -> None:
+        lines = [line for line in batch.get("lines", [])
+                 if not any(marker in line for marker in WORKER_LINES_ACTED_ON)]
+        if lines or not batch.get("lines"):
+            handler({**batch, "lines": lines})
+
+    forward.holds_back_acted_on = True
+    return forward
 
 
 class _Formatter(logging.Formatter):

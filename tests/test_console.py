@@ -83,3 +83,31 @@ def test_default_output_of_a_tiny_run_is_our_lines_only(tmp_path):
                   "evaluate dense,oracle: 128 tokens in", "evaluate cluster: 128 tokens in"):
         assert sum(stage in line for line in lines) == 1, (stage, proc.stderr)
     assert any(line.startswith("actclust: report: ") for line in lines)
+
+
+def test_ray_worker_line_we_acted_on_is_held_back_in_the_driver_and_shown_with_v(tmp_path):
+    # A worker writes Ray core's PreemptionWatcher line to stderr, outside Python logging,
+    # then a line of its own; the driver waits until its own line has been forwarded.
+    code = (
+        "import sys, threading, ray\n"
+        "from ray._private.ray_logging import global_worker_stdstream_dispatcher\n"
+        "from actclust.runtime.raycluster import init_ray\n"
+        "init_ray(num_cpus=1)\n"
+        "forwarded = threading.Event()\n"
+        "global_worker_stdstream_dispatcher.add_handler('test', lambda batch: forwarded.set()\n"
+        "    if any('line after it' in line for line in batch['lines']) else None)\n"
+        "@ray.remote\n"
+        "def speak():\n"
+        "    print(\"core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: \"\n"
+        "          \"'a9' has constructor arguments in the object store\", file=sys.stderr, flush=True)\n"
+        "    print('line after it', file=sys.stderr, flush=True)\n"
+        "ray.get(speak.remote())\n"
+        "assert forwarded.wait(120), 'the worker lines never reached the driver'\n"
+        "ray.shutdown()\n")
+    quiet = _run_snippet(code, 0, tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    loud = _run_snippet(code, 1, tmp_path)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "line after it" in quiet.stderr and "line after it" in loud.stderr
+    assert "PreemptionWatcher" not in quiet.stderr
+    assert "PreemptionWatcher" in loud.stderr

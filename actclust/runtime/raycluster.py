@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from actclust.console import worker_runtime_env
+from actclust.console import hold_back_worker_lines, worker_runtime_env
 from actclust.runtime.actors import in_run_lived
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # unless asked to through RAY_ADDRESS.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  **quiet)
+    hold_back_worker_lines()
 
 
 def cluster_gpus() -> int:
