@@ -1,17 +1,20 @@
 """Distributed clustering over real Ray actors and a real gloo collective group."""
 
-import json
-
 import io
+import json
+import os
+import signal
+import time
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from actclust import kmeans
 from actclust.io import mask_store as store
-from actclust.clustering.distributed import run_cluster, split_shards
+from actclust.clustering.distributed import _gather, run_cluster, split_shards
 from actclust.config import ClusterConfig, build
 from helpers import assert_user_error, run_cli
 from fault_injection import CrashOnce
@@ -130,3 +133,25 @@ def test_mask_dir_without_manifest_is_refused(tmp_path):
     proc = run_cli("cluster", "--masks", str(tmp_path / "empty"), "--k", "4",
                    "--out", str(tmp_path / "o"))
     assert_user_error(proc, "manifest.json is missing")
+
+
+def test_ctrl_c_while_the_driver_waits_for_a_fit_interrupts_at_once(ray_session, tmp_path):
+    # The rank signals the driver once the driver waits on it, then works on: the
+    # interrupt must reach the driver while the rank still runs, not when its layer is done.
+    @ray.remote(num_cpus=0)
+    def rank_that_interrupts_its_driver(driver_pid, waiting):
+        while not os.path.exists(waiting):
+            time.sleep(0.05)
+        os.kill(driver_pid, signal.SIGINT)
+        time.sleep(120)  # the layer's fit, still running when the driver must stop
+
+    waiting = tmp_path / "driver-waiting"
+    ref = rank_that_interrupts_its_driver.remote(os.getpid(), str(waiting))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            waiting.touch()
+            _gather([ref])
+        ready, _ = ray.wait([ref], timeout=0)
+        assert not ready, "the interrupt waited for the rank to finish"
+    finally:
+        ray.cancel(ref, force=True)

@@ -273,8 +273,11 @@ def _gather(refs: list) -> list:
 
     pending = list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done[0])
+        # A bounded wait returns to Python every second, where Ctrl-C is raised: an unbounded
+        # ray.wait blocks in Ray's core and the interrupt waits for the whole layer's fit.
+        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        for ref in done:
+            ray.get(ref)
     return ray.get(refs)
 
 
