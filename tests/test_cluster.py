@@ -146,6 +146,9 @@ def test_ctrl_c_while_the_driver_waits_for_a_fit_interrupts_at_once(ray_session,
         time.sleep(120)  # the layer's fit, still running when the driver must stop
 
     waiting = tmp_path / "driver-waiting"
+    # Python's own Ctrl-C handler, as in a terminal (a shell starts background jobs with
+    # SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     ref = rank_that_interrupts_its_driver.remote(os.getpid(), str(waiting))
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -154,4 +157,5 @@ def test_ctrl_c_while_the_driver_waits_for_a_fit_interrupts_at_once(ray_session,
         ready, _ = ray.wait([ref], timeout=0)
         assert not ready, "the interrupt waited for the rank to finish"
     finally:
+        signal.signal(signal.SIGINT, previous)
         ray.cancel(ref, force=True)
