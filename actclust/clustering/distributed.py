@@ -275,7 +275,7 @@ def _gather(refs: list) -> list:
     while pending:
         # A bounded wait returns to Python every second, where Ctrl-C is raised: an unbounded
         # ray.wait blocks in Ray's core and the interrupt waits for the whole layer's fit.
-        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        done, pending = ray.wait(pending, num_returns=1)
         for ref in done:
             ray.get(ref)
     return ray.get(refs)
