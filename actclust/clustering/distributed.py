@@ -273,11 +273,8 @@ def _gather(refs: list) -> list:
 
     pending = list(refs)
     while pending:
-        # A bounded wait returns to Python every second, where Ctrl-C is raised: an unbounded
-        # ray.wait blocks in Ray's core and the interrupt waits for the whole layer's fit.
         done, pending = ray.wait(pending, num_returns=1)
-        for ref in done:
-            ray.get(ref)
+        ray.get(done[0])
     return ray.get(refs)
 
 
